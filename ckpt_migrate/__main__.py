@@ -1,0 +1,3 @@
+from ckpt_migrate.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""The verbs: ``inspect`` a checkpoint, ``fix`` it, list the known migrations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckpt_migrate.base_model import BaseModel
+from ckpt_migrate.checkpoint import find_checkpoints
+from ckpt_migrate.errors import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_REPAIRABLE,
+    EXIT_UNREADABLE,
+    EXIT_UNRECOVERABLE,
+    CkptMigrateError,
+    OutputError,
+)
+from ckpt_migrate.migrate import Migration, known_migrations, plan_checkpoint
+from ckpt_migrate.plan import CheckpointPlan
+
+_FAILURE_CODES = {"unrecoverable": EXIT_UNRECOVERABLE, "unreadable": EXIT_UNREADABLE}
+
+
+@dataclass
+class CheckpointResult:
+    """The outcome for one checkpoint: its plan (when it could be read) and what happened."""
+
+    relative: str
+    source: Path
+    status: str
+    plan: CheckpointPlan | None = None
+    output: Path | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status in _FAILURE_CODES
+
+
+@dataclass
+class Report:
+    """What a command found and did, for every checkpoint under the source."""
+
+    command: str
+    source: Path
+    dry_run: bool
+    out: Path | None = None
+    checkpoints: list[CheckpointResult] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        failures = [c for c in self.checkpoints if c.failed]
+        if self.command == "inspect":
+            if failures:
+                return max(_FAILURE_CODES[c.status] for c in failures)
+            return EXIT_REPAIRABLE if any(c.status == "repairable" for c in self.checkpoints) else EXIT_OK
+        if not failures:
+            return EXIT_OK
+        if len(failures) < len(self.checkpoints):
+            return EXIT_PARTIAL
+        return max(_FAILURE_CODES[c.status] for c in failures)
+
+
+def list_migrations() -> list[Migration]:
+    """The known migrations, in the order they run."""
+    return known_migrations()
+
+
+def _plan_all(src: Path, base_model: str | Path | None) -> list[CheckpointResult]:
+    relatives = find_checkpoints(src)
+    base = BaseModel(base_model) if base_model is not None else None
+    results = []
+    for relative in relatives:
+        directory = src / relative
+        try:
+            plan = plan_checkpoint(directory, relative, base)
+        except CkptMigrateError as exc:
+            if relatives == ["."]:
+                raise
+            results.append(CheckpointResult(relative, directory, "unreadable", error=str(exc)))
+            continue
+        error = "; ".join(plan.after.unrecoverable) or None
+        results.append(CheckpointResult(relative, directory, plan.status, plan, error=error))
+    return results
+
+
+def inspect(src: str | Path, *, base_model: str | Path | None = None) -> Report:
+    """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
+
+    Reads only ``adapter_config.json``, file sizes and safetensors headers (a ``.bin`` adapter is
+    loaded with ``torch.load(weights_only=True)``).
+    """
+    src = Path(src)
+    return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model))
+
+
+def fix(
+    src: str | Path,
+    out: str | Path | None = None,
+    *,
+    base_model: str | Path | None = None,
+    dry_run: bool = False,
+    progress: bool | None = None,
+) -> Report:
+    """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
+
+    With ``dry_run`` nothing is written and the report predicts exactly what a real run writes.
+    Clean checkpoints are not written. ``progress`` shows a byte counter on stderr (``None``: only
+    when stderr is a terminal).
+
+    >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
+    0
+    """
+    from ckpt_migrate.writer import bytes_to_process, check_output_target, staged_output, write_checkpoint
+
+    src = Path(src)
+    out_path = Path(out) if out is not None else None
+    if out_path is None and not dry_run:
+        raise OutputError("--out is required unless --dry-run is given")
+    if out_path is not None:
+        check_output_target(src, out_path)
+    report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model))
+    to_write = [c for c in report.checkpoints if c.status == "repairable"]
+    if dry_run or not to_write or out_path is None:
+        return report
+    from tqdm import tqdm
+
+    total = sum(bytes_to_process(c.plan) for c in to_write if c.plan is not None)
+    with tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress) as bar:
+        with staged_output(out_path) as staging:
+            for index, result in enumerate(to_write, 1):
+                assert result.plan is not None
+                bar.set_description(f"{result.relative} ({index}/{len(to_write)})")
+                target = staging / result.relative
+                target.mkdir(parents=True, exist_ok=True)
+                write_checkpoint(result.plan, target, bar.update)
+                result.status = "repaired"
+                result.output = out_path / result.relative
+    return report

@@ -1,0 +1,183 @@
+"""Find checkpoints under a path and read one into a :class:`CheckpointState` (headers only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ckpt_migrate.errors import UnreadableInputError
+from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
+from ckpt_migrate.safetensors_io import read_header
+
+ADAPTER_CONFIG = "adapter_config.json"
+SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
+BIN_WEIGHTS = "adapter_model.bin"
+MANIFEST = "ckpt_migrate_manifest.json"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+TORCH_TO_SAFETENSORS = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
+def find_checkpoints(src: Path) -> list[str]:
+    """Relative paths of the adapter checkpoints at ``src``: ``"."`` or its ``checkpoint-*`` directories."""
+    if not src.exists():
+        raise UnreadableInputError("no such file or directory", src)
+    if not src.is_dir():
+        raise UnreadableInputError("not a directory (expected an adapter or checkpoint directory)", src)
+    if (src / ADAPTER_CONFIG).exists() or (src / SAFETENSORS_WEIGHTS).exists() or (src / BIN_WEIGHTS).exists():
+        return ["."]
+    found = []
+    for child in src.iterdir():
+        match = _CHECKPOINT_DIR.match(child.name)
+        if match and child.is_dir() and (child / ADAPTER_CONFIG).exists():
+            found.append((int(match.group(1)), child.name))
+    if not found:
+        raise UnreadableInputError(f"no {ADAPTER_CONFIG} here nor in any checkpoint-*/ directory", src)
+    return [name for _, name in sorted(found)]
+
+
+def list_files(directory: Path) -> dict[str, int]:
+    """Every regular file below ``directory`` with its size, refusing links that leave it."""
+    root = directory.resolve()
+    files: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise UnreadableInputError("symbolic link points outside the checkpoint", path)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_file():
+                raise UnreadableInputError("not a regular file", path)
+            if not os.access(path, os.R_OK):
+                raise UnreadableInputError("permission denied", path)
+            files[path.relative_to(directory).as_posix()] = path.stat().st_size
+    return files
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise UnreadableInputError("missing", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnreadableInputError(f"cannot read: {exc}", path) from exc
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UnreadableInputError(f"invalid JSON ({exc})", path) from exc
+    if not isinstance(value, dict):
+        raise UnreadableInputError("expected a JSON object", path)
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """Read ``adapter_config.json`` and check the fields a repair depends on."""
+    config = read_json_object(path)
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise UnreadableInputError(f"peft_type is {peft_type!r}; only LoRA adapters are supported", path)
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "lora_alpha": _is_number,
+        "target_modules": lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+        "modules_to_save": lambda v: v is None or _is_str_list(v),
+        "rank_pattern": lambda v: v is None
+        or (isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values())),
+        "alpha_pattern": lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+        "use_rslora": lambda v: v is None or isinstance(v, bool),
+        "use_dora": lambda v: v is None or isinstance(v, bool),
+        "fan_in_fan_out": lambda v: v is None or isinstance(v, bool),
+    }
+    for key, valid in checks.items():
+        if key in ("r", "lora_alpha") and key not in config:
+            raise UnreadableInputError(f"missing required field {key!r}", path)
+        if key in config and not valid(config[key]):
+            raise UnreadableInputError(f"field {key!r} has an invalid value {config[key]!r}", path)
+    return config
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / MANIFEST
+    return read_json_object(path) if path.exists() else None
+
+
+def load_bin_tensors(path: Path) -> dict[str, Any]:
+    """Load a pickled adapter with ``weights_only=True``: no code from the file runs."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnreadableInputError(f"refused to load pickle safely ({first_line})", path) from exc
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UnreadableInputError("expected a mapping of tensor names to tensors", path)
+    return state
+
+
+def _adapter_tensors(directory: Path, weights_file: str) -> dict[str, PlannedTensor]:
+    path = directory / weights_file
+    if weights_file == SAFETENSORS_WEIGHTS:
+        header = read_header(path)
+        infos = {name: (info.shape, info.dtype) for name, info in header.tensors.items()}
+    else:
+        infos = {}
+        for name, tensor in load_bin_tensors(path).items():
+            dtype = TORCH_TO_SAFETENSORS.get(str(tensor.dtype))
+            if dtype is None:
+                raise UnreadableInputError(f"tensor {name!r} has unsupported dtype {tensor.dtype}", path)
+            infos[name] = (tuple(tensor.shape), dtype)
+    return {
+        name: PlannedTensor(name, shape, dtype, Source("adapter", name)) for name, (shape, dtype) in infos.items()
+    }
+
+
+def load_state(directory: Path) -> CheckpointState:
+    """Model one adapter checkpoint from its config, weight headers and file list."""
+    files = list_files(directory)
+    if ADAPTER_CONFIG not in files:
+        raise UnreadableInputError("missing", directory / ADAPTER_CONFIG)
+    config = read_adapter_config(directory / ADAPTER_CONFIG)
+    if SAFETENSORS_WEIGHTS in files:
+        weights_file = SAFETENSORS_WEIGHTS
+    elif BIN_WEIGHTS in files:
+        weights_file = BIN_WEIGHTS
+    else:
+        raise UnreadableInputError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", directory)
+    manifest = read_manifest(directory)
+    applied = list(manifest.get("migrations_applied", [])) if manifest else []
+    return CheckpointState(
+        source_dir=directory,
+        config=config,
+        tensors=_adapter_tensors(directory, weights_file),
+        files=files,
+        weights_file=weights_file,
+        applied=applied,
+    )

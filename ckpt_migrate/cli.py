@@ -1,0 +1,125 @@
+"""``ckpt-migrate``: a thin click layer over :mod:`ckpt_migrate.api`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+import click
+
+from ckpt_migrate import __version__
+from ckpt_migrate.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, CkptMigrateError
+
+FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True,
+    help="Report format (json: schema_version 1, see README).",
+)
+BASE_MODEL = click.option(
+    "--base-model", type=click.Path(file_okay=False, path_type=str), default=None,
+    help="Local Hugging Face model directory; only its head tensors are read (needed for LoRA-only heads).",
+)
+DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def _run(debug: bool, action: Callable[[], int]) -> None:
+    """Run a command: one line on stderr and a documented exit code for every failure."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        code = action()
+    except CkptMigrateError as exc:
+        if debug:
+            raise
+        click.echo(f"ckpt-migrate: error: {exc}", err=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("ckpt-migrate: interrupted; nothing was published", err=True)
+        code = EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"ckpt-migrate: internal error: {type(exc).__name__}: {first} (rerun with --debug)", err=True)
+        code = EXIT_INTERNAL
+    sys.exit(code)
+
+
+def _emit(report, fmt: str) -> int:
+    from ckpt_migrate.report import RENDERERS
+
+    click.echo(RENDERERS[fmt](report), nl=False)
+    return report.exit_code
+
+
+@click.group(epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="ckpt-migrate")
+def main() -> None:
+    """Repair PEFT LoRA checkpoints broken by peft <= 0.12 (LoRA-wrapped classification heads).
+
+    Read a dry run first: ckpt-migrate fix SRC --dry-run. Retraining is preferred when you can.
+    """
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("src", type=click.Path(path_type=str))
+@click.option("--out", type=click.Path(path_type=str), default=None, help="New checkpoint directory (must not exist or be empty).")
+@click.option("--dry-run", is_flag=True, help="Show exactly what would be written; write nothing.")
+@FORMAT
+@BASE_MODEL
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@DEBUG
+def fix(src: str, out: str | None, dry_run: bool, fmt: str, base_model: str | None, quiet: bool, debug: bool) -> None:
+    """Repair SRC (adapter dir, checkpoint-N, or a run dir of checkpoint-*) into --out.
+
+    The source is never modified. Output is staged beside --out and renamed into place only when complete.
+    """
+
+    def action() -> int:
+        from ckpt_migrate.api import fix as fix_checkpoints
+
+        if out is None and not dry_run:
+            raise click.UsageError("--out is required (or pass --dry-run)")
+        report = fix_checkpoints(src, out, base_model=base_model, dry_run=dry_run, progress=False if quiet else None)
+        code = _emit(report, fmt)
+        for result in report.checkpoints:
+            if result.failed:
+                click.echo(f"ckpt-migrate: error: {result.source}: {result.status}: {result.error}", err=True)
+        return code
+
+    _run(debug, action)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("src", type=click.Path(path_type=str))
+@FORMAT
+@BASE_MODEL
+@DEBUG
+def inspect(src: str, fmt: str, base_model: str | None, debug: bool) -> None:
+    """Say what SRC is, what is wrong with it, and the repair plan (reads headers only)."""
+
+    def action() -> int:
+        from ckpt_migrate.api import inspect as inspect_checkpoints
+
+        return _emit(inspect_checkpoints(src, base_model=base_model), fmt)
+
+    _run(debug, action)
+
+
+@main.command()
+@FORMAT
+def migrations(fmt: str) -> None:
+    """List the known migrations, in the order they run."""
+    import json
+
+    from ckpt_migrate.api import list_migrations
+
+    known = list_migrations()
+    if fmt == "json":
+        click.echo(json.dumps([{"id": m.id, "summary": m.summary, "caused_by": m.caused_by} for m in known], indent=2))
+        return
+    for m in known:
+        click.echo(f"{m.id}\n    {m.summary}\n    caused by: {m.caused_by}")

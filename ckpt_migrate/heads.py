@@ -1,0 +1,107 @@
+"""Shared planning for moving a LoRA-wrapped head into ``modules_to_save``: the fold, the config edits."""
+
+from __future__ import annotations
+
+from ckpt_migrate.errors import UnreadableInputError
+from ckpt_migrate.peft_layout import (
+    PREFIX,
+    lora_scale,
+    modules_to_save_matches,
+    parse_lora_key,
+    pattern_applies,
+    rank_and_alpha,
+    rewrite_target_modules,
+    wrapper_root,
+)
+from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
+
+
+def lora_modules(state: CheckpointState, under: str | None = None) -> dict[str, dict[str, str]]:
+    """LoRA modules outside any modules_to_save wrapper: module path -> {kind: tensor name}."""
+    modules: dict[str, dict[str, str]] = {}
+    for name in state.tensors:
+        parsed = parse_lora_key(name)
+        if parsed is None or wrapper_root(parsed.module) is not None:
+            continue
+        if under is not None and not (parsed.module == under or parsed.module.startswith(under + ".")):
+            continue
+        modules.setdefault(parsed.module, {})[parsed.kind] = name
+    return modules
+
+
+def plan_fold(
+    state: CheckpointState,
+    module: str,
+    parts: dict[str, str],
+    weight: PlannedTensor,
+    weight_kind: str,
+) -> PlannedTensor:
+    """The planned tensor ``<module>.weight`` = ``weight`` with the module's LoRA folded in.
+
+    Checks, from shapes alone, that the LoRA factors compose with the weight and match the rank
+    the config gives this module.
+    """
+    where = state.source_dir / state.weights_file
+    if "lora_A" not in parts or "lora_B" not in parts:
+        missing = "lora_B" if "lora_A" in parts else "lora_A"
+        raise UnreadableInputError(f"LoRA of head module {module!r} has no {missing} tensor", where)
+    if set(parts) - {"lora_A", "lora_B", "lora_magnitude_vector"}:
+        raise UnreadableInputError(f"head module {module!r} carries unsupported LoRA tensors {sorted(parts)}", where)
+    lora_a, lora_b = state.tensors[parts["lora_A"]], state.tensors[parts["lora_B"]]
+    rank, _ = rank_and_alpha(state.config, module)
+    fan_in_fan_out = bool(state.config.get("fan_in_fan_out")) and len(weight.shape) == 2 and (
+        weight.shape == (lora_a.shape[-1], lora_b.shape[0]) != (lora_b.shape[0], lora_a.shape[-1])
+    )
+    expected = (lora_a.shape[-1], lora_b.shape[0]) if fan_in_fan_out else (lora_b.shape[0], lora_a.shape[-1])
+    if (
+        len(lora_a.shape) != 2
+        or len(lora_b.shape) != 2
+        or lora_a.shape[0] != lora_b.shape[1]
+        or weight.shape != expected
+    ):
+        raise UnreadableInputError(
+            f"head module {module!r}: lora_B {lora_b.shape} @ lora_A {lora_a.shape} does not compose "
+            f"with the weight {weight.shape}",
+            where,
+        )
+    if lora_a.shape[0] != rank:
+        raise UnreadableInputError(
+            f"head module {module!r}: lora_A has rank {lora_a.shape[0]} but the config (r/rank_pattern) gives {rank}",
+            where,
+        )
+    magnitude = parts.get("lora_magnitude_vector", "")
+    if magnitude and state.tensors[magnitude].shape not in ((weight.shape[0],), (1, weight.shape[0])):
+        raise UnreadableInputError(f"head module {module!r}: DoRA magnitude shape does not match the weight", where)
+    source = Source(
+        "fold",
+        tensor=weight.name if weight_kind == "adapter" else weight.source.tensor,
+        lora_A=parts["lora_A"],
+        lora_B=parts["lora_B"],
+        magnitude=magnitude,
+        weight_kind=weight_kind,  # type: ignore[arg-type]
+        scale=lora_scale(state.config, module),
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    return PlannedTensor(f"{PREFIX}{module}.weight", weight.shape, weight.dtype, source)
+
+
+def move_heads_to_modules_to_save(state: CheckpointState, heads: set[str], head_modules: set[str]) -> None:
+    """Config edits: heads in modules_to_save, out of target_modules and rank/alpha patterns."""
+    config = state.config
+    modules_to_save = list(config.get("modules_to_save") or [])
+    for head in sorted(heads):
+        if not modules_to_save_matches(modules_to_save, head):
+            modules_to_save.append(head)
+    config["modules_to_save"] = modules_to_save
+    body = set(lora_modules(state))
+    config["target_modules"] = rewrite_target_modules(config.get("target_modules"), body, head_modules | heads)
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns:
+            config[key] = {
+                pattern: value
+                for pattern, value in patterns.items()
+                if any(pattern_applies(config, pattern, m) for m in body)
+                or not any(pattern_applies(config, pattern, m) for m in head_modules)
+            }
+    state.trainable_parameters_changed = True

@@ -1,0 +1,125 @@
+"""How peft names adapter tensors and matches config entries to modules, per producing version."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_migrate.errors import UnreadableInputError
+
+PREFIX = "base_model.model."
+LORA_KINDS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+WRAPPER_SEGMENTS = ("original_module", "modules_to_save")
+#: Top-level module names of Hugging Face task heads whose weights are freshly initialised for fine-tuning.
+HEAD_NAMES = frozenset(
+    {"score", "classifier", "classification_head", "qa_outputs", "pre_classifier", "sequence_summary", "qa_classifier"}
+)
+_LORA_KEY = re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(LORA_KINDS)})(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class LoraTensor:
+    module: str
+    kind: str
+
+
+def strip_prefix(name: str) -> str | None:
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else None
+
+
+def parse_lora_key(name: str) -> LoraTensor | None:
+    """``base_model.model.score.lora_A.weight`` -> ``LoraTensor("score", "lora_A")``."""
+    inner = strip_prefix(name)
+    match = _LORA_KEY.match(inner) if inner is not None else None
+    return LoraTensor(match["module"], match["kind"]) if match else None
+
+
+def wrapper_root(module: str) -> str | None:
+    """The module a peft ModulesToSaveWrapper wrapped, if ``module`` lies inside one."""
+    parts = module.split(".")
+    for index, part in enumerate(parts):
+        if part in WRAPPER_SEGMENTS and index > 0:
+            return ".".join(parts[:index])
+    return None
+
+
+def head_root(module: str) -> str | None:
+    """The task head ``module`` belongs to, judged by the head's top-level attribute name."""
+    first = module.split(".", 1)[0]
+    return first if first in HEAD_NAMES else None
+
+
+def is_legacy_config(config: dict[str, Any]) -> bool:
+    """peft wrote ``peft_version`` into configs only after 0.12; its pattern matching changed too."""
+    return "peft_version" not in config
+
+
+def _pattern_matches(pattern: str, module: str, legacy: bool) -> bool:
+    try:
+        if legacy:
+            return re.match(rf".*\.{pattern}$", module) is not None
+        return re.match(rf"(.*\.)?({pattern})$", module) is not None
+    except re.error as exc:
+        raise UnreadableInputError(f"rank_pattern/alpha_pattern key {pattern!r} is not a valid regex ({exc})") from exc
+
+
+def rank_and_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
+    """The ``r`` and ``lora_alpha`` peft used for ``module``, honouring rank_pattern/alpha_pattern.
+
+    peft <= 0.12 looks up one key, the first pattern of either dict matching ``.*\\.{key}$``
+    (else the module name itself), in both dicts; later versions look up each dict separately.
+    """
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    legacy = is_legacy_config(config)
+
+    def find(keys: list[str]) -> str:
+        return next((k for k in keys if _pattern_matches(k, module, legacy)), module)
+
+    if legacy:
+        key = find(list(rank_pattern) + list(alpha_pattern))
+        rank_key = alpha_key = key
+    else:
+        rank_key, alpha_key = find(list(rank_pattern)), find(list(alpha_pattern))
+    return rank_pattern.get(rank_key, config["r"]), alpha_pattern.get(alpha_key, config["lora_alpha"])
+
+
+def lora_scale(config: dict[str, Any], module: str) -> float:
+    rank, alpha = rank_and_alpha(config, module)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def pattern_applies(config: dict[str, Any], pattern: str, module: str) -> bool:
+    """Whether a rank/alpha pattern key affects ``module`` (matched, or equal to its name)."""
+    return pattern == module or _pattern_matches(pattern, module, is_legacy_config(config))
+
+
+def target_matches(target_modules: Any, module: str) -> bool:
+    """peft's target_modules rule: regex full match for a string, suffix match for a list."""
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return True
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def modules_to_save_matches(modules_to_save: list[str] | None, module: str) -> bool:
+    """peft wraps every module whose name ends with an entry (plain suffix, as ``pre_classifier``)."""
+    return any(module.endswith(entry) for entry in modules_to_save or [])
+
+
+def rewrite_target_modules(target_modules: Any, body_modules: set[str], head_modules: set[str]) -> Any:
+    """target_modules that still hit every LoRA module of the body and nothing inside a head.
+
+    Keeps the original list minus head-only entries when that is enough; otherwise spells out
+    the body modules that carry LoRA tensors.
+    """
+    if isinstance(target_modules, list):
+        kept = [t for t in target_modules if not any(target_matches([t], h) for h in head_modules)]
+        if all(target_matches(kept, m) for m in body_modules):
+            return kept
+    return sorted(body_modules)

@@ -1,0 +1,273 @@
+"""Execute a plan: compute folded tensors, stream everything else, publish atomically.
+
+Output is written into a staging directory beside the target, fsynced, verified against the plan,
+then renamed into place, so the target either holds a complete checkpoint or does not exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ckpt_migrate import __version__
+from ckpt_migrate.checkpoint import ADAPTER_CONFIG, MANIFEST, SAFETENSORS_WEIGHTS, load_bin_tensors
+from ckpt_migrate.errors import OutputError
+from ckpt_migrate.plan import CheckpointPlan, PlannedTensor
+from ckpt_migrate.safetensors_io import COPY_CHUNK_BYTES, CopyFrom, OutputTensor, read_header, write_safetensors
+
+STAGING_MARK = ".ckpt-migrate-staging-"
+METADATA_KEY = "ckpt_migrate"
+OnBytes = Callable[[int], None]
+
+
+def _dtype(name: str):
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }[name]
+
+
+def tensor_bytes(tensor) -> bytes:
+    """The little-endian bytes safetensors stores for ``tensor`` (works for bfloat16 too)."""
+    return tensor.contiguous().reshape(-1).view(_dtype("U8")).numpy().tobytes()
+
+
+def _from_bytes(raw: bytes, dtype: str, shape: tuple[int, ...]):
+    import torch
+
+    if not raw:
+        return torch.empty(shape, dtype=_dtype(dtype))
+    return torch.frombuffer(bytearray(raw), dtype=_dtype(dtype)).reshape(shape)
+
+
+class TensorReader:
+    """Reads the few tensors a fold needs: from the adapter or the base model, never whole files."""
+
+    def __init__(self, plan: CheckpointPlan):
+        self.plan = plan
+        source_weights = plan.before.source_dir / plan.before.weights_file
+        self._bin = load_bin_tensors(source_weights) if plan.before.weights_file != SAFETENSORS_WEIGHTS else None
+        self._header = read_header(source_weights) if self._bin is None else None
+
+    @property
+    def source_metadata(self) -> dict[str, str]:
+        return dict(self._header.metadata) if self._header is not None else {"format": "pt"}
+
+    def adapter(self, name: str):
+        if self._bin is not None:
+            return self._bin[name]
+        info = self._header.tensors[name]
+        return _from_bytes(self._header.read_bytes(name), info.dtype, info.shape)
+
+    def base(self, name: str):
+        header, info = self.plan.after.base_model.locate(name)
+        return _from_bytes(header.read_bytes(name), info.dtype, info.shape)
+
+    def copy_source(self, tensor: PlannedTensor) -> bytes | CopyFrom:
+        """Where an output tensor that is not computed gets its bytes."""
+        source = tensor.source
+        if source.kind == "base":
+            header, info = self.plan.after.base_model.locate(source.tensor)
+            return CopyFrom(header.path, header.data_start + info.begin, info.nbytes)
+        if self._bin is not None:
+            return tensor_bytes(self._bin[source.tensor])
+        info = self._header.tensors[source.tensor]
+        return CopyFrom(self._header.path, self._header.data_start + info.begin, info.nbytes)
+
+
+def fold(reader: TensorReader, tensor: PlannedTensor):
+    """``W + s * B @ A`` (with DoRA, rows rescaled to the learned magnitude), in float64, cast back."""
+    import torch
+
+    source = tensor.source
+    weight = reader.base(source.tensor) if source.weight_kind == "base" else reader.adapter(source.tensor)
+    out_in = weight.double().T if source.fan_in_fan_out else weight.double()
+    lora_a, lora_b = reader.adapter(source.lora_A).double(), reader.adapter(source.lora_B).double()
+    merged = out_in + source.scale * (lora_b @ lora_a)
+    if source.magnitude:
+        magnitude = reader.adapter(source.magnitude).double().reshape(-1)
+        merged = (magnitude / torch.linalg.norm(merged, dim=1))[:, None] * merged
+    if source.fan_in_fan_out:
+        merged = merged.T
+    return merged.to(weight.dtype)
+
+
+def _output_tensors(plan: CheckpointPlan, reader: TensorReader) -> list[OutputTensor]:
+    outputs = []
+    for tensor in plan.after.tensors.values():
+        data = tensor_bytes(fold(reader, tensor)) if tensor.source.kind == "fold" else reader.copy_source(tensor)
+        outputs.append(OutputTensor(tensor.name, tensor.dtype, tensor.shape, data))
+    return outputs
+
+
+def sha256_file(path: Path, on_bytes: OnBytes | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(COPY_CHUNK_BYTES):
+            digest.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    return digest.hexdigest()
+
+
+def copy_file(source: Path, target: Path, on_bytes: OnBytes | None = None) -> str:
+    """Copy a file's bytes (never interpreting them), fsync it, and return its sha256."""
+    digest = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        while chunk := src.read(COPY_CHUNK_BYTES):
+            dst.write(chunk)
+            digest.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+        dst.flush()
+        os.fsync(dst.fileno())
+    return digest.hexdigest()
+
+
+def _write_text(path: Path, text: str) -> str:
+    data = text.encode("utf-8")
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def bytes_to_process(plan: CheckpointPlan) -> int:
+    """Progress total: every source byte is hashed and every kept byte written."""
+    return sum(plan.before.files.values()) + sum(plan.after.files.values())
+
+
+def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None) -> dict[str, Any]:
+    """Write the repaired checkpoint described by ``plan`` into the empty directory ``target``."""
+    before, after = plan.before, plan.after
+    rewritten = {ADAPTER_CONFIG, before.weights_file, MANIFEST}
+    inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    for name in sorted(before.files):
+        source = before.source_dir / name
+        if name in rewritten or name not in after.files:
+            inputs[name] = sha256_file(source, on_bytes)
+        else:
+            inputs[name] = outputs[name] = copy_file(source, target / name, on_bytes)
+    reader = TensorReader(plan)
+    record = {"migrations_applied": after.applied, "tool_version": __version__, "source_sha256": inputs[before.weights_file]}
+    metadata = reader.source_metadata
+    metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
+    outputs[after.weights_file] = write_safetensors(
+        target / after.weights_file, _output_tensors(plan, reader), metadata, on_bytes
+    )
+    outputs[ADAPTER_CONFIG] = _write_text(target / ADAPTER_CONFIG, json.dumps(after.config, indent=2, sort_keys=True))
+    manifest = {
+        "tool": "ckpt-migrate",
+        "tool_version": __version__,
+        "migrations_applied": after.applied,
+        "migrations_run": plan.migrations,
+        "source": str(before.source_dir),
+        "files_removed": dict(sorted(after.dropped_files.items())),
+        "inputs_sha256": inputs,
+        "outputs_sha256": dict(sorted(outputs.items())),
+        "warnings": after.warnings,
+    }
+    _write_text(target / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    verify_written(plan, target)
+    return manifest
+
+
+def verify_written(plan: CheckpointPlan, target: Path) -> None:
+    """Re-read what was written and check it is what the plan said, before it is published."""
+    header = read_header(target / plan.after.weights_file)
+    written = {name: (info.shape, info.dtype) for name, info in header.tensors.items()}
+    planned = {name: (t.shape, t.dtype) for name, t in plan.after.tensors.items()}
+    config = json.loads((target / ADAPTER_CONFIG).read_text())
+    if written != planned or config != plan.after.config:
+        raise OutputError("written checkpoint does not match the plan; nothing was published", target)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, _ in os.walk(root):
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove staging directories a killed earlier run left beside ``out``."""
+    removed = []
+    for candidate in out.parent.glob(f".{out.name}{STAGING_MARK}*"):
+        pid_text = candidate.name.rsplit("-", 1)[-1]
+        if candidate.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def check_output_target(src: Path, out: Path) -> None:
+    """Refuse an output that would overwrite data or land inside the source."""
+    src_resolved, out_resolved = src.resolve(), out.resolve()
+    if out_resolved == src_resolved or out_resolved.is_relative_to(src_resolved):
+        raise OutputError("--out must not be the source or inside it", out)
+    if src_resolved.is_relative_to(out_resolved):
+        raise OutputError("--out must not contain the source", out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError("--out exists and is not an empty directory; refusing to overwrite", out)
+    if not out_resolved.parent.is_dir():
+        raise OutputError("parent directory does not exist", out_resolved.parent)
+    if not os.access(out_resolved.parent, os.W_OK):
+        raise OutputError("parent directory is not writable", out_resolved.parent)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield an empty staging directory; on success fsync and rename it to ``out``, else remove it."""
+    out = out.resolve()
+    remove_stale_staging(out)
+    staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}"
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot create staging directory: {exc.strerror}", staging) from exc
+    try:
+        yield staging
+        fsync_tree(staging)
+        os.rename(staging, out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"writing failed: {exc.strerror or exc}", exc.filename or out) from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,70 @@
+"""Fold the LoRA of a head that peft wrapped with LoRA *and* modules_to_save into a plain saved head.
+
+peft <= 0.12 with ``target_modules="all-linear"`` on a sequence/token classification model injected
+LoRA into the head, then wrapped the LoRA-wrapped head in a ModulesToSaveWrapper. The trained copy is
+saved as ``<head>.base_layer.*`` plus ``<head>.lora_A/B``; ``original_module`` and ``modules_to_save``
+LoRA duplicates ride along. The effective weight is folded exactly: ``W + s * B @ A`` (DoRA: rescaled
+rows), written as ``<head>.weight`` the way current peft saves a modules_to_save module.
+"""
+
+from __future__ import annotations
+
+from ckpt_migrate.errors import UnreadableInputError
+from ckpt_migrate.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
+from ckpt_migrate.peft_layout import PREFIX, parse_lora_key, strip_prefix, wrapper_root
+from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
+
+ID = "0001_fold_double_wrapped_head"
+SUMMARY = "Fold a head wrapped by both LoRA and modules_to_save into a plain modules_to_save head"
+CAUSED_BY = "peft <= 0.12.0, all-linear on SEQ_CLS/TOKEN_CLS (huggingface/peft#2027; fixed in 0.13.0 by #2028, #2033)"
+
+
+def _wrapped_heads(state: CheckpointState) -> set[str]:
+    heads = set()
+    for name in state.tensors:
+        parsed = parse_lora_key(name)
+        root = wrapper_root(parsed.module) if parsed else None
+        if root is not None:
+            heads.add(root)
+    return heads
+
+
+def detect(state: CheckpointState) -> bool:
+    return bool(_wrapped_heads(state))
+
+
+def plan(state: CheckpointState) -> None:
+    heads = _wrapped_heads(state)
+    head_modules: set[str] = set()
+    for head in sorted(heads):
+        folded = lora_modules(state, under=head)
+        head_modules |= set(folded)
+        new_tensors: list[PlannedTensor] = []
+        for module, parts in sorted(folded.items()):
+            weight_name = f"{PREFIX}{module}.base_layer.weight"
+            if weight_name not in state.tensors:
+                raise UnreadableInputError(
+                    f"head {head!r} is wrapped twice but its trained weight {weight_name} is missing",
+                    state.source_dir / state.weights_file,
+                )
+            new_tensors.append(plan_fold(state, module, parts, state.tensors[weight_name], "adapter"))
+        for name in sorted(state.tensors):
+            inner = strip_prefix(name) or ""
+            if not inner.startswith(head + "."):
+                continue
+            tensor = state.tensors[name]
+            state.remove_tensor(name)
+            parts = inner.split(".")
+            if parse_lora_key(name) or any(p in ("original_module", "modules_to_save") for p in parts):
+                continue
+            if "base_layer" not in parts:
+                new_tensors.append(tensor)
+                continue
+            index = parts.index("base_layer")
+            if ".".join(parts[:index]) in folded and parts[index + 1 :] == ["weight"]:
+                continue
+            del parts[index]
+            new_tensors.append(PlannedTensor(PREFIX + ".".join(parts), tensor.shape, tensor.dtype, Source("adapter", name)))
+        for tensor in new_tensors:
+            state.add_tensor(tensor)
+    move_heads_to_modules_to_save(state, heads, head_modules)

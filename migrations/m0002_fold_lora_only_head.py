@@ -1,0 +1,79 @@
+"""Fold a head that carries LoRA but was never saved whole, using the base model's head weights.
+
+A head LoRA-wrapped without being in modules_to_save (BART/T5 ``classification_head``, a config
+without ``task_type``, an explicit target list hitting the head) trains only ``lora_A/B``; the head's
+base weights were randomly initialised and exist only where the user saved them. With
+``--base-model`` holding those weights, the head is rebuilt exactly; without them it cannot be.
+"""
+
+from __future__ import annotations
+
+from ckpt_migrate.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
+from ckpt_migrate.peft_layout import PREFIX, head_root
+from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
+from ckpt_migrate.safetensors_io import TensorInfo
+
+ID = "0002_fold_lora_only_head"
+SUMMARY = "Rebuild a LoRA-only head (base weights never saved) from --base-model into modules_to_save"
+CAUSED_BY = "any peft: heads peft does not know (classification_head) or no task_type (huggingface/peft#2027 follow-ups)"
+
+RETRAIN = "retrain with the head listed in modules_to_save (and not in target_modules)"
+
+
+def _lora_heads(state: CheckpointState) -> dict[str, list[str]]:
+    heads: dict[str, list[str]] = {}
+    for module in lora_modules(state):
+        root = head_root(module)
+        if root is not None:
+            heads.setdefault(root, []).append(module)
+    return heads
+
+
+def detect(state: CheckpointState) -> bool:
+    return bool(_lora_heads(state))
+
+
+def _from_base(info: TensorInfo) -> PlannedTensor:
+    return PlannedTensor(PREFIX + info.name, info.shape, info.dtype, Source("base", info.name))
+
+
+def plan(state: CheckpointState) -> None:
+    heads = _lora_heads(state)
+    base = state.base_model
+    names = ", ".join(sorted(heads))
+    if base is None:
+        state.unrecoverable.append(
+            f"head {names} carries LoRA but its base weights were never saved in the adapter; "
+            "pass --base-model DIR with the head weights training started from, or " + RETRAIN
+        )
+        return
+    head_modules: set[str] = set()
+    new_tensors: list[PlannedTensor] = []
+    for head, modules in sorted(heads.items()):
+        base_names = base.names_under(head)
+        missing = [m for m in modules if not base.has(f"{m}.weight")]
+        if not base_names or missing:
+            state.unrecoverable.append(
+                f"head {head!r} was randomly initialised when training started and its weights are not in "
+                f"{base.directory}; the trained head cannot be reconstructed: " + RETRAIN
+            )
+            return
+        parts_by_module = lora_modules(state, under=head)
+        head_modules |= set(parts_by_module)
+        for name in base_names:
+            _, info = base.locate(name)
+            module, _, param = name.rpartition(".")
+            if param == "weight" and module in parts_by_module:
+                new_tensors.append(plan_fold(state, module, parts_by_module[module], _from_base(info), "base"))
+            else:
+                new_tensors.append(_from_base(info))
+        for parts in parts_by_module.values():
+            for tensor_name in parts.values():
+                state.remove_tensor(tensor_name)
+    for tensor in new_tensors:
+        state.add_tensor(tensor)
+    move_heads_to_modules_to_save(state, set(heads), head_modules)
+    state.warn(
+        f"head {names} was rebuilt from {base.directory}: this is exact only if those are the head weights "
+        "the training started from (check with the trained model's logits if you have them)"
+    )

@@ -1,0 +1,569 @@
+"""Build small, REAL broken PEFT LoRA checkpoints with the buggy peft 0.12.0.
+
+peft <= 0.12 with ``target_modules="all-linear"`` and ``task_type`` SEQ_CLS /
+TOKEN_CLS LoRA-wraps the classification head *and* puts it in
+``modules_to_save`` (huggingface/peft#2027), producing "double wrapped" keys
+such as ``base_model.model.score.modules_to_save.lora_A.weight``.  Some cases
+here also produce a head that is only LoRA-wrapped ("lora_only"), e.g. BART's
+``classification_head.out_proj`` hit by an explicit target list, or a LoRA
+config without ``task_type``.
+
+This script trains tiny randomly initialised models for a couple of steps with
+``transformers.Trainer`` and keeps the real Trainer checkpoints.
+
+How to run
+----------
+It MUST be run with peft 0.12.0 / transformers 4.44.2 (it asserts this)::
+
+    python3 -m venv .venv-peft012 && .venv-peft012/bin/pip install torch==2.13.0 && .venv-peft012/bin/pip install peft==0.12.0 transformers==4.44.2 "numpy<2" accelerate safetensors
+
+    .venv-peft012/bin/python scripts/make_fixtures.py                 # all cases -> tests/fixtures/
+    .venv-peft012/bin/python scripts/make_fixtures.py llama_score     # only the named case(s)
+    .venv-peft012/bin/python scripts/make_fixtures.py --heldout       # held-out cases -> tests/heldout/
+    .venv-peft012/bin/python scripts/make_fixtures.py --out /tmp/fx   # write elsewhere
+    .venv-peft012/bin/python scripts/make_fixtures.py --list          # list case names
+
+No network access is needed (models are built with ``AutoConfig.for_model`` +
+``from_config``).  The script is deterministic (fixed seeds) and idempotent:
+``<out>/<case>/`` is deleted and rewritten for each case it builds.
+
+Layout of each case::
+
+    <out>/<case>/
+      case.json               # description of the case (arch, dtype, shape, heads, lora kwargs, ...)
+      base/                   # base model save_pretrained() BEFORE get_peft_model (what --base-model gets)
+      run/checkpoint-N/       # real transformers.Trainer checkpoint(s)
+      reference.safetensors   # input_ids, attention_mask, logits/<checkpoint-N> (float32)
+
+case.json fields: arch, auto_class, dtype, shape ("double_wrapped" | "lora_only"),
+head_in_base, heads (top-level head module paths, as they appear in the model,
+e.g. "score", "classifier", "classification_head"), head_lora_modules (the
+Linear modules inside the heads that got LoRA), modules_to_save (what peft put
+into modules_to_save), lora_config (kwargs passed to LoraConfig), num_labels,
+peft_version, transformers_version, tolerance, checkpoints, sanity (numbers
+showing the head really moved during training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+
+# peft stores all-linear target_modules as a set -> pin the hash seed so adapter_config.json is byte-reproducible
+if os.environ.get("PYTHONHASHSEED") != "0":
+    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
+
+import peft
+import torch
+import transformers
+
+assert peft.__version__ == "0.12.0", f"need peft==0.12.0 (the buggy version), got {peft.__version__}"
+assert transformers.__version__ == "4.44.2", f"need transformers==4.44.2, got {transformers.__version__}"
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from peft.utils.other import ModulesToSaveWrapper  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 1234
+SEQ_LEN = 12
+REF_BATCH = 4
+N_TRAIN = 16
+TRAIN_BATCH = 4
+LR = 5e-3
+
+ALL_LINEAR = "all-linear"
+BART_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+# ----------------------------------------------------------------------------
+# tiny model configs
+# ----------------------------------------------------------------------------
+
+LLAMA = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+MISTRAL = dict(LLAMA, sliding_window=None)
+QWEN2 = dict(LLAMA)
+ROBERTA = dict(
+    vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    intermediate_size=64, max_position_embeddings=64, type_vocab_size=1,
+    pad_token_id=1, bos_token_id=0, eos_token_id=2,
+)
+BERT = dict(
+    vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+)
+DISTILBERT = dict(
+    vocab_size=128, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+    max_position_embeddings=64, pad_token_id=0,
+)
+BART = dict(
+    vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+    decoder_ffn_dim=64, max_position_embeddings=64,
+    pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    forced_eos_token_id=2,
+)
+GPT2 = dict(
+    vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+ELECTRA = dict(
+    vocab_size=128, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+    num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+    pad_token_id=0,
+)
+DEBERTA_V2 = dict(
+    vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+)
+
+SEQ = "AutoModelForSequenceClassification"
+TOK = "AutoModelForTokenClassification"
+AUTO_CLASSES = {SEQ: AutoModelForSequenceClassification, TOK: AutoModelForTokenClassification}
+
+
+def case(arch, cfg, auto_class=SEQ, lora=None, shape="double_wrapped", heads=("score",),
+         dtype="float32", num_labels=3, max_steps=2, save_steps=2, save_safetensors=True,
+         head_in_base=True, eos_at_end=False, autocast_adapter_dtype=True, lr=LR, notes=""):
+    return dict(
+        arch=arch, cfg=cfg, auto_class=auto_class, lora=lora, shape=shape, heads=list(heads),
+        dtype=dtype, num_labels=num_labels, max_steps=max_steps, save_steps=save_steps,
+        save_safetensors=save_safetensors, head_in_base=head_in_base, eos_at_end=eos_at_end,
+        autocast_adapter_dtype=autocast_adapter_dtype, lr=lr, notes=notes,
+    )
+
+
+def seq_cls_all_linear(**extra):
+    return dict(task_type="SEQ_CLS", target_modules=ALL_LINEAR, r=4, lora_alpha=8, lora_dropout=0.0, **extra)
+
+
+def tok_cls_all_linear(**extra):
+    return dict(task_type="TOKEN_CLS", target_modules=ALL_LINEAR, r=4, lora_alpha=8, lora_dropout=0.0, **extra)
+
+
+CASES = {
+    "llama_score": case(
+        "llama", LLAMA, lora=seq_cls_all_linear(), max_steps=4, save_steps=2,
+        notes="decoder `score` head (no bias); two checkpoints",
+    ),
+    "roberta_nested": case(
+        "roberta", ROBERTA, lora=seq_cls_all_linear(), heads=["classifier"],
+        notes="nested head classifier.dense + classifier.out_proj; whole `classifier` in modules_to_save",
+    ),
+    "distilbert_two_heads": case(
+        "distilbert", DISTILBERT, lora=seq_cls_all_linear(), heads=["pre_classifier", "classifier"],
+        notes="pre_classifier and classifier both end with 'classifier' -> both double wrapped",
+    ),
+    "mistral_bf16": case(
+        "mistral", MISTRAL, lora=seq_cls_all_linear(), dtype="bfloat16", autocast_adapter_dtype=False, lr=2e-2,
+        notes="model and adapter in bfloat16 (get_peft_model(..., autocast_adapter_dtype=False))",
+    ),
+    "bert_bin": case(
+        "bert", BERT, lora=seq_cls_all_linear(), heads=["classifier"], save_safetensors=False,
+        notes="Trainer save_safetensors=False -> adapter_model.bin; bert.pooler.dense also gets (plain) LoRA",
+    ),
+    "llama_rslora_pattern": case(
+        "llama", LLAMA,
+        lora=dict(task_type="SEQ_CLS", target_modules=ALL_LINEAR, r=8, lora_alpha=16, lora_dropout=0.0,
+                  use_rslora=True, rank_pattern={"score": 2}, alpha_pattern={"score": 5}),
+        notes="use_rslora + rank_pattern/alpha_pattern for score (see sanity.head_lora_ranks for what applied)",
+    ),
+    "llama_dora": case(
+        "llama", LLAMA, lora=seq_cls_all_linear(use_dora=True),
+        notes="DoRA: keys include lora_magnitude_vector",
+    ),
+    "bert_token_cls": case(
+        "bert", BERT, auto_class=TOK, lora=tok_cls_all_linear(), heads=["classifier"], num_labels=5,
+        notes="token classification, per-token labels",
+    ),
+    "bart_lora_only_head": case(
+        "bart", BART,
+        lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, r=4, lora_alpha=8, lora_dropout=0.0),
+        shape="lora_only", heads=["classification_head"], eos_at_end=True, lr=3e-2,
+        notes="explicit target list hits classification_head.out_proj with LoRA only; 'classification_head' is "
+              "not matched by modules_to_save ['classifier','score'] so classification_head.dense stays frozen",
+    ),
+    "bart_lora_only_head_nobase": case(
+        "bart", BART,
+        lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, r=4, lora_alpha=8, lora_dropout=0.0),
+        shape="lora_only", heads=["classification_head"], eos_at_end=True, head_in_base=False, lr=3e-2,
+        notes="same as bart_lora_only_head but base/ has no classification_head.* tensors (like facebook/bart-base)",
+    ),
+    "llama_no_task_type": case(
+        "llama", LLAMA, lora=dict(target_modules=ALL_LINEAR, r=4, lora_alpha=8, lora_dropout=0.0),
+        shape="lora_only",
+        notes="no task_type -> plain PeftModel; score gets LoRA only (not in modules_to_save)",
+    ),
+}
+
+HELDOUT_CASES = {
+    "gpt2_score": case(
+        "gpt2", GPT2, lora=seq_cls_all_linear(),
+        notes="GPT2 body uses Conv1D (fan_in_fan_out); score is nn.Linear",
+    ),
+    "electra_nested": case(
+        "electra", ELECTRA, lora=seq_cls_all_linear(), heads=["classifier"],
+        notes="ElectraClassificationHead classifier.dense + classifier.out_proj; embeddings_project also LoRA",
+    ),
+    "deberta_v2_pooler": case(
+        "deberta-v2", DEBERTA_V2, lora=seq_cls_all_linear(), heads=["classifier"],
+        notes="classifier double wrapped; pooler.dense gets plain LoRA only",
+    ),
+    "qwen2_token_cls": case(
+        "qwen2", QWEN2, auto_class=TOK, lora=tok_cls_all_linear(), num_labels=5,
+        notes="decoder token classification, score head",
+    ),
+    "roberta_token_cls": case(
+        "roberta", ROBERTA, auto_class=TOK, lora=tok_cls_all_linear(), heads=["classifier"], num_labels=5,
+        notes="token classification, classifier Linear head",
+    ),
+}
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+
+def make_ids(gen, n, vocab, eos_at_end, eos_id=2):
+    # ids in [3, vocab) never hit pad/bos/eos (0, 1, 2 in every config here)
+    ids = torch.randint(3, vocab, (n, SEQ_LEN), generator=gen, dtype=torch.int64)
+    if eos_at_end:
+        ids[:, -1] = eos_id
+    return ids
+
+
+class TinyDataset(torch.utils.data.Dataset):
+    def __init__(self, input_ids, labels):
+        self.input_ids = input_ids
+        self.labels = labels
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i):
+        return {
+            "input_ids": self.input_ids[i],
+            "attention_mask": torch.ones_like(self.input_ids[i]),
+            "labels": self.labels[i],
+        }
+
+
+@torch.no_grad()
+def logits_of(model, input_ids):
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.float().clone()
+    if was_training:
+        model.train()
+    return out
+
+
+def get_module(model, path):
+    mod = model
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+@torch.no_grad()
+def head_reset_logits(peft_model, heads, input_ids):
+    """Logits of the trained model with the head(s) put back to their init state.
+
+    Done on a deep copy: ModulesToSaveWrappers fall back to original_module (never trained) and
+    LoRA layers inside heads are disabled. This is what you'd get if a migration dropped the head.
+    """
+    m = copy.deepcopy(peft_model)
+    inner = m.base_model.model
+    for h in heads:
+        mod = get_module(inner, h)
+        for sub in mod.modules():
+            if isinstance(sub, (ModulesToSaveWrapper, BaseTunerLayer)):
+                sub._disable_adapters = True
+    return logits_of(m, input_ids)
+
+
+class RefCallback(TrainerCallback):
+    def __init__(self, input_ids):
+        self.input_ids = input_ids
+        self.logits = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.logits[f"checkpoint-{state.global_step}"] = logits_of(model, self.input_ids)
+
+
+def head_lora_modules(peft_model, heads):
+    """Names (relative to the transformers model) of LoRA layers that sit inside the head modules,
+    ignoring the copies in ModulesToSaveWrapper (original_module / modules_to_save)."""
+    out = []
+    inner = peft_model.base_model.model
+    for name, mod in inner.named_modules():
+        if not isinstance(mod, BaseTunerLayer):
+            continue
+        clean = name.replace(".original_module", "").replace(".modules_to_save.default", "")
+        if any(clean == h or clean.startswith(h + ".") for h in heads) and clean not in out:
+            out.append(clean)
+    return out
+
+
+def is_head_key(key, heads):
+    k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return any(k == h or k.startswith(h + ".") for h in heads)
+
+
+def adapter_file(ckpt_dir):
+    for fn in ("adapter_model.safetensors", "adapter_model.bin"):
+        p = os.path.join(ckpt_dir, fn)
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError(f"no adapter file in {ckpt_dir}")
+
+
+def load_adapter(ckpt_dir):
+    p = adapter_file(ckpt_dir)
+    if p.endswith(".safetensors"):
+        return load_file(p)
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _train(spec, peft_model, train_ids, labels, cb):
+    args = TrainingArguments(
+        output_dir="run",
+        logging_dir=os.path.join("run", "logs"),
+        overwrite_output_dir=True,
+        max_steps=spec["max_steps"],
+        save_strategy="steps",
+        save_steps=spec["save_steps"],
+        save_safetensors=spec["save_safetensors"],
+        per_device_train_batch_size=TRAIN_BATCH,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=SEED,
+        data_seed=SEED,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        eval_strategy="no",
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=TinyDataset(train_ids, labels), callbacks=[cb])
+    trainer.train()
+
+
+# ----------------------------------------------------------------------------
+# building one case
+# ----------------------------------------------------------------------------
+
+
+def build_case(name, spec, out_root):
+    print(f"\n=== {name} ({spec['arch']}, {spec['auto_class']}, {spec['dtype']}) ===", flush=True)
+    case_dir = os.path.join(out_root, name)
+    if os.path.exists(case_dir):
+        shutil.rmtree(case_dir)
+    os.makedirs(case_dir)
+    base_dir = os.path.join(case_dir, "base")
+    run_dir = os.path.join(case_dir, "run")
+
+    torch.manual_seed(SEED)
+    transformers.set_seed(SEED)
+    dtype = getattr(torch, spec["dtype"])
+    cfg = AutoConfig.for_model(spec["arch"], num_labels=spec["num_labels"], **spec["cfg"])
+    auto_cls = AUTO_CLASSES[spec["auto_class"]]
+    model = auto_cls.from_config(cfg, torch_dtype=dtype)
+    model.eval()
+
+    # reference inputs and training data (fixed generator, independent of the model init RNG)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    vocab = cfg.vocab_size
+    ref_ids = make_ids(gen, REF_BATCH, vocab, spec["eos_at_end"])
+    train_ids = make_ids(gen, N_TRAIN, vocab, spec["eos_at_end"])
+    if spec["auto_class"] == TOK:
+        labels = torch.randint(0, spec["num_labels"], (N_TRAIN, SEQ_LEN), generator=gen, dtype=torch.int64)
+    else:
+        labels = torch.randint(0, spec["num_labels"], (N_TRAIN,), generator=gen, dtype=torch.int64)
+
+    init_logits = logits_of(model, ref_ids)
+
+    # --- base/ : the model before get_peft_model
+    model.save_pretrained(base_dir, safe_serialization=True)
+    if not spec["head_in_base"]:
+        st_path = os.path.join(base_dir, "model.safetensors")
+        sd = load_file(st_path)
+        dropped = [k for k in sd if is_head_key(k, spec["heads"])]
+        assert dropped, f"no head tensors found to drop in {st_path}"
+        for k in dropped:
+            del sd[k]
+        save_file(sd, st_path, metadata={"format": "pt"})
+        print(f"  removed from base/model.safetensors: {dropped}")
+
+    # --- peft model
+    lora_kwargs = copy.deepcopy(spec["lora"])
+    lora_config = LoraConfig(**copy.deepcopy(lora_kwargs))
+    peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=spec["autocast_adapter_dtype"])
+    peft_model.print_trainable_parameters()
+    mts = peft_model.peft_config["default"].modules_to_save
+    hlm = head_lora_modules(peft_model, spec["heads"])
+    head_lora_params = {}
+    for n_, m_ in peft_model.base_model.model.named_modules():
+        if isinstance(m_, BaseTunerLayer) and hasattr(m_, "scaling") and "original_module" not in n_:
+            clean = n_.replace(".modules_to_save.default", "")
+            if clean in hlm:
+                head_lora_params[clean] = {"r": m_.r["default"], "scaling": m_.scaling["default"],
+                                           "lora_alpha": m_.lora_alpha["default"]}
+    print(f"  modules_to_save={mts}  head LoRA modules={hlm}  head LoRA r/scaling={head_lora_params}")
+    assert hlm, "expected the head to be LoRA-wrapped (that's the bug being reproduced)"
+
+    # --- train with the real Trainer
+    cb = RefCallback(ref_ids)
+    # run the Trainer from inside the case dir so that paths stored in training_args.bin are relative ("run")
+    cwd = os.getcwd()
+    os.chdir(case_dir)
+    try:
+        _train(spec, peft_model, train_ids, labels, cb)
+    finally:
+        os.chdir(cwd)
+
+    # keep only checkpoint-* under run/
+    for entry in os.listdir(run_dir):
+        if not entry.startswith("checkpoint-"):
+            p = os.path.join(run_dir, entry)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    checkpoints = sorted(os.listdir(run_dir), key=lambda s: int(s.split("-")[1]))
+    assert checkpoints == sorted(cb.logits, key=lambda s: int(s.split("-")[1])), (checkpoints, cb.logits.keys())
+
+    # --- sanity: the head really moved
+    tol = 1e-2 if spec["dtype"] == "bfloat16" else 1e-4
+    final_logits = logits_of(peft_model, ref_ids)
+    assert torch.equal(final_logits, cb.logits[checkpoints[-1]]), "final logits != logits captured at last save"
+    reset_logits = head_reset_logits(peft_model, spec["heads"], ref_ids)
+    diff_vs_init = (final_logits - init_logits).abs().max().item()
+    diff_vs_head_reset = (final_logits - reset_logits).abs().max().item()
+    print(f"  max|trained - init model| = {diff_vs_init:.4g}; max|trained - trained-with-init-head| = "
+          f"{diff_vs_head_reset:.4g} (tolerance {tol})")
+    assert diff_vs_init > 20 * tol, "training did not move logits measurably"
+    assert diff_vs_head_reset > 20 * tol, "the head did not move measurably"
+
+    # --- print head-related adapter keys per checkpoint
+    head_keys = {}
+    head_ranks = {}
+    head_dtypes = {}
+    for ck in checkpoints:
+        ckdir = os.path.join(run_dir, ck)
+        sd = load_adapter(ckdir)
+        print(f"  {ck}/{os.path.basename(adapter_file(ckdir))}: {len(sd)} tensors; head keys:")
+        hk = {}
+        for k in sorted(sd):
+            if is_head_key(k, spec["heads"]):
+                t = sd[k]
+                print(f"    {k:80s} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
+                hk[k] = list(t.shape)
+                if ck == checkpoints[-1]:
+                    head_dtypes[k] = str(t.dtype).replace("torch.", "")
+                if k.endswith("lora_A.weight") and ck == checkpoints[-1]:
+                    head_ranks[k] = t.shape[0]
+        head_keys[ck] = hk
+    saved_cfg = json.load(open(os.path.join(run_dir, checkpoints[-1], "adapter_config.json")))
+
+    # --- reference.safetensors
+    ref = {"input_ids": ref_ids.contiguous(), "attention_mask": torch.ones_like(ref_ids)}
+    for ck in checkpoints:
+        ref[f"logits/{ck}"] = cb.logits[ck].float().contiguous()
+    save_file(ref, os.path.join(case_dir, "reference.safetensors"), metadata={"format": "pt"})
+
+    # --- case.json
+    meta = {
+        "arch": spec["arch"],
+        "auto_class": spec["auto_class"],
+        "dtype": spec["dtype"],
+        "shape": spec["shape"],
+        "head_in_base": spec["head_in_base"],
+        "heads": spec["heads"],
+        "head_lora_modules": hlm,
+        "modules_to_save": mts,
+        "num_labels": spec["num_labels"],
+        "lora_config": lora_kwargs,
+        "get_peft_model_kwargs": {"autocast_adapter_dtype": spec["autocast_adapter_dtype"]},
+        "training": {"max_steps": spec["max_steps"], "save_steps": spec["save_steps"], "learning_rate": spec["lr"],
+                     "per_device_train_batch_size": TRAIN_BATCH, "n_train": N_TRAIN, "seq_len": SEQ_LEN,
+                     "save_safetensors": spec["save_safetensors"], "seed": SEED},
+        "peft_version": peft.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "tolerance": tol,
+        "checkpoints": checkpoints,
+        "adapter_file": os.path.basename(adapter_file(os.path.join(run_dir, checkpoints[-1]))),
+        "notes": spec["notes"],
+        "sanity": {
+            "max_abs_diff_trained_vs_init_model": diff_vs_init,
+            "max_abs_diff_trained_vs_trained_with_init_head": diff_vs_head_reset,
+            "head_lora_A_ranks": head_ranks,
+            "head_lora_layer_params": head_lora_params,
+            "head_tensor_dtypes": head_dtypes,
+            "saved_target_modules": saved_cfg.get("target_modules"),
+            "saved_rank_pattern": saved_cfg.get("rank_pattern"),
+            "saved_alpha_pattern": saved_cfg.get("alpha_pattern"),
+        },
+    }
+    with open(os.path.join(case_dir, "case.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return meta
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("cases", nargs="*", help="case names to build (default: all of the selected set)")
+    ap.add_argument("--heldout", action="store_true", help="build the held-out cases (default out: tests/heldout)")
+    ap.add_argument("--out", default=None, help="output dir (default tests/fixtures, or tests/heldout with --heldout)")
+    ap.add_argument("--list", action="store_true", help="list case names and exit")
+    a = ap.parse_args(argv)
+
+    table = HELDOUT_CASES if a.heldout else CASES
+    if a.list:
+        for n, s in table.items():
+            print(f"{n:28s} {s['notes']}")
+        return 0
+    out = os.path.abspath(a.out or os.path.join(REPO_ROOT, "tests", "heldout" if a.heldout else "fixtures"))
+    names = a.cases or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        ap.error(f"unknown case(s) {unknown}; known: {list(table)}")
+    os.makedirs(out, exist_ok=True)
+    torch.use_deterministic_algorithms(True)
+    failed = {}
+    for n in names:
+        try:
+            build_case(n, table[n], out)
+        except Exception as e:  # report and go on with the other cases
+            import traceback
+
+            traceback.print_exc()
+            failed[n] = f"{type(e).__name__}: {e}"
+            shutil.rmtree(os.path.join(out, n), ignore_errors=True)
+    print(f"\nbuilt {len(names) - len(failed)}/{len(names)} case(s) into {out}")
+    for n, msg in failed.items():
+        print(f"  FAILED {n}: {msg}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
