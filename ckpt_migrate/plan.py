@@ -32,14 +32,21 @@ class Source:
     fan_in_fan_out: bool = False
 
     def describe(self) -> str:
+        """A one-line formula; adapter names are shortened by their ``base_model.model.`` prefix."""
+
+        def short(name: str) -> str:
+            return name.removeprefix("base_model.model.")
+
         if self.kind == "adapter":
-            return f"copied from {self.tensor}"
+            return f"copied from {short(self.tensor)}"
         if self.kind == "base":
             return f"copied from base model {self.tensor}"
-        where = "base model " if self.weight_kind == "base" else ""
-        formula = f"{where}{self.tensor} + {self.scale:g} * {self.lora_B} @ {self.lora_A}"
+        weight = f"base model {self.tensor}" if self.weight_kind == "base" else short(self.tensor)
+        formula = f"{weight} + {self.scale:.6g} * {short(self.lora_B)} @ {short(self.lora_A)}"
+        if self.fan_in_fan_out:
+            formula = f"{weight} + {self.scale:.6g} * ({short(self.lora_B)} @ {short(self.lora_A)}).T"
         if self.magnitude:
-            return f"DoRA fold: {self.magnitude} * normalize_rows({formula})"
+            return f"DoRA: {short(self.magnitude)} * row_normalize({formula})"
         return formula
 
 

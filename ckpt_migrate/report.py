@@ -60,12 +60,15 @@ def _size(n: int) -> str:
 
 def _table(rows: list[list[str]], headers: list[str]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    line = lambda r: "  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+
+    def line(row: list[str]) -> str:
+        return "  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
 def _shape(shape: list[int]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
+    return str(tuple(shape))
 
 
 def _headline(report: Report, entry: dict[str, Any], result: CheckpointResult) -> str:

@@ -15,7 +15,7 @@ How to run
 ----------
 It MUST be run with peft 0.12.0 / transformers 4.44.2 (it asserts this)::
 
-    python3 -m venv .venv-peft012 && .venv-peft012/bin/pip install torch==2.13.0 && .venv-peft012/bin/pip install peft==0.12.0 transformers==4.44.2 "numpy<2" accelerate safetensors
+    ./scripts/setup.sh --with-peft012     # creates .venv-peft012 (peft 0.12.0, transformers 4.44.2, numpy<2)
 
     .venv-peft012/bin/python scripts/make_fixtures.py                 # all cases -> tests/fixtures/
     .venv-peft012/bin/python scripts/make_fixtures.py llama_score     # only the named case(s)
@@ -93,44 +93,93 @@ BART_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # ----------------------------------------------------------------------------
 
 LLAMA = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 MISTRAL = dict(LLAMA, sliding_window=None)
 QWEN2 = dict(LLAMA)
 ROBERTA = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-    intermediate_size=64, max_position_embeddings=64, type_vocab_size=1,
-    pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    type_vocab_size=1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
 )
 BERT = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-    intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
 )
 DISTILBERT = dict(
-    vocab_size=128, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
-    max_position_embeddings=64, pad_token_id=0,
+    vocab_size=128,
+    dim=32,
+    n_layers=1,
+    n_heads=4,
+    hidden_dim=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
 )
 BART = dict(
-    vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
-    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-    decoder_ffn_dim=64, max_position_embeddings=64,
-    pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    vocab_size=128,
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=64,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    decoder_start_token_id=2,
     forced_eos_token_id=2,
 )
 GPT2 = dict(
-    vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=64,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=128,
+    n_embd=32,
+    n_layer=1,
+    n_head=4,
+    n_positions=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 ELECTRA = dict(
-    vocab_size=128, embedding_size=16, hidden_size=32, num_hidden_layers=1,
-    num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+    vocab_size=128,
+    embedding_size=16,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
     pad_token_id=0,
 )
 DEBERTA_V2 = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-    intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    pad_token_id=0,
 )
 
 SEQ = "AutoModelForSequenceClassification"
@@ -138,14 +187,41 @@ TOK = "AutoModelForTokenClassification"
 AUTO_CLASSES = {SEQ: AutoModelForSequenceClassification, TOK: AutoModelForTokenClassification}
 
 
-def case(arch, cfg, auto_class=SEQ, lora=None, shape="double_wrapped", heads=("score",),
-         dtype="float32", num_labels=3, max_steps=2, save_steps=2, save_safetensors=True,
-         head_in_base=True, eos_at_end=False, autocast_adapter_dtype=True, lr=LR, notes=""):
+def case(
+    arch,
+    cfg,
+    auto_class=SEQ,
+    lora=None,
+    shape="double_wrapped",
+    heads=("score",),
+    dtype="float32",
+    num_labels=3,
+    max_steps=2,
+    save_steps=2,
+    save_safetensors=True,
+    head_in_base=True,
+    eos_at_end=False,
+    autocast_adapter_dtype=True,
+    lr=LR,
+    notes="",
+):
     return dict(
-        arch=arch, cfg=cfg, auto_class=auto_class, lora=lora, shape=shape, heads=list(heads),
-        dtype=dtype, num_labels=num_labels, max_steps=max_steps, save_steps=save_steps,
-        save_safetensors=save_safetensors, head_in_base=head_in_base, eos_at_end=eos_at_end,
-        autocast_adapter_dtype=autocast_adapter_dtype, lr=lr, notes=notes,
+        arch=arch,
+        cfg=cfg,
+        auto_class=auto_class,
+        lora=lora,
+        shape=shape,
+        heads=list(heads),
+        dtype=dtype,
+        num_labels=num_labels,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        save_safetensors=save_safetensors,
+        head_in_base=head_in_base,
+        eos_at_end=eos_at_end,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        lr=lr,
+        notes=notes,
     )
 
 
@@ -159,54 +235,100 @@ def tok_cls_all_linear(**extra):
 
 CASES = {
     "llama_score": case(
-        "llama", LLAMA, lora=seq_cls_all_linear(), max_steps=4, save_steps=2,
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        max_steps=4,
+        save_steps=2,
         notes="decoder `score` head (no bias); two checkpoints",
     ),
     "roberta_nested": case(
-        "roberta", ROBERTA, lora=seq_cls_all_linear(), heads=["classifier"],
+        "roberta",
+        ROBERTA,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
         notes="nested head classifier.dense + classifier.out_proj; whole `classifier` in modules_to_save",
     ),
     "distilbert_two_heads": case(
-        "distilbert", DISTILBERT, lora=seq_cls_all_linear(), heads=["pre_classifier", "classifier"],
+        "distilbert",
+        DISTILBERT,
+        lora=seq_cls_all_linear(),
+        heads=["pre_classifier", "classifier"],
         notes="pre_classifier and classifier both end with 'classifier' -> both double wrapped",
     ),
     "mistral_bf16": case(
-        "mistral", MISTRAL, lora=seq_cls_all_linear(), dtype="bfloat16", autocast_adapter_dtype=False, lr=2e-2,
+        "mistral",
+        MISTRAL,
+        lora=seq_cls_all_linear(),
+        dtype="bfloat16",
+        autocast_adapter_dtype=False,
+        lr=2e-2,
         notes="model and adapter in bfloat16 (get_peft_model(..., autocast_adapter_dtype=False))",
     ),
     "bert_bin": case(
-        "bert", BERT, lora=seq_cls_all_linear(), heads=["classifier"], save_safetensors=False,
+        "bert",
+        BERT,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
+        save_safetensors=False,
         notes="Trainer save_safetensors=False -> adapter_model.bin; bert.pooler.dense also gets (plain) LoRA",
     ),
     "llama_rslora_pattern": case(
-        "llama", LLAMA,
-        lora=dict(task_type="SEQ_CLS", target_modules=ALL_LINEAR, r=8, lora_alpha=16, lora_dropout=0.0,
-                  use_rslora=True, rank_pattern={"score": 2}, alpha_pattern={"score": 5}),
+        "llama",
+        LLAMA,
+        lora=dict(
+            task_type="SEQ_CLS",
+            target_modules=ALL_LINEAR,
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            use_rslora=True,
+            rank_pattern={"score": 2},
+            alpha_pattern={"score": 5},
+        ),
         notes="use_rslora + rank_pattern/alpha_pattern for score (see sanity.head_lora_ranks for what applied)",
     ),
     "llama_dora": case(
-        "llama", LLAMA, lora=seq_cls_all_linear(use_dora=True),
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(use_dora=True),
         notes="DoRA: keys include lora_magnitude_vector",
     ),
     "bert_token_cls": case(
-        "bert", BERT, auto_class=TOK, lora=tok_cls_all_linear(), heads=["classifier"], num_labels=5,
+        "bert",
+        BERT,
+        auto_class=TOK,
+        lora=tok_cls_all_linear(),
+        heads=["classifier"],
+        num_labels=5,
         notes="token classification, per-token labels",
     ),
     "bart_lora_only_head": case(
-        "bart", BART,
+        "bart",
+        BART,
         lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, r=4, lora_alpha=8, lora_dropout=0.0),
-        shape="lora_only", heads=["classification_head"], eos_at_end=True, lr=3e-2,
+        shape="lora_only",
+        heads=["classification_head"],
+        eos_at_end=True,
+        lr=3e-2,
         notes="explicit target list hits classification_head.out_proj with LoRA only; 'classification_head' is "
-              "not matched by modules_to_save ['classifier','score'] so classification_head.dense stays frozen",
+        "not matched by modules_to_save ['classifier','score'] so classification_head.dense stays frozen",
     ),
     "bart_lora_only_head_nobase": case(
-        "bart", BART,
+        "bart",
+        BART,
         lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, r=4, lora_alpha=8, lora_dropout=0.0),
-        shape="lora_only", heads=["classification_head"], eos_at_end=True, head_in_base=False, lr=3e-2,
+        shape="lora_only",
+        heads=["classification_head"],
+        eos_at_end=True,
+        head_in_base=False,
+        lr=3e-2,
         notes="same as bart_lora_only_head but base/ has no classification_head.* tensors (like facebook/bart-base)",
     ),
     "llama_no_task_type": case(
-        "llama", LLAMA, lora=dict(target_modules=ALL_LINEAR, r=4, lora_alpha=8, lora_dropout=0.0),
+        "llama",
+        LLAMA,
+        lora=dict(target_modules=ALL_LINEAR, r=4, lora_alpha=8, lora_dropout=0.0),
         shape="lora_only",
         notes="no task_type -> plain PeftModel; score gets LoRA only (not in modules_to_save)",
     ),
@@ -214,23 +336,40 @@ CASES = {
 
 HELDOUT_CASES = {
     "gpt2_score": case(
-        "gpt2", GPT2, lora=seq_cls_all_linear(),
+        "gpt2",
+        GPT2,
+        lora=seq_cls_all_linear(),
         notes="GPT2 body uses Conv1D (fan_in_fan_out); score is nn.Linear",
     ),
     "electra_nested": case(
-        "electra", ELECTRA, lora=seq_cls_all_linear(), heads=["classifier"],
+        "electra",
+        ELECTRA,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
         notes="ElectraClassificationHead classifier.dense + classifier.out_proj; embeddings_project also LoRA",
     ),
     "deberta_v2_pooler": case(
-        "deberta-v2", DEBERTA_V2, lora=seq_cls_all_linear(), heads=["classifier"],
+        "deberta-v2",
+        DEBERTA_V2,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
         notes="classifier double wrapped; pooler.dense gets plain LoRA only",
     ),
     "qwen2_token_cls": case(
-        "qwen2", QWEN2, auto_class=TOK, lora=tok_cls_all_linear(), num_labels=5,
+        "qwen2",
+        QWEN2,
+        auto_class=TOK,
+        lora=tok_cls_all_linear(),
+        num_labels=5,
         notes="decoder token classification, score head",
     ),
     "roberta_token_cls": case(
-        "roberta", ROBERTA, auto_class=TOK, lora=tok_cls_all_linear(), heads=["classifier"], num_labels=5,
+        "roberta",
+        ROBERTA,
+        auto_class=TOK,
+        lora=tok_cls_all_linear(),
+        heads=["classifier"],
+        num_labels=5,
         notes="token classification, classifier Linear head",
     ),
 }
@@ -322,7 +461,7 @@ def head_lora_modules(peft_model, heads):
 
 
 def is_head_key(key, heads):
-    k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    k = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
     return any(k == h or k.startswith(h + ".") for h in heads)
 
 
@@ -427,8 +566,11 @@ def build_case(name, spec, out_root):
         if isinstance(m_, BaseTunerLayer) and hasattr(m_, "scaling") and "original_module" not in n_:
             clean = n_.replace(".modules_to_save.default", "")
             if clean in hlm:
-                head_lora_params[clean] = {"r": m_.r["default"], "scaling": m_.scaling["default"],
-                                           "lora_alpha": m_.lora_alpha["default"]}
+                head_lora_params[clean] = {
+                    "r": m_.r["default"],
+                    "scaling": m_.scaling["default"],
+                    "lora_alpha": m_.lora_alpha["default"],
+                }
     print(f"  modules_to_save={mts}  head LoRA modules={hlm}  head LoRA r/scaling={head_lora_params}")
     assert hlm, "expected the head to be LoRA-wrapped (that's the bug being reproduced)"
 
@@ -457,8 +599,10 @@ def build_case(name, spec, out_root):
     reset_logits = head_reset_logits(peft_model, spec["heads"], ref_ids)
     diff_vs_init = (final_logits - init_logits).abs().max().item()
     diff_vs_head_reset = (final_logits - reset_logits).abs().max().item()
-    print(f"  max|trained - init model| = {diff_vs_init:.4g}; max|trained - trained-with-init-head| = "
-          f"{diff_vs_head_reset:.4g} (tolerance {tol})")
+    print(
+        f"  max|trained - init model| = {diff_vs_init:.4g}; max|trained - trained-with-init-head| = "
+        f"{diff_vs_head_reset:.4g} (tolerance {tol})"
+    )
     assert diff_vs_init > 20 * tol, "training did not move logits measurably"
     assert diff_vs_head_reset > 20 * tol, "the head did not move measurably"
 
@@ -502,9 +646,16 @@ def build_case(name, spec, out_root):
         "num_labels": spec["num_labels"],
         "lora_config": lora_kwargs,
         "get_peft_model_kwargs": {"autocast_adapter_dtype": spec["autocast_adapter_dtype"]},
-        "training": {"max_steps": spec["max_steps"], "save_steps": spec["save_steps"], "learning_rate": spec["lr"],
-                     "per_device_train_batch_size": TRAIN_BATCH, "n_train": N_TRAIN, "seq_len": SEQ_LEN,
-                     "save_safetensors": spec["save_safetensors"], "seed": SEED},
+        "training": {
+            "max_steps": spec["max_steps"],
+            "save_steps": spec["save_steps"],
+            "learning_rate": spec["lr"],
+            "per_device_train_batch_size": TRAIN_BATCH,
+            "n_train": N_TRAIN,
+            "seq_len": SEQ_LEN,
+            "save_safetensors": spec["save_safetensors"],
+            "seed": SEED,
+        },
         "peft_version": peft.__version__,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__.split("+")[0],

@@ -3,7 +3,7 @@ random, and compare its logits with the trained model's reference logits.
 
 Runs in-process in the test venv, or as a script in another venv (peft 0.12)::
 
-    python tests/logits_check.py CASE_DIR ADAPTER_DIR CHECKPOINT_NAME   # prints JSON
+    python tests/logits_check.py CASE_DIR ADAPTER_DIR CHECKPOINT_NAME [...]  # prints {adapter: error}
 """
 
 from __future__ import annotations
@@ -37,4 +37,7 @@ def max_logit_error(case_dir: str | Path, adapter_dir: str | Path, checkpoint: s
 
 
 if __name__ == "__main__":
-    print(json.dumps({"max_abs_error": max_logit_error(*sys.argv[1:4])}))
+    # Arguments come in triples, so one interpreter start checks many checkpoints.
+    args = sys.argv[1:]
+    triples = [args[i : i + 3] for i in range(0, len(args), 3)]
+    print(json.dumps({adapter: max_logit_error(case, adapter, name) for case, adapter, name in triples}))

@@ -1,0 +1,195 @@
+"""Dry run predicts exactly what fix writes; re-running is a no-op; inputs are never modified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import FIXTURES, case_dirs, load_case, needs_base, tree_digest
+
+from ckpt_migrate.cli import main
+from ckpt_migrate.safetensors_io import read_header
+
+CASES = [c for c in case_dirs(FIXTURES) if not (needs_base(load_case(c)) and not load_case(c)["head_in_base"])]
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def base_args(case_dir: Path) -> list[str]:
+    return ["--base-model", str(case_dir / "base")] if needs_base(load_case(case_dir)) else []
+
+
+def strip_outcome(report: dict) -> list[dict]:
+    """The per-checkpoint content, minus the fields that differ between a dry and a real run."""
+    return [{k: v for k, v in c.items() if k not in ("status", "output")} for c in report["checkpoints"]]
+
+
+@pytest.mark.parametrize("case_dir", CASES, ids=lambda p: p.name)
+def test_dry_run_predicts_exactly_what_fix_writes(tmp_path, case_dir):
+    src = case_dir / "run"
+    before = tree_digest(src)
+    code, dry_out, _ = run_cli("fix", src, "--dry-run", "--format", "json", *base_args(case_dir))
+    assert code == 0
+    dry = json.loads(dry_out)
+    out = tmp_path / "fixed"
+    code, real_out, _ = run_cli("fix", src, "--out", out, "--format", "json", "--quiet", *base_args(case_dir))
+    assert code == 0
+    real = json.loads(real_out)
+    assert dry["schema_version"] == real["schema_version"] == 1
+    assert strip_outcome(dry) == strip_outcome(real)
+    assert tree_digest(src) == before, "source modified"
+
+    for entry in real["checkpoints"]:
+        assert entry["status"] == "repaired"
+        source, written = Path(entry["source"]), Path(entry["output"])
+        source_tensors = _tensors(source)
+        output_tensors = _tensors(written)
+        removed = {t["name"]: t for t in entry["tensors_removed"]}
+        added = {t["name"]: {k: t[k] for k in ("name", "shape", "dtype")} for t in entry["tensors_added"]}
+        predicted = {n: t for n, t in source_tensors.items() if n not in removed}
+        predicted.update(added)
+        assert output_tensors == predicted
+        assert set(removed) <= set(source_tensors)
+
+        config_before = json.loads((source / "adapter_config.json").read_text())
+        config_after = json.loads((written / "adapter_config.json").read_text())
+        for key, change in entry["config_changes"].items():
+            assert config_before.get(key) == change["before"]
+            assert config_after.get(key) == change["after"]
+        unchanged = set(config_before) - set(entry["config_changes"])
+        assert {k: config_before[k] for k in unchanged} == {k: config_after[k] for k in unchanged}
+
+        source_files = {p.name for p in source.iterdir()}
+        written_files = {p.name for p in written.iterdir()}
+        for name in entry["files_removed"]:
+            assert name in source_files and name not in written_files
+        kept = source_files - set(entry["files_removed"]) - {"adapter_config.json", "adapter_model.safetensors"}
+        for name in kept:
+            assert (source / name).read_bytes() == (written / name).read_bytes(), name
+        assert written_files == kept | {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "ckpt_migrate_manifest.json",
+        }
+
+
+def _tensors(directory: Path) -> dict[str, dict]:
+    if (directory / "adapter_model.safetensors").exists():
+        header = read_header(directory / "adapter_model.safetensors")
+        return {n: {"name": n, "shape": list(i.shape), "dtype": i.dtype} for n, i in header.tensors.items()}
+    import torch
+
+    from ckpt_migrate.checkpoint import TORCH_TO_SAFETENSORS
+
+    state = torch.load(directory / "adapter_model.bin", weights_only=True)
+    return {
+        n: {"name": n, "shape": list(t.shape), "dtype": TORCH_TO_SAFETENSORS[str(t.dtype)]} for n, t in state.items()
+    }
+
+
+def test_fix_twice_is_a_noop_and_records_what_was_applied(repaired, tmp_path):
+    fixed = repaired["llama_score"]
+    manifest = json.loads((fixed / "checkpoint-4" / "ckpt_migrate_manifest.json").read_text())
+    assert manifest["migrations_applied"] == ["0001_fold_double_wrapped_head", "0003_drop_stale_optimizer"]
+    for name, digest in manifest["outputs_sha256"].items():
+        assert hashlib.sha256((fixed / "checkpoint-4" / name).read_bytes()).hexdigest() == digest
+    metadata = read_header(fixed / "checkpoint-4" / "adapter_model.safetensors").metadata
+    assert json.loads(metadata["ckpt_migrate"])["migrations_applied"] == manifest["migrations_applied"]
+    assert metadata["format"] == "pt"
+
+    code, stdout, _ = run_cli("fix", fixed, "--out", tmp_path / "again")
+    assert code == 0
+    assert "clean" in stdout
+    assert not (tmp_path / "again").exists()
+    code, _, _ = run_cli("inspect", fixed / "checkpoint-4")
+    assert code == 0
+
+
+def test_inspect_exit_codes_distinguish_repairable_and_unrecoverable():
+    assert run_cli("inspect", FIXTURES / "llama_score" / "run")[0] == 3
+    nobase = FIXTURES / "bart_lora_only_head_nobase"
+    code, stdout, _ = run_cli("inspect", nobase / "run", "--base-model", nobase / "base")
+    assert code == 4
+    assert "cannot be reconstructed" in stdout
+    code, stdout, _ = run_cli("inspect", FIXTURES / "bart_lora_only_head" / "run")
+    assert code == 4
+    assert "--base-model" in stdout
+    assert (
+        run_cli(
+            "inspect",
+            FIXTURES / "bart_lora_only_head" / "run",
+            "--base-model",
+            FIXTURES / "bart_lora_only_head" / "base",
+        )[0]
+        == 3
+    )
+
+
+def test_unrecoverable_head_is_refused_with_nothing_written(tmp_path):
+    nobase = FIXTURES / "bart_lora_only_head_nobase"
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("fix", nobase / "run", "--out", out, "--base-model", nobase / "base")
+    assert code == 4
+    assert "retrain" in stdout and "cannot be reconstructed" in stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_report_warns_that_retraining_is_preferred(tmp_path):
+    for fmt in ("text", "json", "markdown"):
+        code, stdout, _ = run_cli("fix", FIXTURES / "llama_score" / "run", "--dry-run", "--format", fmt)
+        assert code == 0 and "retraining is preferred" in stdout and "optimizer.pt" in stdout
+    code, stdout, _ = run_cli("fix", FIXTURES / "llama_score" / "run", "--out", tmp_path / "o", "--quiet")
+    assert code == 0
+    assert stdout.rstrip().splitlines()[-1].startswith("  checkpoint-4")
+    assert "retraining is preferred" in stdout
+
+
+def test_run_directory_layout_is_mirrored(repaired):
+    assert sorted(p.name for p in repaired["llama_score"].iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_single_checkpoint_and_adapter_directory_inputs(tmp_path):
+    src = FIXTURES / "llama_score" / "run" / "checkpoint-2"
+    assert run_cli("fix", src, "--out", tmp_path / "single", "--quiet")[0] == 0
+    assert (tmp_path / "single" / "adapter_model.safetensors").exists()
+    adapter_only = tmp_path / "adapter"
+    adapter_only.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(src / name, adapter_only / name)
+    assert run_cli("fix", adapter_only, "--out", tmp_path / "adapter-fixed", "--quiet")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "adapter-fixed").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "ckpt_migrate_manifest.json",
+    ]
+
+
+def test_migrations_command_lists_them_in_order():
+    code, stdout, _ = run_cli("migrations", "--format", "json")
+    ids = [m["id"] for m in json.loads(stdout)]
+    assert ids == sorted(ids) and ids[0].startswith("0001")
+    assert all(m["caused_by"] and m["summary"] for m in json.loads(stdout))
+
+
+def test_wheel_ships_the_migrations(tmp_path):
+    root = Path(__file__).parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, root],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if n.startswith("ckpt_migrate/migrations/")}
+    expected = {p.name for p in (root / "migrations").glob("m*.py")}
+    assert expected and expected <= shipped
