@@ -12,11 +12,17 @@ from ckpt_migrate import __version__
 from ckpt_migrate.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, CkptMigrateError
 
 FORMAT = click.option(
-    "--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True,
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "markdown"]),
+    default="text",
+    show_default=True,
     help="Report format (json: schema_version 1, see README).",
 )
 BASE_MODEL = click.option(
-    "--base-model", type=click.Path(file_okay=False, path_type=str), default=None,
+    "--base-model",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
     help="Local Hugging Face model directory; only its head tensors are read (needed for LoRA-only heads).",
 )
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
@@ -66,7 +72,9 @@ def main() -> None:
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("src", type=click.Path(path_type=str))
-@click.option("--out", type=click.Path(path_type=str), default=None, help="New checkpoint directory (must not exist or be empty).")
+@click.option(
+    "--out", type=click.Path(path_type=str), default=None, help="New checkpoint directory (must not exist or be empty)."
+)
 @click.option("--dry-run", is_flag=True, help="Show exactly what would be written; write nothing.")
 @FORMAT
 @BASE_MODEL

@@ -49,8 +49,10 @@ def plan_fold(
         raise UnreadableInputError(f"head module {module!r} carries unsupported LoRA tensors {sorted(parts)}", where)
     lora_a, lora_b = state.tensors[parts["lora_A"]], state.tensors[parts["lora_B"]]
     rank, _ = rank_and_alpha(state.config, module)
-    fan_in_fan_out = bool(state.config.get("fan_in_fan_out")) and len(weight.shape) == 2 and (
-        weight.shape == (lora_a.shape[-1], lora_b.shape[0]) != (lora_b.shape[0], lora_a.shape[-1])
+    fan_in_fan_out = (
+        bool(state.config.get("fan_in_fan_out"))
+        and len(weight.shape) == 2
+        and (weight.shape == (lora_a.shape[-1], lora_b.shape[0]) != (lora_b.shape[0], lora_a.shape[-1]))
     )
     expected = (lora_a.shape[-1], lora_b.shape[0]) if fan_in_fan_out else (lora_b.shape[0], lora_a.shape[-1])
     if (

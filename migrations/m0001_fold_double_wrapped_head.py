@@ -64,7 +64,9 @@ def plan(state: CheckpointState) -> None:
             if ".".join(parts[:index]) in folded and parts[index + 1 :] == ["weight"]:
                 continue
             del parts[index]
-            new_tensors.append(PlannedTensor(PREFIX + ".".join(parts), tensor.shape, tensor.dtype, Source("adapter", name)))
+            new_tensors.append(
+                PlannedTensor(PREFIX + ".".join(parts), tensor.shape, tensor.dtype, Source("adapter", name))
+            )
         for tensor in new_tensors:
             state.add_tensor(tensor)
     move_heads_to_modules_to_save(state, heads, head_modules)

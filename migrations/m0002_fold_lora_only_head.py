@@ -15,7 +15,9 @@ from ckpt_migrate.safetensors_io import TensorInfo
 
 ID = "0002_fold_lora_only_head"
 SUMMARY = "Rebuild a LoRA-only head (base weights never saved) from --base-model into modules_to_save"
-CAUSED_BY = "any peft: heads peft does not know (classification_head) or no task_type (huggingface/peft#2027 follow-ups)"
+CAUSED_BY = (
+    "any peft: heads peft does not know (classification_head) or no task_type (huggingface/peft#2027 follow-ups)"
+)
 
 RETRAIN = "retrain with the head listed in modules_to_save (and not in target_modules)"
 
