@@ -67,14 +67,19 @@ def list_migrations() -> list[Migration]:
     return known_migrations()
 
 
-def _plan_all(src: Path, base_model: str | Path | None) -> list[CheckpointResult]:
+OPTIMIZER_CHOICES = ("drop", "remap")
+
+
+def _plan_all(src: Path, base_model: str | Path | None, optimizer: str = "drop") -> list[CheckpointResult]:
+    if optimizer not in OPTIMIZER_CHOICES:
+        raise ValueError(f"optimizer must be one of {OPTIMIZER_CHOICES}")
     relatives = find_checkpoints(src)
     base = BaseModel(base_model) if base_model is not None else None
     results = []
     for relative in relatives:
         directory = src / relative
         try:
-            plan = plan_checkpoint(directory, relative, base)
+            plan = plan_checkpoint(directory, relative, base, {"optimizer": optimizer})
         except CkptMigrateError as exc:
             if relatives == ["."]:
                 raise
@@ -85,14 +90,14 @@ def _plan_all(src: Path, base_model: str | Path | None) -> list[CheckpointResult
     return results
 
 
-def inspect(src: str | Path, *, base_model: str | Path | None = None) -> Report:
+def inspect(src: str | Path, *, base_model: str | Path | None = None, optimizer: str = "drop") -> Report:
     """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
 
     Reads only ``adapter_config.json``, file sizes and safetensors headers (a ``.bin`` adapter is
     loaded with ``torch.load(weights_only=True)``).
     """
     src = Path(src)
-    return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model))
+    return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model, optimizer))
 
 
 def fix(
@@ -102,12 +107,14 @@ def fix(
     base_model: str | Path | None = None,
     dry_run: bool = False,
     progress: bool | None = None,
+    optimizer: str = "drop",
 ) -> Report:
     """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
 
     With ``dry_run`` nothing is written and the report predicts exactly what a real run writes.
     Clean checkpoints are not written. ``progress`` shows a byte counter on stderr (``None``: only
-    when stderr is a terminal).
+    when stderr is a terminal). ``optimizer``: ``"drop"`` the stale ``optimizer.pt`` (default) or
+    ``"remap"`` it onto the repaired parameters (needs ``base_model`` for the parameter order).
 
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
@@ -120,7 +127,7 @@ def fix(
         raise OutputError("--out is required unless --dry-run is given")
     if out_path is not None:
         check_output_target(src, out_path)
-    report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model))
+    report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, optimizer))
     to_write = [c for c in report.checkpoints if c.status == "repairable"]
     if dry_run or not to_write or out_path is None:
         return report

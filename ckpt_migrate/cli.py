@@ -25,6 +25,14 @@ BASE_MODEL = click.option(
     default=None,
     help="Local Hugging Face model directory; only its head tensors are read (needed for LoRA-only heads).",
 )
+OPTIMIZER = click.option(
+    "--optimizer",
+    type=click.Choice(["drop", "remap"]),
+    default="drop",
+    show_default=True,
+    help="Stale optimizer.pt: drop it (Adam moments and LR schedule restart on resume), or remap it onto the "
+    "repaired parameters (needs --base-model for the parameter order; falls back to drop if unprovable).",
+)
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
@@ -78,9 +86,12 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Show exactly what would be written; write nothing.")
 @FORMAT
 @BASE_MODEL
+@OPTIMIZER
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @DEBUG
-def fix(src: str, out: str | None, dry_run: bool, fmt: str, base_model: str | None, quiet: bool, debug: bool) -> None:
+def fix(
+    src: str, out: str | None, dry_run: bool, fmt: str, base_model: str | None, optimizer: str, quiet: bool, debug: bool
+) -> None:
     """Repair SRC (adapter dir, checkpoint-N, or a run dir of checkpoint-*) into --out.
 
     The source is never modified. Output is staged beside --out and renamed into place only when complete.
@@ -91,7 +102,9 @@ def fix(src: str, out: str | None, dry_run: bool, fmt: str, base_model: str | No
 
         if out is None and not dry_run:
             raise click.UsageError("--out is required (or pass --dry-run)")
-        report = fix_checkpoints(src, out, base_model=base_model, dry_run=dry_run, progress=False if quiet else None)
+        report = fix_checkpoints(
+            src, out, base_model=base_model, dry_run=dry_run, progress=False if quiet else None, optimizer=optimizer
+        )
         code = _emit(report, fmt)
         for result in report.checkpoints:
             if result.failed:
@@ -105,14 +118,15 @@ def fix(src: str, out: str | None, dry_run: bool, fmt: str, base_model: str | No
 @click.argument("src", type=click.Path(path_type=str))
 @FORMAT
 @BASE_MODEL
+@OPTIMIZER
 @DEBUG
-def inspect(src: str, fmt: str, base_model: str | None, debug: bool) -> None:
+def inspect(src: str, fmt: str, base_model: str | None, optimizer: str, debug: bool) -> None:
     """Say what SRC is, what is wrong with it, and the repair plan (reads headers only)."""
 
     def action() -> int:
         from ckpt_migrate.api import inspect as inspect_checkpoints
 
-        return _emit(inspect_checkpoints(src, base_model=base_model), fmt)
+        return _emit(inspect_checkpoints(src, base_model=base_model, optimizer=optimizer), fmt)
 
     _run(debug, action)
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from ckpt_migrate.checkpoint import BIN_WEIGHTS, SAFETENSORS_WEIGHTS, load_state
 from ckpt_migrate.plan import CheckpointPlan, CheckpointState
@@ -36,11 +37,18 @@ def known_migrations() -> list[Migration]:
     return [_from_module(module) for module in MIGRATIONS]
 
 
-def plan_checkpoint(directory: Path, relative: str = ".", base_model: object = None) -> CheckpointPlan:
-    """Detect what is wrong with one checkpoint and plan its repair."""
+def plan_checkpoint(
+    directory: Path, relative: str = ".", base_model: object = None, options: dict[str, Any] | None = None
+) -> CheckpointPlan:
+    """Detect what is wrong with one checkpoint and plan its repair.
+
+    ``options``: ``{"optimizer": "drop" | "remap"}`` (default drop).
+    """
     before = load_state(directory)
+    before.options = dict(options or {})
     after = before.clone()
     after.base_model = before.base_model = base_model
+    after.original = before
     ran: list[str] = []
     for migration in known_migrations():
         if migration.id in after.applied or not migration.detect(after):

@@ -70,6 +70,15 @@ class PlannedTensor:
         return entry
 
 
+@dataclass(frozen=True)
+class FileRewrite:
+    """A file of the checkpoint that is rewritten rather than copied; ``kind`` selects the writer."""
+
+    kind: str
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class CheckpointState:
     """The checkpoint as it will be written. Migrations edit it; the runner diffs it against the input."""
@@ -85,6 +94,9 @@ class CheckpointState:
     warnings: list[str] = field(default_factory=list)
     unrecoverable: list[str] = field(default_factory=list)
     dropped_files: dict[str, str] = field(default_factory=dict)
+    rewritten_files: dict[str, FileRewrite] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    original: CheckpointState | None = None
 
     def clone(self) -> CheckpointState:
         return copy.deepcopy(self)
@@ -98,6 +110,9 @@ class CheckpointState:
     def drop_file(self, name: str, reason: str) -> None:
         self.files.pop(name)
         self.dropped_files[name] = reason
+
+    def rewrite_file(self, name: str, rewrite: FileRewrite) -> None:
+        self.rewritten_files[name] = rewrite
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -126,6 +141,10 @@ class CheckpointPlan:
     @property
     def files_removed(self) -> list[tuple[str, int, str]]:
         return [(name, self.before.files[name], reason) for name, reason in sorted(self.after.dropped_files.items())]
+
+    @property
+    def files_rewritten(self) -> list[tuple[str, FileRewrite]]:
+        return sorted(self.after.rewritten_files.items())
 
     @property
     def config_changes(self) -> dict[str, dict[str, Any]]:

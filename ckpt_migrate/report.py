@@ -26,11 +26,20 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
         ]
         if plan
         else [],
+        "files_rewritten": [
+            {"name": name, "reason": rewrite.reason, **_rewrite_summary(rewrite)} for name, rewrite in plan.files_rewritten
+        ]
+        if plan
+        else [],
         "config_changes": plan.config_changes if plan else {},
         "warnings": plan.warnings if plan else [],
         "errors": [result.error] if result.error else [],
     }
     return entry
+
+
+def _rewrite_summary(rewrite) -> dict[str, Any]:
+    return {k: v for k, v in rewrite.details.items() if k in ("kept", "reset", "dropped")}
 
 
 def to_dict(report: Report) -> dict[str, Any]:
@@ -108,6 +117,11 @@ def render_text(report: Report) -> str:
             lines.append("files dropped:")
             rows = [[f["name"], _size(f["bytes"]), f["reason"]] for f in entry["files_removed_detail"]]
             lines += _table(rows, ["file", "size", "why"])
+        for rewritten in entry["files_rewritten"]:
+            lines.append(f"file rewritten: {rewritten['name']}: {rewritten['reason']}")
+            for key in ("kept", "reset", "dropped"):
+                if rewritten.get(key):
+                    lines.append(f"  {key}: " + ", ".join(rewritten[key]))
         for warning in entry["warnings"]:
             lines.append(f"WARNING: {warning}")
         lines.append("")
@@ -142,6 +156,7 @@ def render_markdown(report: Report) -> str:
             lines += ["**Files dropped**", "", "| file | size | why |", "|---|---|---|"]
             lines += [f"| `{f['name']}` | {_size(f['bytes'])} | {f['reason']} |" for f in entry["files_removed_detail"]]
             lines += [""]
+        lines += [f"- **Rewritten:** `{r['name']}`: {r['reason']}" for r in entry["files_rewritten"]]
         lines += [f"- **Warning:** {w}" for w in entry["warnings"]]
         lines += [""]
     return "\n".join(lines).rstrip() + "\n"

@@ -204,8 +204,14 @@ def case(
     autocast_adapter_dtype=True,
     lr=LR,
     notes="",
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    weight_decay=0.0,
 ):
     return dict(
+        lr_scheduler_type=lr_scheduler_type,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
         arch=arch,
         cfg=cfg,
         auto_class=auto_class,
@@ -234,6 +240,19 @@ def tok_cls_all_linear(**extra):
 
 
 CASES = {
+    "bert_resume": case(
+        "bert",
+        BERT,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
+        max_steps=8,
+        save_steps=4,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        weight_decay=0.01,
+        notes="mid-run checkpoint with a linear schedule, warmup and weight decay (bias in the no-decay group): "
+        "for resume tests",
+    ),
     "llama_score": case(
         "llama",
         LLAMA,
@@ -335,6 +354,19 @@ CASES = {
 }
 
 HELDOUT_CASES = {
+    "bert_resume": case(
+        "bert",
+        BERT,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
+        max_steps=8,
+        save_steps=4,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        weight_decay=0.01,
+        notes="mid-run checkpoint with a linear schedule, warmup and weight decay (bias in the no-decay group): "
+        "for resume tests",
+    ),
     "gpt2_score": case(
         "gpt2",
         GPT2,
@@ -491,9 +523,9 @@ def _train(spec, peft_model, train_ids, labels, cb):
         save_safetensors=spec["save_safetensors"],
         per_device_train_batch_size=TRAIN_BATCH,
         learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
+        lr_scheduler_type=spec["lr_scheduler_type"],
+        warmup_steps=spec["warmup_steps"],
+        weight_decay=spec["weight_decay"],
         logging_steps=1,
         report_to="none",
         use_cpu=True,
@@ -650,6 +682,9 @@ def build_case(name, spec, out_root):
             "max_steps": spec["max_steps"],
             "save_steps": spec["save_steps"],
             "learning_rate": spec["lr"],
+            "lr_scheduler_type": spec["lr_scheduler_type"],
+            "warmup_steps": spec["warmup_steps"],
+            "weight_decay": spec["weight_decay"],
             "per_device_train_batch_size": TRAIN_BATCH,
             "n_train": N_TRAIN,
             "seq_len": SEQ_LEN,

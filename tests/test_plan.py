@@ -74,7 +74,9 @@ def test_dry_run_predicts_exactly_what_fix_writes(tmp_path, case_dir):
         for name in entry["files_removed"]:
             assert name in source_files and name not in written_files
         kept = source_files - set(entry["files_removed"]) - {"adapter_config.json", "adapter_model.safetensors"}
-        for name in kept:
+        rewritten = {f["name"] for f in entry["files_rewritten"]}
+        assert rewritten <= kept
+        for name in kept - rewritten:
             assert (source / name).read_bytes() == (written / name).read_bytes(), name
         assert written_files == kept | {
             "adapter_config.json",
