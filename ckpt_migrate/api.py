@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,13 +14,19 @@ from ckpt_migrate.errors import (
     EXIT_REPAIRABLE,
     EXIT_UNREADABLE,
     EXIT_UNRECOVERABLE,
+    EXIT_VERIFY_FAILED,
     CkptMigrateError,
     OutputError,
+    VerificationFailedError,
 )
 from ckpt_migrate.migrate import Migration, known_migrations, plan_checkpoint
 from ckpt_migrate.plan import CheckpointPlan
 
-_FAILURE_CODES = {"unrecoverable": EXIT_UNRECOVERABLE, "unreadable": EXIT_UNREADABLE}
+_FAILURE_CODES = {
+    "unrecoverable": EXIT_UNRECOVERABLE,
+    "unreadable": EXIT_UNREADABLE,
+    "verify_failed": EXIT_VERIFY_FAILED,
+}
 
 
 @dataclass
@@ -32,6 +39,7 @@ class CheckpointResult:
     plan: CheckpointPlan | None = None
     output: Path | None = None
     error: str | None = None
+    verification: dict | None = None
 
     @property
     def failed(self) -> bool:
@@ -60,6 +68,20 @@ class Report:
         if len(failures) < len(self.checkpoints):
             return EXIT_PARTIAL
         return max(_FAILURE_CODES[c.status] for c in failures)
+
+
+def _verified(result: CheckpointResult, staged: Path, base_model: str | Path | None, single: bool) -> bool:
+    from ckpt_migrate.verify import verify_checkpoint
+
+    verdict = verify_checkpoint(staged, base_model, source_dir=result.source)
+    result.verification = verdict.to_dict()
+    if verdict.ok:
+        return True
+    message = "verification failed, not published: " + "; ".join(verdict.reasons)
+    if single:
+        raise VerificationFailedError(message, result.source)
+    result.status, result.error = "verify_failed", message
+    return False
 
 
 def list_migrations() -> list[Migration]:
@@ -108,6 +130,7 @@ def fix(
     dry_run: bool = False,
     progress: bool | None = None,
     optimizer: str = "drop",
+    verify: bool = False,
 ) -> Report:
     """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
 
@@ -115,6 +138,8 @@ def fix(
     Clean checkpoints are not written. ``progress`` shows a byte counter on stderr (``None``: only
     when stderr is a terminal). ``optimizer``: ``"drop"`` the stale ``optimizer.pt`` (default) or
     ``"remap"`` it onto the repaired parameters (needs ``base_model`` for the parameter order).
+    ``verify`` runs :func:`ckpt_migrate.verify.verify_checkpoint` on each staged checkpoint against
+    its source and publishes only those that pass (needs ``base_model``).
 
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
@@ -125,6 +150,8 @@ def fix(
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
         raise OutputError("--out is required unless --dry-run is given")
+    if verify and base_model is None:
+        raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
     if out_path is not None:
         check_output_target(src, out_path)
     report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, optimizer))
@@ -142,6 +169,11 @@ def fix(
                 target = staging / result.relative
                 target.mkdir(parents=True, exist_ok=True)
                 write_checkpoint(result.plan, target, bar.update)
+                if verify and not _verified(result, target, base_model, single=len(report.checkpoints) == 1):
+                    shutil.rmtree(target)
+                    continue
                 result.status = "repaired"
                 result.output = out_path / result.relative
+            if not any(c.status == "repaired" for c in to_write):
+                raise VerificationFailedError("no repaired checkpoint passed verification; nothing was published")
     return report

@@ -26,7 +26,9 @@ class BaseModel:
             index = read_json_object(self.directory / SHARD_INDEX)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise UnreadableInputError("weight_map must map tensor names to shard files", self.directory / SHARD_INDEX)
+                raise UnreadableInputError(
+                    "weight_map must map tensor names to shard files", self.directory / SHARD_INDEX
+                )
             self._weight_map = dict(weight_map)
         else:
             raise UnreadableInputError(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.errors import UnreadableInputError
+from ckpt_migrate.peft_layout import parse_lora_key
 from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
 from ckpt_migrate.safetensors_io import read_header
 
@@ -54,10 +56,20 @@ def list_files(directory: Path) -> dict[str, int]:
     """Every regular file below ``directory`` with its size, refusing links that leave it."""
     root = directory.resolve()
     files: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
+
+    def walk_error(exc: OSError) -> None:  # os.walk would otherwise skip an unreadable directory silently
+        raise UnreadableInputError(f"cannot list directory: {exc.strerror or exc}", exc.filename or directory)
+
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=walk_error, followlinks=False):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
+            if not path.is_symlink():
+                continue
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:  # dangling link or a loop
+                raise UnreadableInputError("symbolic link cannot be resolved (dangling or a loop)", path) from exc
+            if not target.is_relative_to(root):
                 raise UnreadableInputError("symbolic link points outside the checkpoint", path)
         for name in filenames:
             path = Path(dirpath) / name
@@ -78,7 +90,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise UnreadableInputError(f"cannot read: {exc}", path) from exc
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also integers beyond sys.get_int_max_str_digits
         raise UnreadableInputError(f"invalid JSON ({exc})", path) from exc
     if not isinstance(value, dict):
         raise UnreadableInputError("expected a JSON object", path)
@@ -86,7 +98,15 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_regex(value: object) -> bool:
+    try:
+        re.compile(value)  # type: ignore[arg-type]
+    except (re.error, TypeError, ValueError, RecursionError, OverflowError):
+        return False
+    return True
 
 
 def _is_str_list(value: object) -> bool:
@@ -102,11 +122,20 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     checks = {
         "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
         "lora_alpha": _is_number,
-        "target_modules": lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+        "target_modules": lambda v: v is None or (isinstance(v, str) and _is_regex(v)) or _is_str_list(v),
         "modules_to_save": lambda v: v is None or _is_str_list(v),
-        "rank_pattern": lambda v: v is None
-        or (isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values())),
-        "alpha_pattern": lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+        "rank_pattern": lambda v: (
+            v is None
+            or (
+                isinstance(v, dict)
+                and all(_is_regex(k) for k in v)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values())
+            )
+        ),
+        "alpha_pattern": lambda v: (
+            v is None
+            or (isinstance(v, dict) and all(_is_regex(k) for k in v) and all(_is_number(x) for x in v.values()))
+        ),
         "use_rslora": lambda v: v is None or isinstance(v, bool),
         "use_dora": lambda v: v is None or isinstance(v, bool),
         "fan_in_fan_out": lambda v: v is None or isinstance(v, bool),
@@ -121,20 +150,44 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     path = directory / MANIFEST
-    return read_json_object(path) if path.exists() else None
+    if not path.exists():
+        return None
+    manifest = read_json_object(path)
+    if not _is_str_list(manifest.get("migrations_applied", [])):
+        raise UnreadableInputError("migrations_applied must be a list of migration ids", path)
+    return manifest
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def torch_load_problem(exc: BaseException) -> str:
+    """One plain line saying why ``torch.load(weights_only=True)`` refused a file.
+
+    torch's message spans many lines, carries ANSI escapes, and suggests loading with
+    ``weights_only=False`` or allow-listing the global; keep only what the file did wrong.
+    """
+    lines = [_ANSI_ESCAPE.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    prefix = "WeightsUnpickler error:"
+    detail = next((line[len(prefix) :].strip() for line in lines if line.startswith(prefix)), None)
+    if detail is None:
+        detail = lines[0] if lines else type(exc).__name__
+    detail = detail.split(". Please use", 1)[0].split(" This file can still be loaded", 1)[0].rstrip(". ")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in detail)
 
 
 def load_bin_tensors(path: Path) -> dict[str, Any]:
     """Load a pickled adapter with ``weights_only=True``: no code from the file runs."""
-    import pickle
+    import zipfile
 
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnreadableInputError(f"refused to load pickle safely ({first_line})", path) from exc
+        # mmap needs torch's zip format; an older plain-pickle .bin goes through the same weights-only unpickler.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001 - a hostile file can make the unpickler raise anything
+        raise UnreadableInputError(f"refused to load pickle safely ({torch_load_problem(exc)})", path) from exc
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -154,9 +207,23 @@ def _adapter_tensors(directory: Path, weights_file: str) -> dict[str, PlannedTen
             if dtype is None:
                 raise UnreadableInputError(f"tensor {name!r} has unsupported dtype {tensor.dtype}", path)
             infos[name] = (tuple(tensor.shape), dtype)
-    return {
-        name: PlannedTensor(name, shape, dtype, Source("adapter", name)) for name, (shape, dtype) in infos.items()
-    }
+    for name, (shape, dtype) in infos.items():
+        _check_lora_factor(name, shape, dtype, path)
+    return {name: PlannedTensor(name, shape, dtype, Source("adapter", name)) for name, (shape, dtype) in infos.items()}
+
+
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3"})
+
+
+def _check_lora_factor(name: str, shape: tuple[int, ...], dtype: str, path: Path) -> None:
+    """LoRA factors are floating-point matrices (or conv kernels); a DoRA magnitude is a float vector."""
+    parsed = parse_lora_key(name)
+    if parsed is None:
+        return
+    if dtype not in _FLOAT_DTYPES:
+        raise UnreadableInputError(f"LoRA tensor {name!r} has non-floating-point dtype {dtype}", path)
+    if parsed.kind != "lora_magnitude_vector" and len(shape) < 2:
+        raise UnreadableInputError(f"LoRA tensor {name!r} has shape {shape}; expected a matrix", path)
 
 
 def load_state(directory: Path) -> CheckpointState:

@@ -36,6 +36,11 @@ OPTIMIZER = click.option(
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
+def _one_line(text: str) -> str:
+    """Escape control characters (a file name may hold a newline) so an error stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _raise_interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
@@ -48,7 +53,7 @@ def _run(debug: bool, action: Callable[[], int]) -> None:
     except CkptMigrateError as exc:
         if debug:
             raise
-        click.echo(f"ckpt-migrate: error: {exc}", err=True)
+        click.echo(f"ckpt-migrate: error: {_one_line(str(exc))}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         click.echo("ckpt-migrate: interrupted; nothing was published", err=True)
@@ -57,7 +62,8 @@ def _run(debug: bool, action: Callable[[], int]) -> None:
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"ckpt-migrate: internal error: {type(exc).__name__}: {first} (rerun with --debug)", err=True)
+        message = f"{type(exc).__name__}: {first}"
+        click.echo(f"ckpt-migrate: internal error: {_one_line(message)} (rerun with --debug)", err=True)
         code = EXIT_INTERNAL
     sys.exit(code)
 
@@ -87,10 +93,23 @@ def main() -> None:
 @FORMAT
 @BASE_MODEL
 @OPTIMIZER
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check each staged checkpoint with `verify` (needs --base-model); publish only passes.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @DEBUG
 def fix(
-    src: str, out: str | None, dry_run: bool, fmt: str, base_model: str | None, optimizer: str, quiet: bool, debug: bool
+    src: str,
+    out: str | None,
+    dry_run: bool,
+    fmt: str,
+    base_model: str | None,
+    optimizer: str,
+    verify: bool,
+    quiet: bool,
+    debug: bool,
 ) -> None:
     """Repair SRC (adapter dir, checkpoint-N, or a run dir of checkpoint-*) into --out.
 
@@ -103,12 +122,19 @@ def fix(
         if out is None and not dry_run:
             raise click.UsageError("--out is required (or pass --dry-run)")
         report = fix_checkpoints(
-            src, out, base_model=base_model, dry_run=dry_run, progress=False if quiet else None, optimizer=optimizer
+            src,
+            out,
+            base_model=base_model,
+            dry_run=dry_run,
+            progress=False if quiet else None,
+            optimizer=optimizer,
+            verify=verify,
         )
         code = _emit(report, fmt)
         for result in report.checkpoints:
             if result.failed:
-                click.echo(f"ckpt-migrate: error: {result.source}: {result.status}: {result.error}", err=True)
+                message = f"{result.source}: {result.status}: {result.error}"
+                click.echo(f"ckpt-migrate: error: {_one_line(message)}", err=True)
         return code
 
     _run(debug, action)
@@ -127,6 +153,41 @@ def inspect(src: str, fmt: str, base_model: str | None, optimizer: str, debug: b
         from ckpt_migrate.api import inspect as inspect_checkpoints
 
         return _emit(inspect_checkpoints(src, base_model=base_model, optimizer=optimizer), fmt)
+
+    _run(debug, action)
+
+
+@main.command("verify", epilog=EXIT_CODES_HELP)
+@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.option(
+    "--base-model",
+    required=True,
+    type=click.Path(file_okay=False, path_type=str),
+    help="Local Hugging Face model directory the adapter belongs to.",
+)
+@click.option(
+    "--source",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="The broken original: also compare with its own function, computed without folding.",
+)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@DEBUG
+def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: str, debug: bool) -> None:
+    """Load CHECKPOINT with transformers + the installed peft and prove it reproduces a model.
+
+    Fails when adapter tensors go unused, implied parameters are missing, or any parameter on the
+    forward path is left random (two loads under different seeds must give identical logits).
+    """
+
+    def action() -> int:
+        import json
+
+        from ckpt_migrate.verify import verify_checkpoint
+
+        verdict = verify_checkpoint(checkpoint, base_model, source_dir=source)
+        click.echo(json.dumps(verdict.to_dict(), indent=2) if fmt == "json" else verdict.render_text().rstrip())
+        return verdict.exit_code
 
     _run(debug, action)
 

@@ -12,6 +12,7 @@ EXIT_UNRECOVERABLE = 4
 EXIT_UNREADABLE = 5
 EXIT_OUTPUT = 6
 EXIT_PARTIAL = 7
+EXIT_VERIFY_FAILED = 8
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = f"""\b
@@ -23,6 +24,7 @@ Exit codes:
   {EXIT_UNREADABLE}    unreadable or invalid input (bad JSON, corrupt safetensors, ...)
   {EXIT_OUTPUT}    output refused or failed (non-empty --out, disk full, ...)
   {EXIT_PARTIAL}    batch: some checkpoints succeeded, others failed
+  {EXIT_VERIFY_FAILED}    verify (or fix --verify): the checkpoint does not reproduce its model
   {EXIT_INTERRUPTED}  interrupted; nothing was published"""
 
 
@@ -56,3 +58,9 @@ class OutputError(CkptMigrateError):
     """The output location is refused, or writing it failed."""
 
     exit_code = EXIT_OUTPUT
+
+
+class VerificationFailedError(CkptMigrateError):
+    """A written checkpoint failed ``verify``; it was not published."""
+
+    exit_code = EXIT_VERIFY_FAILED

@@ -63,5 +63,6 @@ def plan_checkpoint(
     if after.weights_file == BIN_WEIGHTS:
         after.drop_file(BIN_WEIGHTS, f"rewritten as {SAFETENSORS_WEIGHTS}")
         after.weights_file = SAFETENSORS_WEIGHTS
-    after.warn(RETRAIN_WARNING)
+    if after.trainable_parameters_changed:
+        after.warn(RETRAIN_WARNING)
     return CheckpointPlan(directory, relative, "repairable", ran, before, after)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckpt_migrate.errors import UnreadableInputError
 from ckpt_migrate.heads import lora_modules
 from ckpt_migrate.peft_layout import PREFIX, modules_to_save_matches, parse_lora_key, wrapper_root
 from ckpt_migrate.plan import CheckpointState, FileRewrite
@@ -54,7 +55,11 @@ def _is_norm(module) -> bool:
 
 
 def _lora_params(state: CheckpointState, module: str, parts: dict[str, str]) -> list[TrainableParam]:
-    return [TrainableParam(f"{module}.{kind}", state.tensors[parts[kind]].shape, True) for kind in LORA_ORDER if kind in parts]
+    return [
+        TrainableParam(f"{module}.{kind}", state.tensors[parts[kind]].shape, True)
+        for kind in LORA_ORDER
+        if kind in parts
+    ]
 
 
 def trainable_layout(model, state: CheckpointState) -> list[TrainableParam]:
@@ -84,8 +89,10 @@ def trainable_layout(model, state: CheckpointState) -> list[TrainableParam]:
             continue
         if path in lora:
             params += _lora_params(state, path, lora[path])
-        elif path and modules_to_save_matches(list(saved_whole), path) and any(
-            name.startswith(f"{PREFIX}{path}.") for name in state.tensors
+        elif (
+            path
+            and modules_to_save_matches(list(saved_whole), path)
+            and any(name.startswith(f"{PREFIX}{path}.") for name in state.tensors)
         ):
             skip_under = path
             params += [
@@ -123,9 +130,19 @@ def _check_against_saved(saved: dict[str, Any], predicted: list[list[TrainablePa
 
 
 def load_optimizer(path: Path) -> dict[str, Any]:
+    """Load Trainer's optimizer state with ``weights_only=True``: no code from the file runs."""
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnreadableInputError(f"refused to load pickle safely ({first})", path) from exc
+    if not isinstance(saved, dict):
+        raise UnreadableInputError("expected an optimizer state_dict", path)
+    return saved
 
 
 def plan_remap(before: CheckpointState, after: CheckpointState, base_dir: Path) -> FileRewrite:
@@ -142,14 +159,16 @@ def plan_remap(before: CheckpointState, after: CheckpointState, base_dir: Path) 
         [old_index[p.name] if p.name in old_index and old_shapes[p.name] == p.shape else None for p in group]
         for group in new_groups
     ]
-    kept = [p.name for g, m in zip(new_groups, mapping, strict=True) for p, o in zip(g, m, strict=True) if o in stateful]
-    reset = [p.name for g, m in zip(new_groups, mapping, strict=True) for p, o in zip(g, m, strict=True) if o is None]
-    new_names = {p.name for g in new_groups for p in g}
-    dropped = [p.name for p in by_index.values() if p.name not in new_names]
+    pairs = [(p, o) for g, m in zip(new_groups, mapping, strict=True) for p, o in zip(g, m, strict=True)]
+    kept = [p.name for p, old in pairs if old in stateful]
+    reset = [p.name for p, old in pairs if old is None]
+    new_names = {p.name for p, _ in pairs}
+    dropped = sorted(p.name for p in by_index.values() if p.name not in new_names)
+    counts = f"{len(kept)} states kept, {len(reset)} reset, {len(dropped)} dropped"
     return FileRewrite(
         kind="optimizer_remap",
-        reason=f"rebuilt for the repaired parameters: {len(kept)} states kept, {len(reset)} reset, {len(dropped)} dropped",
-        details={"mapping": mapping, "kept": kept, "reset": reset, "dropped": sorted(dropped)},
+        reason=f"rebuilt for the repaired parameters: {counts}",
+        details={"mapping": mapping, "kept": kept, "reset": reset, "dropped": dropped},
     )
 
 

@@ -27,7 +27,8 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
         if plan
         else [],
         "files_rewritten": [
-            {"name": name, "reason": rewrite.reason, **_rewrite_summary(rewrite)} for name, rewrite in plan.files_rewritten
+            {"name": name, "reason": rewrite.reason, **_rewrite_summary(rewrite)}
+            for name, rewrite in plan.files_rewritten
         ]
         if plan
         else [],
@@ -35,6 +36,8 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
         "warnings": plan.warnings if plan else [],
         "errors": [result.error] if result.error else [],
     }
+    if result.verification is not None:
+        entry["verification"] = result.verification
     return entry
 
 

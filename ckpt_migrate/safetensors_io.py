@@ -44,6 +44,7 @@ DTYPE_SIZES: dict[str, int] = {
 _DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_SIZES)}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
+_MAX_OFFSET = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,14 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnreadableInputError as exc:
         raise UnreadableInputError(exc.message, path) from exc
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # also integers too long to convert (sys.get_int_max_str_digits)
         raise UnreadableInputError(f"safetensors header is not valid JSON ({exc})", path) from exc
     if not isinstance(parsed, dict):
         raise UnreadableInputError("safetensors header is not a JSON object", path)
     data_start = 8 + header_len
     data_size = file_size - data_start
-    metadata = parsed.pop("__metadata__", None) or {}
+    metadata = parsed.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UnreadableInputError("safetensors __metadata__ must map strings to strings", path)
     tensors: dict[str, TensorInfo] = {}
@@ -152,7 +154,7 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
     if not isinstance(entry, dict):
         raise UnreadableInputError(f"tensor {name!r}: header entry is not an object", path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a JSON list/object is unhashable
         raise UnreadableInputError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise UnreadableInputError(f"tensor {name!r}: shape must be a list of non-negative integers", path)
@@ -163,7 +165,13 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise UnreadableInputError(f"tensor {name!r}: data_offsets must be two ordered integers", path)
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if offsets[1] > _MAX_OFFSET:
+        raise UnreadableInputError(f"tensor {name!r}: data_offsets exceed 2**64", path)
+    expected = DTYPE_SIZES[dtype]
+    for dim in shape:  # stop early: a hostile shape can make the full product astronomically large
+        expected *= dim
+        if expected > _MAX_OFFSET:
+            raise UnreadableInputError(f"tensor {name!r}: shape needs more than 2**64 bytes", path)
     if offsets[1] - offsets[0] != expected:
         raise UnreadableInputError(
             f"tensor {name!r}: shape {shape} {dtype} needs {expected} bytes, offsets give {offsets[1] - offsets[0]}",
@@ -210,7 +218,11 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
         expected = math.prod(tensor.shape) * DTYPE_SIZES[tensor.dtype]
         if tensor.nbytes != expected:
             raise ValueError(f"{tensor.name}: {tensor.nbytes} bytes for shape {tensor.shape} {tensor.dtype}")
-        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)

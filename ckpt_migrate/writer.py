@@ -18,7 +18,7 @@ from typing import Any
 from ckpt_migrate import __version__
 from ckpt_migrate.checkpoint import ADAPTER_CONFIG, MANIFEST, SAFETENSORS_WEIGHTS, load_bin_tensors
 from ckpt_migrate.errors import OutputError
-from ckpt_migrate.plan import CheckpointPlan, PlannedTensor
+from ckpt_migrate.plan import CheckpointPlan, FileRewrite, PlannedTensor
 from ckpt_migrate.safetensors_io import COPY_CHUNK_BYTES, CopyFrom, OutputTensor, read_header, write_safetensors
 
 STAGING_MARK = ".ckpt-migrate-staging-"
@@ -40,6 +40,12 @@ def _dtype(name: str):
         "I8": torch.int8,
         "U8": torch.uint8,
         "BOOL": torch.bool,
+        # every dtype read_header accepts must be foldable/convertible, or a fold dies with a KeyError
+        "U16": torch.uint16,
+        "U32": torch.uint32,
+        "U64": torch.uint64,
+        "F8_E5M2": torch.float8_e5m2,
+        "F8_E4M3": torch.float8_e4m3fn,
     }[name]
 
 
@@ -150,6 +156,20 @@ def _write_text(path: Path, text: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def rewrite_file(rewrite: FileRewrite, source: Path, target: Path) -> None:
+    """Write a file a migration rewrites (rather than copies), by the rewrite's kind."""
+    if rewrite.kind == "optimizer_remap":
+        from ckpt_migrate.optimizer_remap import write_remapped
+
+        write_remapped(source, target, rewrite)
+    elif rewrite.kind == "portable_rng_state":
+        from ckpt_migrate.rng_state import write_portable_rng_state
+
+        write_portable_rng_state(source, target, rewrite)
+    else:
+        raise ValueError(f"no writer for file rewrite kind {rewrite.kind!r}")
+
+
 def bytes_to_process(plan: CheckpointPlan) -> int:
     """Progress total: every source byte is hashed and every kept byte written."""
     return sum(plan.before.files.values()) + sum(plan.after.files.values())
@@ -165,10 +185,18 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
         source = before.source_dir / name
         if name in rewritten or name not in after.files:
             inputs[name] = sha256_file(source, on_bytes)
+        elif name in after.rewritten_files:
+            inputs[name] = sha256_file(source, on_bytes)
+            rewrite_file(after.rewritten_files[name], source, target / name)
+            outputs[name] = sha256_file(target / name)
         else:
             inputs[name] = outputs[name] = copy_file(source, target / name, on_bytes)
     reader = TensorReader(plan)
-    record = {"migrations_applied": after.applied, "tool_version": __version__, "source_sha256": inputs[before.weights_file]}
+    record = {
+        "migrations_applied": after.applied,
+        "tool_version": __version__,
+        "source_sha256": inputs[before.weights_file],
+    }
     metadata = reader.source_metadata
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
     outputs[after.weights_file] = write_safetensors(
@@ -223,9 +251,13 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_staging(out: Path) -> list[Path]:
     """Remove staging directories a killed earlier run left beside ``out``."""
     removed = []
-    for candidate in out.parent.glob(f".{out.name}{STAGING_MARK}*"):
-        pid_text = candidate.name.rsplit("-", 1)[-1]
-        if candidate.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+    prefix = f".{out.name}{STAGING_MARK}"
+    for candidate in out.parent.iterdir():  # not glob(): --out names may contain [, * or ?
+        pid_text = candidate.name[len(prefix) :]
+        if not candidate.name.startswith(prefix) or not pid_text.isdigit():
+            continue
+        # our own pid cannot own a staging dir yet: it was left by an earlier process that had this pid
+        if candidate.is_dir() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
@@ -233,15 +265,23 @@ def remove_stale_staging(out: Path) -> list[Path]:
 
 def check_output_target(src: Path, out: Path) -> None:
     """Refuse an output that would overwrite data or land inside the source."""
-    src_resolved, out_resolved = src.resolve(), out.resolve()
+    try:
+        src_resolved, out_resolved = src.resolve(), out.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise OutputError(f"cannot resolve the path ({exc})", out) from exc
     if out_resolved == src_resolved or out_resolved.is_relative_to(src_resolved):
         raise OutputError("--out must not be the source or inside it", out)
     if src_resolved.is_relative_to(out_resolved):
         raise OutputError("--out must not contain the source", out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    try:
+        occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    except OSError as exc:
+        raise OutputError(f"cannot inspect the output directory: {exc.strerror or exc}", out) from exc
+    if occupied:
         raise OutputError("--out exists and is not an empty directory; refusing to overwrite", out)
     if not out_resolved.parent.is_dir():
-        raise OutputError("parent directory does not exist", out_resolved.parent)
+        problem = "is not a directory" if out_resolved.parent.exists() else "does not exist"
+        raise OutputError(f"parent directory {problem}", out_resolved.parent)
     if not os.access(out_resolved.parent, os.W_OK):
         raise OutputError("parent directory is not writable", out_resolved.parent)
 
@@ -260,14 +300,17 @@ def staged_output(out: Path) -> Iterator[Path]:
         yield staging
         fsync_tree(staging)
         os.rename(staging, out)
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"writing failed: {exc.strerror or exc}", exc.filename or out) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # Published: --out is complete. Making the rename durable is best effort; failing it must not report
+    # "nothing was published" nor remove anything.
+    with contextlib.suppress(OSError):
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

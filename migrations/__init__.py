@@ -10,10 +10,12 @@ from ckpt_migrate.migrations import (
     m0001_fold_double_wrapped_head,
     m0002_fold_lora_only_head,
     m0003_drop_stale_optimizer,
+    m0004_portable_rng_state,
 )
 
 MIGRATIONS = (
     m0001_fold_double_wrapped_head,
     m0002_fold_lora_only_head,
     m0003_drop_stale_optimizer,
+    m0004_portable_rng_state,
 )

@@ -37,14 +37,13 @@ def plan(state: CheckpointState) -> None:
 
 
 def _plan_remap(state: CheckpointState) -> str | None:
-    from ckpt_migrate.errors import CkptMigrateError
     from ckpt_migrate.optimizer_remap import RemapProofFailed, plan_remap
 
     if state.base_model is None or state.original is None:
         return "the parameter order comes from the base model's config: pass --base-model DIR"
     try:
         rewrite = plan_remap(state.original, state, state.base_model.directory)
-    except (RemapProofFailed, CkptMigrateError, OSError, ValueError) as exc:
+    except (RemapProofFailed, OSError, ValueError, KeyError, TypeError) as exc:
         return f"could not prove the old parameter layout ({exc})"
     state.rewrite_file(OPTIMIZER_FILE, rewrite)
     state.warn(

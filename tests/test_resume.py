@@ -68,9 +68,7 @@ def test_remap_report_lists_kept_reset_and_dropped(resumable):
     manifest = json.loads((resumable["remap"] / "ckpt_migrate_manifest.json").read_text())
     assert "optimizer.pt" in manifest["outputs_sha256"]
     report = fix(CASE / "run" / CHECKPOINT, dry_run=True, base_model=CASE / "base", optimizer="remap")
-    (rewritten,) = report.checkpoints[0].plan.files_rewritten
-    name, rewrite = rewritten
-    assert name == "optimizer.pt"
+    rewrite = dict(report.checkpoints[0].plan.files_rewritten)["optimizer.pt"]
     assert set(rewrite.details["reset"]) == {"classifier.weight", "classifier.bias"}
     assert "classifier.lora_A" in rewrite.details["dropped"]
     assert all(".lora_" in kept for kept in rewrite.details["kept"])

@@ -1,0 +1,53 @@
+"""``fix --verify`` checks the staged output and publishes only verified checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from conftest import FIXTURES
+
+import ckpt_migrate.verify
+from ckpt_migrate.cli import main
+
+CASE = FIXTURES / "distilbert_two_heads"
+
+
+def run(*args) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_fix_verify_publishes_a_verified_repair(tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = run(
+        "fix", CASE / "run", "--out", out, "--base-model", CASE / "base", "--verify", "--format", "json"
+    )
+    assert code == 0
+    (entry,) = json.loads(stdout)["checkpoints"]
+    assert entry["status"] == "repaired"
+    assert entry["verification"]["ok"] is True
+    assert entry["verification"]["max_logit_diff_vs_source"] <= 1e-4
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
+def test_fix_verify_publishes_nothing_when_verification_fails(tmp_path, monkeypatch):
+    real = ckpt_migrate.verify.verify_checkpoint
+
+    def failing(*args, **kwargs):
+        verdict = real(*args, **kwargs)
+        verdict.ok = False
+        verdict.reasons.append("forced failure for the test")
+        return verdict
+
+    monkeypatch.setattr(ckpt_migrate.verify, "verify_checkpoint", failing)
+    out = tmp_path / "out"
+    code, _, stderr = run("fix", CASE / "run", "--out", out, "--base-model", CASE / "base", "--verify")
+    assert code == 8
+    assert "forced failure" in stderr and len(stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fix_verify_needs_a_base_model(tmp_path):
+    code, _, stderr = run("fix", CASE / "run", "--out", tmp_path / "out", "--verify")
+    assert code == 6 and "--base-model" in stderr
