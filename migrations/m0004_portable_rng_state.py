@@ -18,7 +18,7 @@ ID = "0004_portable_rng_state"
 SUMMARY = "Rewrite rng_state*.pth without numpy globals, so Trainer resumes under numpy 1 and numpy 2"
 CAUSED_BY = (
     "numpy 2.0 renamed numpy.core to numpy._core (numpy#24634), so the pickled ndarray global's name "
-    "depends on the numpy major; torch 2.6 made torch.load default to weights_only=True (pytorch#137602), "
+    "depends on the numpy major; torch 2.6.0 made torch.load default to weights_only=True (its release notes), "
     "which refuses any global not allow-listed by that exact name"
 )
 
