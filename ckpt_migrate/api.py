@@ -17,6 +17,8 @@ from ckpt_migrate.errors import (
     EXIT_VERIFY_FAILED,
     CkptMigrateError,
     OutputError,
+    UnreadableInputError,
+    UnrecoverableError,
     VerificationFailedError,
 )
 from ckpt_migrate.migrate import Migration, known_migrations, plan_checkpoint
@@ -68,6 +70,10 @@ class Report:
         if len(failures) < len(self.checkpoints):
             return EXIT_PARTIAL
         return max(_FAILURE_CODES[c.status] for c in failures)
+
+
+class _NothingToPublish(Exception):
+    """Raised inside the staging context so that a batch in which every checkpoint failed publishes nothing."""
 
 
 def _verified(result: CheckpointResult, staged: Path, base_model: str | Path | None, single: bool) -> bool:
@@ -144,7 +150,13 @@ def fix(
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
-    from ckpt_migrate.writer import bytes_to_process, check_output_target, staged_output, write_checkpoint
+    from ckpt_migrate.writer import (
+        bytes_to_process,
+        check_output_target,
+        earlier_batch_output,
+        staged_output,
+        write_checkpoint,
+    )
 
     src = Path(src)
     out_path = Path(out) if out is not None else None
@@ -153,27 +165,46 @@ def fix(
     if verify and base_model is None:
         raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
     if out_path is not None:
-        check_output_target(src, out_path)
+        check_output_target(src, out_path, allow_earlier_batch=True)
     report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, optimizer))
+    done = earlier_batch_output(src, out_path) if out_path is not None and len(report.checkpoints) > 1 else set()
+    if done:
+        for result in report.checkpoints:
+            if result.relative in done and result.status == "repairable":
+                result.status, result.output = "repaired", out_path / result.relative
+                result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
     to_write = [c for c in report.checkpoints if c.status == "repairable"]
     if dry_run or not to_write or out_path is None:
         return report
     from tqdm import tqdm
 
     total = sum(bytes_to_process(c.plan) for c in to_write if c.plan is not None)
-    with tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress) as bar:
-        with staged_output(out_path) as staging:
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
+    try:
+        with bar, staged_output(out_path) as staging:
             for index, result in enumerate(to_write, 1):
                 assert result.plan is not None
                 bar.set_description(f"{result.relative} ({index}/{len(to_write)})")
                 target = staging / result.relative
                 target.mkdir(parents=True, exist_ok=True)
-                write_checkpoint(result.plan, target, bar.update)
-                if verify and not _verified(result, target, base_model, single=len(report.checkpoints) == 1):
+                single = len(report.checkpoints) == 1
+                try:
+                    write_checkpoint(result.plan, target, bar.update)
+                except (UnreadableInputError, UnrecoverableError) as exc:
+                    # Found only while writing (e.g. a file changed since planning): in a batch, skip
+                    # this checkpoint; disk-full and other output errors still abort everything.
+                    if single:
+                        raise
+                    shutil.rmtree(target, ignore_errors=True)
+                    result.status, result.error = "unreadable", str(exc)
+                    continue
+                if verify and not _verified(result, target, base_model, single=single):
                     shutil.rmtree(target)
                     continue
                 result.status = "repaired"
                 result.output = out_path / result.relative
             if not any(c.status == "repaired" for c in to_write):
-                raise VerificationFailedError("no repaired checkpoint passed verification; nothing was published")
+                raise _NothingToPublish
+    except _NothingToPublish:
+        pass  # every checkpoint failed and says why; staging is gone and --out was not created
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ckpt_migrate.checkpoint import read_json_object
@@ -37,8 +38,10 @@ class BaseModel:
 
     def _header(self, filename: str) -> SafetensorsHeader:
         if filename not in self._headers:
-            path = (self.directory / filename).resolve()
-            if not path.is_relative_to(self.directory.resolve()):
+            # Judge the index entry itself, not where links point: hub cache snapshots are symlinks into ../blobs.
+            normalized = os.path.normpath(filename)
+            path = self.directory / normalized
+            if os.path.isabs(filename) or normalized == ".." or normalized.startswith(".." + os.sep):
                 raise UnreadableInputError("shard path leaves the model directory", path)
             self._headers[filename] = read_header(path)
         return self._headers[filename]

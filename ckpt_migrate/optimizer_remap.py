@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckpt_migrate.checkpoint import torch_load_problem
 from ckpt_migrate.errors import UnreadableInputError
 from ckpt_migrate.heads import lora_modules
 from ckpt_migrate.peft_layout import PREFIX, modules_to_save_matches, parse_lora_key, wrapper_root
@@ -131,15 +132,14 @@ def _check_against_saved(saved: dict[str, Any], predicted: list[list[TrainablePa
 
 def load_optimizer(path: Path) -> dict[str, Any]:
     """Load Trainer's optimizer state with ``weights_only=True``: no code from the file runs."""
-    import pickle
+    import zipfile
 
     import torch
 
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnreadableInputError(f"refused to load pickle safely ({first})", path) from exc
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001 - any failure to read it safely is the file's fault
+        raise UnreadableInputError(f"refused to load pickle safely ({torch_load_problem(exc)})", path) from exc
     if not isinstance(saved, dict):
         raise UnreadableInputError("expected an optimizer state_dict", path)
     return saved

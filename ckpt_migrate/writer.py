@@ -208,7 +208,7 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
         "tool_version": __version__,
         "migrations_applied": after.applied,
         "migrations_run": plan.migrations,
-        "source": str(before.source_dir),
+        "source": str(before.source_dir.resolve()),
         "files_removed": dict(sorted(after.dropped_files.items())),
         "inputs_sha256": inputs,
         "outputs_sha256": dict(sorted(outputs.items())),
@@ -263,8 +263,34 @@ def remove_stale_staging(out: Path) -> list[Path]:
     return removed
 
 
-def check_output_target(src: Path, out: Path) -> None:
-    """Refuse an output that would overwrite data or land inside the source."""
+def earlier_batch_output(src: Path, out: Path) -> set[str]:
+    """Checkpoints an earlier ``fix`` of the run directory ``src`` already published into ``out``.
+
+    Non-empty only when every entry of ``out`` is such a checkpoint (its manifest names the same
+    source), so a repeated batch adds the new checkpoints and never touches anything else.
+    """
+    done: set[str] = set()
+    try:
+        entries = list(out.iterdir()) if out.is_dir() else []
+    except OSError:
+        return set()
+    for entry in entries:
+        manifest = entry / MANIFEST
+        try:
+            source = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return set()
+        if not entry.is_dir() or source is None or Path(source) != (src / entry.name).resolve():
+            return set()
+        done.add(entry.name)
+    return done
+
+
+def check_output_target(src: Path, out: Path, allow_earlier_batch: bool = False) -> None:
+    """Refuse an output that would overwrite data or land inside the source.
+
+    With ``allow_earlier_batch``, ``out`` may hold checkpoints an earlier batch run published.
+    """
     try:
         src_resolved, out_resolved = src.resolve(), out.resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
@@ -277,7 +303,7 @@ def check_output_target(src: Path, out: Path) -> None:
         occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
     except OSError as exc:
         raise OutputError(f"cannot inspect the output directory: {exc.strerror or exc}", out) from exc
-    if occupied:
+    if occupied and not (allow_earlier_batch and earlier_batch_output(src, out)):
         raise OutputError("--out exists and is not an empty directory; refusing to overwrite", out)
     if not out_resolved.parent.is_dir():
         problem = "is not a directory" if out_resolved.parent.exists() else "does not exist"
@@ -288,7 +314,11 @@ def check_output_target(src: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
-    """Yield an empty staging directory; on success fsync and rename it to ``out``, else remove it."""
+    """Yield an empty staging directory; on success fsync and rename it to ``out``, else remove it.
+
+    If ``out`` is a non-empty directory (an earlier batch's output), each staged entry is renamed
+    into it instead; entries are never replaced.
+    """
     out = out.resolve()
     remove_stale_staging(out)
     staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}"
@@ -299,7 +329,14 @@ def staged_output(out: Path) -> Iterator[Path]:
     try:
         yield staging
         fsync_tree(staging)
-        os.rename(staging, out)
+        if out.is_dir() and any(out.iterdir()):
+            for entry in sorted(staging.iterdir()):
+                if (out / entry.name).exists():
+                    raise OutputError("already exists; refusing to overwrite", out / entry.name)
+                os.rename(entry, out / entry.name)
+            staging.rmdir()
+        else:
+            os.rename(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"writing failed: {exc.strerror or exc}", exc.filename or out) from exc

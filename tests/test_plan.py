@@ -102,7 +102,11 @@ def _tensors(directory: Path) -> dict[str, dict]:
 def test_fix_twice_is_a_noop_and_records_what_was_applied(repaired, tmp_path):
     fixed = repaired["llama_score"]
     manifest = json.loads((fixed / "checkpoint-4" / "ckpt_migrate_manifest.json").read_text())
-    assert manifest["migrations_applied"] == ["0001_fold_double_wrapped_head", "0003_drop_stale_optimizer"]
+    assert manifest["migrations_applied"] == [
+        "0001_fold_double_wrapped_head",
+        "0003_drop_stale_optimizer",
+        "0004_portable_rng_state",
+    ]
     for name, digest in manifest["outputs_sha256"].items():
         assert hashlib.sha256((fixed / "checkpoint-4" / name).read_bytes()).hexdigest() == digest
     metadata = read_header(fixed / "checkpoint-4" / "adapter_model.safetensors").metadata
@@ -195,3 +199,23 @@ def test_wheel_ships_the_migrations(tmp_path):
     shipped = {Path(n).name for n in names if n.startswith("ckpt_migrate/migrations/")}
     expected = {p.name for p in (root / "migrations").glob("m*.py")}
     assert expected and expected <= shipped
+
+
+def test_batch_rerun_adds_new_checkpoints_and_skips_repaired_ones(tmp_path):
+    src = tmp_path / "run"
+    src.mkdir()
+    shutil.copytree(FIXTURES / "llama_score" / "run" / "checkpoint-2", src / "checkpoint-2")
+    out = tmp_path / "fixed"
+    assert run_cli("fix", src, "--out", out, "--quiet")[0] == 0
+    first = tree_digest(out)
+    shutil.copytree(FIXTURES / "llama_score" / "run" / "checkpoint-4", src / "checkpoint-4")
+    code, stdout, _ = run_cli("fix", src, "--out", out, "--quiet", "--format", "json")
+    assert code == 0
+    statuses = {Path(c["source"]).name: c for c in json.loads(stdout)["checkpoints"]}
+    assert any("skipped" in w for w in statuses["checkpoint-2"]["warnings"])
+    assert statuses["checkpoint-4"]["status"] == "repaired"
+    assert {k: v for k, v in tree_digest(out).items() if k.startswith("checkpoint-2/")} == first
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
+    # Anything else in --out is still refused.
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("fix", src, "--out", out, "--quiet")[0] == 6
