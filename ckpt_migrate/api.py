@@ -76,6 +76,50 @@ class _NothingToPublish(Exception):
     """Raised inside the staging context so that a batch in which every checkpoint failed publishes nothing."""
 
 
+def _write_and_publish(
+    report: Report,
+    to_write: list[CheckpointResult],
+    out: Path,
+    verify_with_base: str | Path | None,
+    progress: bool | None,
+) -> None:
+    """Write every repairable checkpoint into one staging directory, then publish what succeeded.
+
+    In a batch, a checkpoint that turns out unreadable while writing (or fails verification) is
+    left out and reported; output errors such as a full disk abort everything.
+    """
+    from tqdm import tqdm
+
+    from ckpt_migrate.writer import bytes_to_process, staged_output, write_checkpoint
+
+    single = len(report.checkpoints) == 1
+    total = sum(bytes_to_process(c.plan) for c in to_write if c.plan is not None)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
+    try:
+        with bar, staged_output(out) as staging:
+            for index, result in enumerate(to_write, 1):
+                assert result.plan is not None
+                bar.set_description(f"{result.relative} ({index}/{len(to_write)})")
+                target = staging / result.relative
+                target.mkdir(parents=True, exist_ok=True)
+                try:
+                    write_checkpoint(result.plan, target, bar.update)
+                except (UnreadableInputError, UnrecoverableError) as exc:
+                    if single:
+                        raise
+                    shutil.rmtree(target, ignore_errors=True)
+                    result.status, result.error = "unreadable", str(exc)
+                    continue
+                if verify_with_base is not None and not _verified(result, target, verify_with_base, single):
+                    shutil.rmtree(target)
+                    continue
+                result.status, result.output = "repaired", out / result.relative
+            if not any(c.status == "repaired" for c in to_write):
+                raise _NothingToPublish
+    except _NothingToPublish:
+        pass  # every checkpoint failed and says why; staging is gone and --out was not created
+
+
 def _verified(result: CheckpointResult, staged: Path, base_model: str | Path | None, single: bool) -> bool:
     from ckpt_migrate.verify import verify_checkpoint
 
@@ -150,13 +194,7 @@ def fix(
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
-    from ckpt_migrate.writer import (
-        bytes_to_process,
-        check_output_target,
-        earlier_batch_output,
-        staged_output,
-        write_checkpoint,
-    )
+    from ckpt_migrate.writer import check_output_target, earlier_batch_output
 
     src = Path(src)
     out_path = Path(out) if out is not None else None
@@ -176,35 +214,5 @@ def fix(
     to_write = [c for c in report.checkpoints if c.status == "repairable"]
     if dry_run or not to_write or out_path is None:
         return report
-    from tqdm import tqdm
-
-    total = sum(bytes_to_process(c.plan) for c in to_write if c.plan is not None)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
-    try:
-        with bar, staged_output(out_path) as staging:
-            for index, result in enumerate(to_write, 1):
-                assert result.plan is not None
-                bar.set_description(f"{result.relative} ({index}/{len(to_write)})")
-                target = staging / result.relative
-                target.mkdir(parents=True, exist_ok=True)
-                single = len(report.checkpoints) == 1
-                try:
-                    write_checkpoint(result.plan, target, bar.update)
-                except (UnreadableInputError, UnrecoverableError) as exc:
-                    # Found only while writing (e.g. a file changed since planning): in a batch, skip
-                    # this checkpoint; disk-full and other output errors still abort everything.
-                    if single:
-                        raise
-                    shutil.rmtree(target, ignore_errors=True)
-                    result.status, result.error = "unreadable", str(exc)
-                    continue
-                if verify and not _verified(result, target, base_model, single=single):
-                    shutil.rmtree(target)
-                    continue
-                result.status = "repaired"
-                result.output = out_path / result.relative
-            if not any(c.status == "repaired" for c in to_write):
-                raise _NothingToPublish
-    except _NothingToPublish:
-        pass  # every checkpoint failed and says why; staging is gone and --out was not created
+    _write_and_publish(report, to_write, out_path, base_model if verify else None, progress)
     return report
