@@ -7,7 +7,7 @@ checkpoint that starts as a copy of the input. The plan is the difference betwee
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,7 +99,11 @@ class CheckpointState:
     original: CheckpointState | None = None
 
     def clone(self) -> CheckpointState:
-        return copy.deepcopy(self)
+        # Planned tensors are frozen: share them and copy only the mapping (deep-copying thousands
+        # of them was most of a dry run's time).
+        twin = copy.deepcopy(replace(self, tensors={}))
+        twin.tensors = dict(self.tensors)
+        return twin
 
     def remove_tensor(self, name: str) -> None:
         del self.tensors[name]
