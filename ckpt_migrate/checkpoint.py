@@ -40,27 +40,39 @@ def find_checkpoints(src: Path) -> list[str]:
         raise UnreadableInputError("no such file or directory", src)
     if not src.is_dir():
         raise UnreadableInputError("not a directory (expected an adapter or checkpoint directory)", src)
-    if (src / ADAPTER_CONFIG).exists() or (src / SAFETENSORS_WEIGHTS).exists() or (src / BIN_WEIGHTS).exists():
-        return ["."]
-    found = []
-    for child in src.iterdir():
-        match = _CHECKPOINT_DIR.match(child.name)
-        if match and child.is_dir() and (child / ADAPTER_CONFIG).exists():
-            found.append((int(match.group(1)), child.name))
-    if not found:
+    top_level = any((src / name).exists() for name in (ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, BIN_WEIGHTS))
+    nested = nested_checkpoints(src)
+    if not top_level and not nested:
         raise UnreadableInputError(f"no {ADAPTER_CONFIG} here nor in any checkpoint-*/ directory", src)
+    # A training output directory often holds the final adapter beside its checkpoint-* directories.
+    return (["."] if top_level else []) + nested
+
+
+def nested_checkpoints(directory: Path) -> list[str]:
+    """``checkpoint-N`` subdirectories holding an adapter, in step order: separate checkpoints."""
+    found = []
+    for child in directory.iterdir():
+        match = _CHECKPOINT_DIR.match(child.name)
+        if match and child.is_dir() and not child.is_symlink() and (child / ADAPTER_CONFIG).exists():
+            found.append((int(match.group(1)), child.name))
     return [name for _, name in sorted(found)]
 
 
 def list_files(directory: Path) -> dict[str, int]:
-    """Every regular file below ``directory`` with its size, refusing links that leave it."""
+    """Every regular file below ``directory`` with its size, refusing links that leave it.
+
+    Nested ``checkpoint-N`` adapter directories are separate checkpoints and are not listed.
+    """
     root = directory.resolve()
     files: dict[str, int] = {}
 
     def walk_error(exc: OSError) -> None:  # os.walk would otherwise skip an unreadable directory silently
         raise UnreadableInputError(f"cannot list directory: {exc.strerror or exc}", exc.filename or directory)
 
+    separate = set(nested_checkpoints(directory))
     for dirpath, dirnames, filenames in os.walk(directory, onerror=walk_error, followlinks=False):
+        if Path(dirpath) == directory:
+            dirnames[:] = [d for d in dirnames if d not in separate]
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             if not path.is_symlink():

@@ -219,3 +219,26 @@ def test_batch_rerun_adds_new_checkpoints_and_skips_repaired_ones(tmp_path):
     # Anything else in --out is still refused.
     (out / "notes.txt").write_text("mine")
     assert run_cli("fix", src, "--out", out, "--quiet")[0] == 6
+
+
+def test_final_adapter_beside_checkpoints_is_repaired_with_each_of_them(tmp_path):
+    """Trainer's output dir often holds the final adapter (save_model) next to checkpoint-* dirs."""
+    src = tmp_path / "run"
+    shutil.copytree(FIXTURES / "llama_score" / "run", src)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(src / "checkpoint-4" / name, src / name)
+    out = tmp_path / "fixed"
+    code, stdout, _ = run_cli("fix", src, "--out", out, "--quiet", "--format", "json")
+    assert code == 0
+    assert [c["status"] for c in json.loads(stdout)["checkpoints"]] == ["repaired"] * 3
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint-2",
+        "checkpoint-4",
+        "ckpt_migrate_manifest.json",
+    ]
+    for directory in (out, out / "checkpoint-2", out / "checkpoint-4"):
+        names = read_header(directory / "adapter_model.safetensors").tensors
+        assert "base_model.model.score.weight" in names
+        assert not any("original_module" in n for n in names)
