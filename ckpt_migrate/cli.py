@@ -116,11 +116,12 @@ def fix(
     The source is never modified. Output is staged beside --out and renamed into place only when complete.
     """
 
+    if out is None and not dry_run:
+        raise click.UsageError("--out is required (or pass --dry-run)")
+
     def action() -> int:
         from ckpt_migrate.api import fix as fix_checkpoints
 
-        if out is None and not dry_run:
-            raise click.UsageError("--out is required (or pass --dry-run)")
         report = fix_checkpoints(
             src,
             out,

@@ -242,3 +242,9 @@ def test_final_adapter_beside_checkpoints_is_repaired_with_each_of_them(tmp_path
         names = read_header(directory / "adapter_model.safetensors").tensors
         assert "base_model.model.score.weight" in names
         assert not any("original_module" in n for n in names)
+
+
+def test_fix_without_out_is_a_usage_error():
+    result = CliRunner().invoke(main, ["fix", str(FIXTURES / "llama_score" / "run")])
+    assert result.exit_code == 2
+    assert "--out is required" in result.stderr
