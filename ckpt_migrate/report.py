@@ -148,13 +148,16 @@ def render_markdown(report: Report) -> str:
             for key, change in entry["config_changes"].items():
                 lines += [f"- {key}: {json.dumps(change['before'])}", f"+ {key}: {json.dumps(change['after'])}"]
             lines += ["```", ""]
-        for title, key in (("Tensors removed", "tensors_removed"), ("Tensors added", "tensors_added")):
-            if entry[key]:
-                lines += [f"**{title}**", "", "| name | shape | dtype | how |", "|---|---|---|---|"]
-                lines += [
-                    f"| `{t['name']}` | {_shape(t['shape'])} | {t['dtype']} | {t.get('how', '')} |" for t in entry[key]
-                ]
-                lines += [""]
+        if entry["tensors_removed"]:
+            lines += ["**Tensors removed**", "", "| name | shape | dtype |", "|---|---|---|"]
+            lines += [f"| `{t['name']}` | {_shape(t['shape'])} | {t['dtype']} |" for t in entry["tensors_removed"]]
+            lines += [""]
+        if entry["tensors_added"]:
+            lines += ["**Tensors added**", "", "| name | shape | dtype | how computed |", "|---|---|---|---|"]
+            lines += [
+                f"| `{t['name']}` | {_shape(t['shape'])} | {t['dtype']} | {t['how']} |" for t in entry["tensors_added"]
+            ]
+            lines += [""]
         if entry["files_removed_detail"]:
             lines += ["**Files dropped**", "", "| file | size | why |", "|---|---|---|"]
             lines += [f"| `{f['name']}` | {_size(f['bytes'])} | {f['reason']} |" for f in entry["files_removed_detail"]]
