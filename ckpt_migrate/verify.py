@@ -413,9 +413,9 @@ def _adapter_name_free(key: str, adapter: str) -> str:
 def _head_note(problem: Any) -> str:
     if problem.kind == "lora":
         return (
-            f"head {problem.head!r} carries LoRA (on {', '.join(problem.names)}) over frozen weights taken from the "
-            "base model: this checkpoint is right only with a base holding exactly the head weights training "
-            "started from; `ckpt-migrate fix --base-model` folds them into the adapter"
+            f"head {problem.head!r} carries LoRA (on {', '.join(problem.names)}) over frozen weights the adapter "
+            "does not save: it is right only with a base holding exactly the head weights training started from; "
+            "`ckpt-migrate fix --base-model` folds them into the adapter"
         )
     return problem.message
 
@@ -478,7 +478,9 @@ def _run_checks(
         if index == 0:
             _key_check(model, checkpoint, result)
             try:
-                result.notes += [_head_note(p) for p in find_head_problems(model, base_model_dir=base_dir)]
+                for problem in find_head_problems(model, base_model_dir=base_dir):
+                    # A LoRA-carrying head is the broken shape itself (reproducible only with this exact base).
+                    (result.reasons if problem.kind == "lora" else result.notes).append(_head_note(problem))
             except Exception as exc:  # noqa: BLE001 - the guard is advisory here
                 result.notes.append(f"head check skipped: {_one_line(exc)}")
         probes.append(_probe(model, input_ids))
