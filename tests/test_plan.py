@@ -248,3 +248,16 @@ def test_fix_without_out_is_a_usage_error():
     result = CliRunner().invoke(main, ["fix", str(FIXTURES / "llama_score" / "run")])
     assert result.exit_code == 2
     assert "--out is required" in result.stderr
+
+
+def test_base_model_from_a_hub_cache_snapshot_with_symlinked_files(tmp_path):
+    """Hub snapshots are symlinks into ../../blobs: allowed, while index entries leaving the dir are not."""
+    case = FIXTURES / "bart_lora_only_head"
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(case / "base" / name, blobs / name)
+        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / name)
+    code, _, _ = run_cli("fix", case / "run", "--out", tmp_path / "out", "--base-model", snapshot, "--quiet")
+    assert code == 0
