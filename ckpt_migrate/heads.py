@@ -49,12 +49,10 @@ def plan_fold(
         raise UnreadableInputError(f"head module {module!r} carries unsupported LoRA tensors {sorted(parts)}", where)
     lora_a, lora_b = state.tensors[parts["lora_A"]], state.tensors[parts["lora_B"]]
     rank, _ = rank_and_alpha(state.config, module)
-    fan_in_fan_out = (
-        bool(state.config.get("fan_in_fan_out"))
-        and len(weight.shape) == 2
-        and (weight.shape == (lora_a.shape[-1], lora_b.shape[0]) != (lora_b.shape[0], lora_a.shape[-1]))
-    )
-    expected = (lora_a.shape[-1], lora_b.shape[0]) if fan_in_fan_out else (lora_b.shape[0], lora_a.shape[-1])
+    out_in = (lora_b.shape[0], lora_a.shape[-1])  # nn.Linear stores (out, in); Conv1D (fan_in_fan_out) (in, out)
+    in_out = out_in[::-1]
+    fan_in_fan_out = bool(state.config.get("fan_in_fan_out")) and weight.shape == in_out != out_in
+    expected = in_out if fan_in_fan_out else out_in
     if (
         len(lora_a.shape) != 2
         or len(lora_b.shape) != 2

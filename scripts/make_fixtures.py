@@ -354,19 +354,6 @@ CASES = {
 }
 
 HELDOUT_CASES = {
-    "bert_resume": case(
-        "bert",
-        BERT,
-        lora=seq_cls_all_linear(),
-        heads=["classifier"],
-        max_steps=8,
-        save_steps=4,
-        lr_scheduler_type="linear",
-        warmup_steps=2,
-        weight_decay=0.01,
-        notes="mid-run checkpoint with a linear schedule, warmup and weight decay (bias in the no-decay group): "
-        "for resume tests",
-    ),
     "gpt2_score": case(
         "gpt2",
         GPT2,
