@@ -3,25 +3,38 @@
 Public API (no torch import until a repair actually computes tensors)::
 
     >>> import ckpt_migrate
-    >>> report = ckpt_migrate.fix("run/checkpoint-500", "fixed/checkpoint-500", dry_run=True)
-    >>> report.checkpoints[0].status
-    'repairable'
+    >>> report = ckpt_migrate.fix("run/checkpoint-500", "fixed/checkpoint-500", dry_run=True)  # doctest: +SKIP
+    >>> report.checkpoints[0].status  # doctest: +SKIP
+    <Status.REPAIRABLE: 'repairable'>
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-from ckpt_migrate.api import CheckpointResult, Report, fix, inspect, list_migrations  # noqa: E402
-from ckpt_migrate.errors import CkptMigrateError, OutputError, UnreadableInputError, UnrecoverableError  # noqa: E402
+try:
+    __version__ = version("ckpt-migrate")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+from ckpt_migrate.api import CheckpointResult, Report, fix, inspect, list_migrations, verify  # noqa: E402
+from ckpt_migrate.core.errors import (  # noqa: E402
+    CkptMigrateError,
+    OutputError,
+    UnreadableInputError,
+    UnrecoverableError,
+)
+from ckpt_migrate.core.plan import Status  # noqa: E402
 
 __all__ = [
     "CheckpointResult",
     "CkptMigrateError",
     "OutputError",
     "Report",
+    "Status",
     "UnreadableInputError",
     "UnrecoverableError",
     "__version__",
     "fix",
     "inspect",
     "list_migrations",
+    "verify",
 ]

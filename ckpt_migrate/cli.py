@@ -9,12 +9,14 @@ from collections.abc import Callable
 import click
 
 from ckpt_migrate import __version__
-from ckpt_migrate.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, CkptMigrateError
+from ckpt_migrate.core.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, CkptMigrateError
+from ckpt_migrate.core.text import one_line
 
+FORMATS = ["text", "json", "markdown"]
 FORMAT = click.option(
     "--format",
     "fmt",
-    type=click.Choice(["text", "json", "markdown"]),
+    type=click.Choice(FORMATS),
     default="text",
     show_default=True,
     help="Report format (json: schema_version 1, see README).",
@@ -36,11 +38,6 @@ OPTIMIZER = click.option(
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
-def _one_line(text: str) -> str:
-    """Escape control characters (a file name may hold a newline) so an error stays one line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def _raise_interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
@@ -53,7 +50,7 @@ def _run(debug: bool, action: Callable[[], int]) -> None:
     except CkptMigrateError as exc:
         if debug:
             raise
-        click.echo(f"ckpt-migrate: error: {_one_line(str(exc))}", err=True)
+        click.echo(f"ckpt-migrate: error: {one_line(str(exc))}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         click.echo("ckpt-migrate: interrupted; nothing was published", err=True)
@@ -63,15 +60,15 @@ def _run(debug: bool, action: Callable[[], int]) -> None:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         message = f"{type(exc).__name__}: {first}"
-        click.echo(f"ckpt-migrate: internal error: {_one_line(message)} (rerun with --debug)", err=True)
+        click.echo(f"ckpt-migrate: internal error: {one_line(message)} (rerun with --debug)", err=True)
         code = EXIT_INTERNAL
     sys.exit(code)
 
 
 def _emit(report, fmt: str) -> int:
-    from ckpt_migrate.report import RENDERERS
+    from ckpt_migrate.render import render_report
 
-    click.echo(RENDERERS[fmt](report), nl=False)
+    click.echo(render_report(report, fmt), nl=False)
     return report.exit_code
 
 
@@ -135,7 +132,7 @@ def fix(
         for result in report.checkpoints:
             if result.failed:
                 message = f"{result.source}: {result.status}: {result.error}"
-                click.echo(f"ckpt-migrate: error: {_one_line(message)}", err=True)
+                click.echo(f"ckpt-migrate: error: {one_line(message)}", err=True)
         return code
 
     _run(debug, action)
@@ -172,7 +169,7 @@ def inspect(src: str, fmt: str, base_model: str | None, optimizer: str, debug: b
     default=None,
     help="The broken original: also compare with its own function, computed without folding.",
 )
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@FORMAT
 @DEBUG
 def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: str, debug: bool) -> None:
     """Load CHECKPOINT with transformers + the installed peft and prove it reproduces a model.
@@ -182,12 +179,11 @@ def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: st
     """
 
     def action() -> int:
-        import json
+        from ckpt_migrate.api import verify
+        from ckpt_migrate.render import render_verdict
 
-        from ckpt_migrate.verify import verify_checkpoint
-
-        verdict = verify_checkpoint(checkpoint, base_model, source_dir=source)
-        click.echo(json.dumps(verdict.to_dict(), indent=2) if fmt == "json" else verdict.render_text().rstrip())
+        verdict = verify(checkpoint, base_model, source=source)
+        click.echo(render_verdict(verdict, fmt), nl=False)
         return verdict.exit_code
 
     _run(debug, action)
@@ -203,7 +199,7 @@ def migrations(fmt: str) -> None:
 
     known = list_migrations()
     if fmt == "json":
-        click.echo(json.dumps([{"id": m.id, "summary": m.summary, "caused_by": m.caused_by} for m in known], indent=2))
+        click.echo(json.dumps([{"id": m.ID, "summary": m.SUMMARY, "caused_by": m.CAUSED_BY} for m in known], indent=2))
         return
     for m in known:
-        click.echo(f"{m.id}\n    {m.summary}\n    caused by: {m.caused_by}")
+        click.echo(f"{m.ID}\n    {m.SUMMARY}\n    caused by: {m.CAUSED_BY}")

@@ -21,15 +21,15 @@ Importing this module imports neither torch, transformers nor peft.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ckpt_migrate.peft_layout import PREFIX, WRAPPER_SEGMENTS, head_root
-from ckpt_migrate.safetensors_io import read_header
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.peft_layout import PREFIX, WRAPPER_SEGMENTS, head_root
+from ckpt_migrate.formats.base_model import SHARD_INDEX, SINGLE_FILE, BaseModel
 
 __all__ = [
     "HeadGuardCallback",  # noqa: F822 - built lazily by __getattr__ (imports transformers)
@@ -38,8 +38,6 @@ __all__ = [
     "check_model",
     "find_head_problems",
 ]
-
-_SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -148,13 +146,13 @@ def _local_base_dir(view: _PeftView, base_model_dir: str | os.PathLike[str] | No
     if name:
         candidates.append(Path(name))
     for directory in candidates:
-        if directory.is_dir() and any((directory / f).is_file() for f in _SAFETENSORS_FILES):
+        if directory.is_dir() and BaseModel(directory).has_safetensors():
             return directory
     if name and base_model_dir is None and not Path(name).exists():
         try:  # a hub id already in the local cache
             from huggingface_hub import try_to_load_from_cache
 
-            for filename in _SAFETENSORS_FILES:
+            for filename in (SINGLE_FILE, SHARD_INDEX):
                 cached = try_to_load_from_cache(name, filename)
                 if isinstance(cached, str):
                     return Path(cached).parent
@@ -167,15 +165,12 @@ def _base_has(base_dir: Path | None) -> Any:
     """``name -> bool`` over the tensor names of the base checkpoint (headers only), or None if unreadable."""
     if base_dir is None:
         return None
+    base = BaseModel(base_dir)
     try:
-        if (base_dir / _SAFETENSORS_FILES[0]).is_file():
-            names = set(read_header(base_dir / _SAFETENSORS_FILES[0]).tensors)
-        else:
-            weight_map = json.loads((base_dir / _SAFETENSORS_FILES[1]).read_text(encoding="utf-8"))["weight_map"]
-            names = set(weight_map)
-    except Exception:  # noqa: BLE001 - an unreadable base is "unknown", not a crash inside training
+        base.has("")
+    except UnreadableInputError:  # an unreadable base is "unknown", not a crash inside training
         return None
-    return names.__contains__
+    return base.has
 
 
 _FIX = (

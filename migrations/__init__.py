@@ -1,21 +1,28 @@
-"""The known migrations, in the order they run.
+"""The known migrations, in the order they run: every ``mNNNN_<id>.py`` module of this package.
 
-Each module defines ``ID``, ``SUMMARY`` (one line), ``CAUSED_BY`` (the upstream release and issue
-that produced the broken format), ``detect(state) -> bool`` and ``plan(state) -> None``, which edits
-the :class:`ckpt_migrate.plan.CheckpointState` without reading tensor data. To add one, add a module
-here and append it to ``MIGRATIONS``.
+Each module fulfils :class:`ckpt_migrate.core.migration.Migration` (``ID``, ``SUMMARY``, ``CAUSED_BY``,
+``detect``, ``plan``, and ``write`` when it rewrites a file). Adding a migration is adding its file:
+the number in the name fixes its place in the order, and ``ID`` must equal the name without the ``m``.
 """
 
-from ckpt_migrate.migrations import (
-    m0001_fold_double_wrapped_head,
-    m0002_fold_lora_only_head,
-    m0003_drop_stale_optimizer,
-    m0004_portable_rng_state,
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+
+from ckpt_migrate.core.migration import Migration, check_migration
+
+MIGRATIONS: tuple[Migration, ...] = tuple(
+    check_migration(importlib.import_module(f"{__name__}.{name}"))
+    for name in sorted(info.name for info in pkgutil.iter_modules(__path__))
+    if re.fullmatch(r"m\d{4}_\w+", name)
 )
 
-MIGRATIONS = (
-    m0001_fold_double_wrapped_head,
-    m0002_fold_lora_only_head,
-    m0003_drop_stale_optimizer,
-    m0004_portable_rng_state,
-)
+
+def by_id(migration_id: str) -> Migration:
+    """The migration with this ``ID`` (KeyError if none)."""
+    for migration in MIGRATIONS:
+        if migration.ID == migration_id:
+            return migration
+    raise KeyError(migration_id)

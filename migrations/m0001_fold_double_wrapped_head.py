@@ -9,10 +9,11 @@ rows), written as ``<head>.weight`` the way current peft saves a modules_to_save
 
 from __future__ import annotations
 
-from ckpt_migrate.errors import UnreadableInputError
-from ckpt_migrate.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
-from ckpt_migrate.peft_layout import PREFIX, parse_lora_key, strip_prefix, wrapper_root
-from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
+from ckpt_migrate.core.migration import Context
+from ckpt_migrate.core.peft_layout import PREFIX, parse_lora_key, strip_prefix, wrapper_root
+from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 
 ID = "0001_fold_double_wrapped_head"
 SUMMARY = "Fold a head wrapped by both LoRA and modules_to_save into a plain modules_to_save head"
@@ -29,11 +30,11 @@ def _wrapped_heads(state: CheckpointState) -> set[str]:
     return heads
 
 
-def detect(state: CheckpointState) -> bool:
+def detect(state: CheckpointState, context: Context) -> bool:
     return bool(_wrapped_heads(state))
 
 
-def plan(state: CheckpointState) -> None:
+def plan(state: CheckpointState, context: Context) -> None:
     heads = _wrapped_heads(state)
     head_modules: set[str] = set()
     for head in sorted(heads):
@@ -47,7 +48,7 @@ def plan(state: CheckpointState) -> None:
                     f"head {head!r} is wrapped twice but its trained weight {weight_name} is missing",
                     state.source_dir / state.weights_file,
                 )
-            new_tensors.append(plan_fold(state, module, parts, state.tensors[weight_name], "adapter"))
+            new_tensors.append(plan_fold(state, module, parts, state.tensors[weight_name]))
         for name in sorted(state.tensors):
             inner = strip_prefix(name) or ""
             if not inner.startswith(head + "."):
@@ -65,7 +66,7 @@ def plan(state: CheckpointState) -> None:
                 continue
             del parts[index]
             new_tensors.append(
-                PlannedTensor(PREFIX + ".".join(parts), tensor.shape, tensor.dtype, Source("adapter", name))
+                PlannedTensor(PREFIX + ".".join(parts), tensor.shape, tensor.dtype, Source(SourceKind.ADAPTER, name))
             )
         for tensor in new_tensors:
             state.add_tensor(tensor)

@@ -8,10 +8,11 @@ base weights were randomly initialised and exist only where the user saved them.
 
 from __future__ import annotations
 
-from ckpt_migrate.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
-from ckpt_migrate.peft_layout import PREFIX, head_root
-from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
-from ckpt_migrate.safetensors_io import TensorInfo
+from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
+from ckpt_migrate.core.migration import Context
+from ckpt_migrate.core.peft_layout import PREFIX, head_root
+from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
+from ckpt_migrate.formats.base_model import BaseModel
 
 ID = "0002_fold_lora_only_head"
 SUMMARY = "Rebuild a LoRA-only head (base weights never saved) from --base-model into modules_to_save"
@@ -31,17 +32,18 @@ def _lora_heads(state: CheckpointState) -> dict[str, list[str]]:
     return heads
 
 
-def detect(state: CheckpointState) -> bool:
+def detect(state: CheckpointState, context: Context) -> bool:
     return bool(_lora_heads(state))
 
 
-def _from_base(info: TensorInfo) -> PlannedTensor:
-    return PlannedTensor(PREFIX + info.name, info.shape, info.dtype, Source("base", info.name))
+def _from_base(base: BaseModel, name: str) -> PlannedTensor:
+    header, info = base.locate(name)
+    return PlannedTensor(PREFIX + name, info.shape, info.dtype, Source(SourceKind.BASE, name, base_file=header.path))
 
 
-def plan(state: CheckpointState) -> None:
+def plan(state: CheckpointState, context: Context) -> None:
     heads = _lora_heads(state)
-    base = state.base_model
+    base = context.base_model
     names = ", ".join(sorted(heads))
     if base is None:
         state.unrecoverable.append(
@@ -63,12 +65,11 @@ def plan(state: CheckpointState) -> None:
         parts_by_module = lora_modules(state, under=head)
         head_modules |= set(parts_by_module)
         for name in base_names:
-            _, info = base.locate(name)
             module, _, param = name.rpartition(".")
             if param == "weight" and module in parts_by_module:
-                new_tensors.append(plan_fold(state, module, parts_by_module[module], _from_base(info), "base"))
+                new_tensors.append(plan_fold(state, module, parts_by_module[module], _from_base(base, name)))
             else:
-                new_tensors.append(_from_base(info))
+                new_tensors.append(_from_base(base, name))
         for parts in parts_by_module.values():
             for tensor_name in parts.values():
                 state.remove_tensor(tensor_name)

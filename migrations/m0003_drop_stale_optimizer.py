@@ -3,13 +3,28 @@
 After a head moves from LoRA into modules_to_save, ``optimizer.pt`` lists parameter groups of the
 old parameter set; Trainer's resume then fails with "loaded state dict contains a parameter group
 that doesn't match the size of optimizer's group". By default the file is dropped without being
-unpickled. ``remap`` rebuilds it (see :mod:`ckpt_migrate.optimizer_remap`), falling back to ``drop``
-with a warning whenever the old parameter layout cannot be proven from shapes.
+unpickled.
+
+``remap`` rebuilds it. Trainer builds two parameter groups (weight decay, no decay), each in
+``named_parameters()`` order of the model, and saves AdamW state by position. The order of the broken
+and the repaired model is derived from the base model's config (instantiated on the meta device: no
+weights) and the adapter's tensor names; the mapping is accepted only if every saved moment has the
+shape predicted for its position, else the step falls back to ``drop`` with a warning. State of
+parameters that still exist is kept, the new full head weights start fresh, and the group
+hyperparameters (and so ``scheduler.pt``) stay valid.
 """
 
 from __future__ import annotations
 
-from ckpt_migrate.plan import CheckpointState
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.heads import lora_modules
+from ckpt_migrate.core.migration import Context
+from ckpt_migrate.core.peft_layout import PREFIX, modules_to_save_matches, parse_lora_key, wrapper_root
+from ckpt_migrate.core.plan import CheckpointState, FileRewrite, OptimizerPolicy
 
 ID = "0003_drop_stale_optimizer"
 SUMMARY = "Drop or remap optimizer.pt, whose parameter groups no longer match the repaired parameters"
@@ -20,35 +35,190 @@ DROP_WARNING = (
     "optimizer.pt was dropped: a resumed run starts with fresh Adam moments, and Trainer ignores "
     "scheduler.pt without optimizer.pt, so the learning-rate schedule restarts"
 )
+REMAP_WARNING = (
+    "optimizer.pt was remapped: Adam moments of unchanged parameters and the learning-rate schedule "
+    "continue; the folded head weights start with fresh moments, so a resumed run differs from an "
+    "uninterrupted one"
+)
+LORA_ORDER = ("lora_A", "lora_B", "lora_magnitude_vector")
 
 
-def detect(state: CheckpointState) -> bool:
+def detect(state: CheckpointState, context: Context) -> bool:
     return state.trainable_parameters_changed and OPTIMIZER_FILE in state.files
 
 
-def plan(state: CheckpointState) -> None:
-    if state.options.get("optimizer") == "remap":
-        failure = _plan_remap(state)
-        if failure is None:
+def plan(state: CheckpointState, context: Context) -> None:
+    if context.options.optimizer is OptimizerPolicy.REMAP:
+        try:
+            state.rewrite_file(OPTIMIZER_FILE, _plan_remap(context.source, state, context))
+            state.warn(REMAP_WARNING)
             return
-        state.warn(f"--optimizer remap fell back to drop: {failure}")
+        except RemapProofFailed as exc:
+            state.warn(f"--optimizer remap fell back to drop: {exc}")
     state.drop_file(OPTIMIZER_FILE, "parameter groups do not match the repaired trainable parameters")
     state.warn(DROP_WARNING)
 
 
-def _plan_remap(state: CheckpointState) -> str | None:
-    from ckpt_migrate.optimizer_remap import RemapProofFailed, plan_remap
+class RemapProofFailed(Exception):
+    """The saved optimizer state does not match the predicted parameter layout."""
 
-    if state.base_model is None or state.original is None:
-        return "the parameter order comes from the base model's config: pass --base-model DIR"
+
+@dataclass(frozen=True)
+class RemapPayload:
+    """For each new parameter group, the old state index each new position takes its state from (None: fresh)."""
+
+    mapping: tuple[tuple[int | None, ...], ...]
+
+
+@dataclass(frozen=True)
+class TrainableParam:
+    name: str
+    shape: tuple[int, ...]
+    decay: bool
+
+
+def _is_norm(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def _lora_params(state: CheckpointState, module: str, parts: dict[str, str]) -> list[TrainableParam]:
+    return [
+        TrainableParam(f"{module}.{kind}", state.tensors[parts[kind]].shape, True)
+        for kind in LORA_ORDER
+        if kind in parts
+    ]
+
+
+def trainable_layout(model, state: CheckpointState) -> list[TrainableParam]:
+    """Trainable parameters of the PEFT model ``state`` describes, in ``named_parameters()`` order."""
+    lora = lora_modules(state)
+    parsed = [parse_lora_key(name) for name in state.tensors]
+    wrapped = {wrapper_root(p.module) for p in parsed if p and wrapper_root(p.module)}
+    saved_whole = set(state.config.get("modules_to_save") or [])
+    params: list[TrainableParam] = []
+    skip_under: str | None = None
+    for path, module in model.named_modules():
+        if skip_under is not None and (path == skip_under or path.startswith(skip_under + ".")):
+            continue
+        skip_under = None
+        norm = _is_norm(module)
+        if path in wrapped:
+            skip_under = path
+            for sub_path, sub in module.named_modules(prefix=path):
+                direct = list(sub.named_parameters(recurse=False))
+                base = ".base_layer" if sub_path in lora else ""
+                params += [
+                    TrainableParam(f"{sub_path}{base}.{name}", tuple(p.shape), "bias" not in name and not _is_norm(sub))
+                    for name, p in direct
+                ]
+                if sub_path in lora:
+                    params += _lora_params(state, sub_path, lora[sub_path])
+            continue
+        if path in lora:
+            params += _lora_params(state, path, lora[path])
+        elif (
+            path
+            and modules_to_save_matches(list(saved_whole), path)
+            and any(name.startswith(f"{PREFIX}{path}.") for name in state.tensors)
+        ):
+            skip_under = path
+            params += [
+                TrainableParam(f"{path}.{name}", tuple(p.shape), "bias" not in name and not norm)
+                for name, p in module.named_parameters()
+            ]
+    return params
+
+
+def _groups(params: list[TrainableParam]) -> list[list[TrainableParam]]:
+    return [[p for p in params if p.decay], [p for p in params if not p.decay]]
+
+
+def _check_against_saved(saved: dict[str, Any], predicted: list[list[TrainableParam]]) -> dict[int, TrainableParam]:
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != 2:
+        raise RemapProofFailed("expected Trainer's two parameter groups (decay / no decay)")
+    by_index: dict[int, TrainableParam] = {}
+    for group, expected in zip(groups, predicted, strict=True):
+        indices = group.get("params")
+        if not isinstance(indices, list) or len(indices) != len(expected):
+            raise RemapProofFailed(
+                f"a parameter group holds {len(indices or [])} parameters, the broken model has {len(expected)}"
+            )
+        by_index.update(zip(indices, expected, strict=True))
+    for index, entry in saved.get("state", {}).items():
+        param = by_index.get(index)
+        if param is None:
+            raise RemapProofFailed(f"optimizer state for unknown parameter index {index}")
+        for key, value in entry.items():
+            shape = tuple(getattr(value, "shape", ()))
+            if shape and shape != param.shape:
+                raise RemapProofFailed(f"{key} of parameter {index} has shape {shape}, {param.name} has {param.shape}")
+    return by_index
+
+
+def _load_optimizer(path: Path) -> dict[str, Any]:
+    from ckpt_migrate.formats.pickles import load_weights_only
+
+    saved = load_weights_only(path)
+    if not isinstance(saved, dict):
+        raise UnreadableInputError("expected an optimizer state_dict", path)
+    return saved
+
+
+def _plan_remap(before: CheckpointState, after: CheckpointState, context: Context) -> FileRewrite:
+    """Prove the old and new parameter layouts and describe the rebuilt optimizer state."""
+    if context.base_model is None:
+        raise RemapProofFailed("the parameter order comes from the base model's config: pass --base-model DIR")
     try:
-        rewrite = plan_remap(state.original, state, state.base_model.directory)
-    except (RemapProofFailed, OSError, ValueError, KeyError, TypeError) as exc:
-        return f"could not prove the old parameter layout ({exc})"
-    state.rewrite_file(OPTIMIZER_FILE, rewrite)
-    state.warn(
-        "optimizer.pt was remapped: Adam moments of unchanged parameters and the learning-rate schedule "
-        "continue; the folded head weights start with fresh moments, so a resumed run differs from an "
-        "uninterrupted one"
+        model = context.base_model.meta_model()
+        old_groups = _groups(trainable_layout(model, before))
+        new_groups = _groups(trainable_layout(model, after))
+        saved = _load_optimizer(before.source_dir / OPTIMIZER_FILE)
+        by_index = _check_against_saved(saved, old_groups)
+    except (UnreadableInputError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, UnreadableInputError) and exc.path == before.source_dir / OPTIMIZER_FILE:
+            raise  # a hostile or corrupt optimizer.pt is the input's fault, not an unprovable layout
+        raise RemapProofFailed(f"could not prove the old parameter layout ({exc})") from exc
+    old_index = {param.name: index for index, param in by_index.items()}
+    old_shapes = {param.name: param.shape for param in by_index.values()}
+    stateful = set(saved.get("state", {}))
+    mapping = tuple(
+        tuple(old_index[p.name] if p.name in old_index and old_shapes[p.name] == p.shape else None for p in group)
+        for group in new_groups
     )
-    return None
+    pairs = [(p, o) for g, m in zip(new_groups, mapping, strict=True) for p, o in zip(g, m, strict=True)]
+    kept = tuple(p.name for p, old in pairs if old in stateful)
+    reset = tuple(p.name for p, old in pairs if old is None)
+    new_names = {p.name for p, _ in pairs}
+    dropped = tuple(sorted(p.name for p in by_index.values() if p.name not in new_names))
+    counts = f"{len(kept)} states kept, {len(reset)} reset, {len(dropped)} dropped"
+    return FileRewrite(
+        migration=ID,
+        reason=f"rebuilt for the repaired parameters: {counts}",
+        listed=(("kept", kept), ("reset", reset), ("dropped", dropped)),
+        payload=RemapPayload(mapping),
+    )
+
+
+def write(rewrite: FileRewrite, source: Path, target: Path) -> None:
+    """The rebuilt optimizer state: same group hyperparameters, state moved by the mapping."""
+    import torch
+
+    from ckpt_migrate.formats.files import new_file
+
+    saved = _load_optimizer(source)
+    state: dict[int, Any] = {}
+    groups = []
+    next_index = 0
+    for old_group, mapping in zip(saved["param_groups"], rewrite.payload.mapping, strict=True):
+        indices = []
+        for old in mapping:
+            if old is not None and old in saved["state"]:
+                state[next_index] = {k: v.clone() if hasattr(v, "clone") else v for k, v in saved["state"][old].items()}
+            indices.append(next_index)
+            next_index += 1
+        groups.append({**{k: v for k, v in old_group.items() if k != "params"}, "params": indices})
+    with new_file(target) as handle:
+        torch.save({"state": state, "param_groups": groups}, handle)

@@ -28,9 +28,9 @@ STAGING_MARK = ".ckpt-migrate-staging-"
 PAUSING_CLI = """
 import os, sys, time
 from pathlib import Path
-import ckpt_migrate.writer as writer
+import ckpt_migrate.formats.files as files
 
-_copy_file = writer.copy_file
+_copy_file = files.copy_file
 
 def copy_file(source, target, on_bytes=None):
     def pause(n):
@@ -40,7 +40,7 @@ def copy_file(source, target, on_bytes=None):
         time.sleep(120)
     return _copy_file(source, target, pause)
 
-writer.copy_file = copy_file
+files.copy_file = copy_file
 from ckpt_migrate.cli import main
 sys.argv[0] = "ckpt-migrate"
 main()

@@ -39,7 +39,7 @@ from hostile_helpers import (
     write_safetensors_raw,
 )
 
-from ckpt_migrate.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT, EXIT_PARTIAL, EXIT_UNREADABLE
+from ckpt_migrate.core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT, EXIT_PARTIAL, EXIT_UNREADABLE
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -431,9 +431,9 @@ def _tensors(edit):
 def _zero_bytes(dtype: str, shape: list[int]) -> tuple[str, list[int], bytes]:
     from math import prod
 
-    from ckpt_migrate.safetensors_io import DTYPE_SIZES
+    from ckpt_migrate.formats.dtypes import DTYPES
 
-    return dtype, shape, b"\0" * (prod(shape) * DTYPE_SIZES[dtype])
+    return dtype, shape, b"\0" * (prod(shape) * DTYPES[dtype].size)
 
 
 TENSOR_CASES = {

@@ -10,7 +10,7 @@ import pytest
 from conftest import FIXTURES
 
 from ckpt_migrate import fix
-from ckpt_migrate.safetensors_io import read_header
+from ckpt_migrate.formats.safetensors import read_header
 
 NAIVE = Path(__file__).parents[1] / "benchmarks" / "naive_fix.py"
 FLAT_HEAD_CASES = ["llama_score", "distilbert_two_heads", "mistral_bf16", "bert_token_cls"]

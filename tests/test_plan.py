@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import FIXTURES, case_dirs, load_case, needs_base, tree_digest
 
 from ckpt_migrate.cli import main
-from ckpt_migrate.safetensors_io import read_header
+from ckpt_migrate.formats.safetensors import read_header
 
 CASES = [c for c in case_dirs(FIXTURES) if not (needs_base(load_case(c)) and not load_case(c)["head_in_base"])]
 
@@ -91,12 +91,10 @@ def _tensors(directory: Path) -> dict[str, dict]:
         return {n: {"name": n, "shape": list(i.shape), "dtype": i.dtype} for n, i in header.tensors.items()}
     import torch
 
-    from ckpt_migrate.checkpoint import TORCH_TO_SAFETENSORS
+    from ckpt_migrate.formats.dtypes import from_torch
 
     state = torch.load(directory / "adapter_model.bin", weights_only=True)
-    return {
-        n: {"name": n, "shape": list(t.shape), "dtype": TORCH_TO_SAFETENSORS[str(t.dtype)]} for n, t in state.items()
-    }
+    return {n: {"name": n, "shape": list(t.shape), "dtype": from_torch(t.dtype)} for n, t in state.items()}
 
 
 def test_fix_twice_is_a_noop_and_records_what_was_applied(repaired, tmp_path):

@@ -69,9 +69,9 @@ def test_remap_report_lists_kept_reset_and_dropped(resumable):
     assert "optimizer.pt" in manifest["outputs_sha256"]
     report = fix(CASE / "run" / CHECKPOINT, dry_run=True, base_model=CASE / "base", optimizer="remap")
     rewrite = dict(report.checkpoints[0].plan.files_rewritten)["optimizer.pt"]
-    assert set(rewrite.details["reset"]) == {"classifier.weight", "classifier.bias"}
-    assert "classifier.lora_A" in rewrite.details["dropped"]
-    assert all(".lora_" in kept for kept in rewrite.details["kept"])
+    assert set(dict(rewrite.listed)["reset"]) == {"classifier.weight", "classifier.bias"}
+    assert "classifier.lora_A" in dict(rewrite.listed)["dropped"]
+    assert all(".lora_" in kept for kept in dict(rewrite.listed)["kept"])
 
 
 def test_remap_without_base_model_falls_back_to_drop_with_a_warning():

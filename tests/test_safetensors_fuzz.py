@@ -18,8 +18,9 @@ from hostile_helpers import FIXTURES, read_safetensors_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt_migrate.errors import UnreadableInputError
-from ckpt_migrate.safetensors_io import DTYPE_SIZES, read_header
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.formats.dtypes import DTYPES as DTYPE_TABLE
+from ckpt_migrate.formats.safetensors import read_header
 
 FUZZ = settings(
     max_examples=250, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -27,7 +28,7 @@ FUZZ = settings(
 VALID_FILE = FIXTURES / "llama_score" / "run" / "checkpoint-2" / "adapter_model.safetensors"
 VALID = VALID_FILE.read_bytes()
 VALID_HEADER, VALID_DATA = read_safetensors_raw(VALID_FILE)
-DTYPES = list(DTYPE_SIZES)
+DTYPES = list(DTYPE_TABLE)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def check(path: Path, raw: bytes):
     cursor = 0
     for info in sorted(header.tensors.values(), key=lambda t: (t.begin, t.end)):
         assert info.begin == cursor and info.end >= info.begin
-        assert info.nbytes == math.prod(info.shape) * DTYPE_SIZES[info.dtype]
+        assert info.nbytes == math.prod(info.shape) * DTYPE_TABLE[info.dtype].size
         cursor = info.end
     assert header.data_start + cursor == size
     for name in header.tensors:
@@ -117,7 +118,7 @@ def consistent_files(draw):
     for name in names:
         dtype = draw(st.sampled_from(DTYPES))
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        nbytes = math.prod(shape) * DTYPE_TABLE[dtype].size
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if draw(st.booleans()):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import ckpt_migrate
-from ckpt_migrate.errors import UnreadableInputError
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.render import render_verdict
 from ckpt_migrate.verify import EXIT_VERIFY_FAILED, VerifyResult, choose_auto_class, verify_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -55,7 +56,7 @@ def copy_with(src: Path, dst: Path, edit) -> Path:
 def test_repaired_checkpoint_passes_and_matches_its_broken_source(repaired, name):
     result = verify_checkpoint(repaired[name], FIXTURES / name / "base", source_dir=checkpoint_of(name))
     tolerance = 1e-2 if case_of(name)["dtype"] == "bfloat16" else 1e-4
-    assert result.ok, result.render_text()
+    assert result.ok, render_verdict(result, "text")
     assert result.reasons == [] and result.exit_code == 0
     assert result.max_logit_diff_between_loads == 0.0
     assert result.random_parameters == result.unused_tensors == result.missing_tensors == []
@@ -167,12 +168,12 @@ def test_result_serialises_and_renders(repaired):
     data = json.loads(json.dumps(result.to_dict()))
     assert set(VerifyResult.__dataclass_fields__) <= set(data)
     assert data["ok"] is True and data["max_logit_diff_between_loads"] == 0.0
-    text = result.render_text()
+    text = render_verdict(result, "text")
     assert text.startswith("OK: ") and "between two loads" in text and "vs source" in text and "tolerance" in text
 
     failed = verify_checkpoint(checkpoint_of(name), FIXTURES / name / "base")
     assert json.loads(json.dumps(failed.to_dict()))["max_logit_diff_between_loads"] is None
-    assert failed.render_text().startswith("FAILED: ")
+    assert render_verdict(failed, "text").startswith("FAILED: ")
 
 
 def test_user_errors_raise_unreadable_input(tmp_path):
@@ -229,5 +230,5 @@ def test_checkpoint_saved_by_current_peft_passes_and_is_its_own_source(tmp_path)
     trained.save_pretrained(tmp_path / "adapter")
 
     result = verify_checkpoint(tmp_path / "adapter", tmp_path / "base", source_dir=tmp_path / "adapter")
-    assert result.ok, result.render_text()
+    assert result.ok, render_verdict(result, "text")
     assert result.max_logit_diff_vs_source <= 1e-4

@@ -1,7 +1,8 @@
 """Read safetensors headers without trusting them, and write safetensors files by streaming.
 
-Nothing here imports torch: a dry run parses headers only, and unchanged tensors are copied
-byte-for-byte from the source file.
+Why not the ``safetensors`` package: its public API gives no byte offsets (this is an offset index
+that a dry run reads without torch), and ``save_file`` needs every tensor in memory at once (this
+writer streams unchanged tensors from their source file, so memory does not grow with the file).
 
 Example::
 
@@ -21,29 +22,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckpt_migrate.errors import UnreadableInputError
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.formats.dtypes import DTYPES, STORAGE_RANK
+from ckpt_migrate.formats.files import COPY_CHUNK_BYTES, new_file
 
-#: Bytes per element, in the order safetensors sorts dtypes (ascending; files store the largest first).
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-}
-_DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_SIZES)}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-COPY_CHUNK_BYTES = 8 * 1024 * 1024
+#: The header limit of safetensors itself (``MAX_HEADER_SIZE`` in its Rust crate): larger is refused there too.
+MAX_HEADER_BYTES = 100_000_000
 _MAX_OFFSET = 2**64 - 1
 
 
@@ -154,7 +138,7 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
     if not isinstance(entry, dict):
         raise UnreadableInputError(f"tensor {name!r}: header entry is not an object", path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a JSON list/object is unhashable
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a JSON list/object is unhashable
         raise UnreadableInputError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise UnreadableInputError(f"tensor {name!r}: shape must be a list of non-negative integers", path)
@@ -167,7 +151,7 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
         raise UnreadableInputError(f"tensor {name!r}: data_offsets must be two ordered integers", path)
     if offsets[1] > _MAX_OFFSET:
         raise UnreadableInputError(f"tensor {name!r}: data_offsets exceed 2**64", path)
-    expected = DTYPE_SIZES[dtype]
+    expected = DTYPES[dtype].size
     for dim in shape:  # stop early: a hostile shape can make the full product astronomically large
         expected *= dim
         if expected > _MAX_OFFSET:
@@ -205,7 +189,7 @@ class OutputTensor:
 
 def storage_order(tensors: Iterable[OutputTensor]) -> list[OutputTensor]:
     """The order safetensors itself stores tensors in: widest dtype first, then by name."""
-    return sorted(tensors, key=lambda t: (-_DTYPE_RANK[t.dtype], t.name))
+    return sorted(tensors, key=lambda t: (-STORAGE_RANK[t.dtype], t.name))
 
 
 def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
@@ -215,7 +199,7 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     for tensor in tensors:
-        expected = math.prod(tensor.shape) * DTYPE_SIZES[tensor.dtype]
+        expected = math.prod(tensor.shape) * DTYPES[tensor.dtype].size
         if tensor.nbytes != expected:
             raise ValueError(f"{tensor.name}: {tensor.nbytes} bytes for shape {tensor.shape} {tensor.dtype}")
         header[tensor.name] = {
@@ -242,7 +226,7 @@ def write_safetensors(
     ordered = storage_order(tensors)
     digest = hashlib.sha256()
     buffer = bytearray(COPY_CHUNK_BYTES)
-    with open(path, "xb") as out:
+    with new_file(path) as out:
         head = encode_header(ordered, metadata)
         out.write(head)
         digest.update(head)
@@ -254,8 +238,6 @@ def write_safetensors(
                 digest.update(tensor.data)
                 if on_bytes:
                     on_bytes(len(tensor.data))
-        out.flush()
-        os.fsync(out.fileno())
     return digest.hexdigest()
 
 

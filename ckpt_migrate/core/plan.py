@@ -1,53 +1,86 @@
 """A repair plan as plain data: what detection decided, what a dry run renders and apply executes.
 
-Migrations build the plan by editing a :class:`CheckpointState`, a model of the output
-checkpoint that starts as a copy of the input. The plan is the difference between the two.
+Migrations build the plan by editing a :class:`CheckpointState`, a model of the output checkpoint
+that starts as a copy of the input. The runner then freezes both into a :class:`CheckpointPlan`,
+whose properties are the difference between them. Nothing here holds a reader, a file handle or a
+model: a plan can be rendered, compared and executed without its planner.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Status = Literal["clean", "repairable", "repaired", "unrecoverable"]
+from ckpt_migrate.core.peft_layout import short_name
+
+
+class Status(str, Enum):
+    """What became of one checkpoint."""
+
+    CLEAN = "clean"
+    REPAIRABLE = "repairable"
+    REPAIRED = "repaired"
+    UNRECOVERABLE = "unrecoverable"
+    UNREADABLE = "unreadable"
+    VERIFY_FAILED = "verify_failed"
+
+    __str__ = str.__str__  # f-strings and reports show the value
+
+
+class OptimizerPolicy(str, Enum):
+    """What to do with an ``optimizer.pt`` that no longer matches the trainable parameters."""
+
+    DROP = "drop"
+    REMAP = "remap"
+
+    __str__ = str.__str__
+
+
+@dataclass(frozen=True)
+class Options:
+    """The user's choices that planning depends on."""
+
+    optimizer: OptimizerPolicy = OptimizerPolicy.DROP
+
+
+class SourceKind(str, Enum):
+    ADAPTER = "adapter"  # a tensor of the input adapter, unchanged
+    BASE = "base"  # a tensor of a --base-model safetensors file, unchanged
+    FOLD = "fold"  # a LoRA delta folded into a weight
+
+    __str__ = str.__str__
 
 
 @dataclass(frozen=True)
 class Source:
     """Where an output tensor's value comes from.
 
-    ``kind`` is ``"adapter"`` (a tensor of the input adapter, unchanged), ``"base"`` (a tensor of
-    the ``--base-model`` checkpoint, unchanged) or ``"fold"`` (a LoRA delta folded into a weight).
+    ``tensor`` names a tensor of the input adapter, or, with ``base_file`` set, of that base model
+    file (for a fold: the weight the delta is folded into).
     """
 
-    kind: Literal["adapter", "base", "fold"]
+    kind: SourceKind
     tensor: str = ""
+    base_file: Path | None = None
     lora_A: str = ""
     lora_B: str = ""
     magnitude: str = ""
-    weight_kind: Literal["adapter", "base"] = "adapter"
     scale: float = 0.0
     fan_in_fan_out: bool = False
 
     def describe(self) -> str:
         """A one-line formula; adapter names are shortened by their ``base_model.model.`` prefix."""
-
-        def short(name: str) -> str:
-            return name.removeprefix("base_model.model.")
-
-        if self.kind == "adapter":
-            return f"copied from {short(self.tensor)}"
-        if self.kind == "base":
-            return f"copied from base model {self.tensor}"
-        weight = f"base model {self.tensor}" if self.weight_kind == "base" else short(self.tensor)
-        formula = f"{weight} + {self.scale:.6g} * {short(self.lora_B)} @ {short(self.lora_A)}"
-        if self.fan_in_fan_out:
-            formula = f"{weight} + {self.scale:.6g} * ({short(self.lora_B)} @ {short(self.lora_A)}).T"
-        if self.magnitude:
-            return f"DoRA: {short(self.magnitude)} * row_normalize({formula})"
-        return formula
+        weight = f"base model {self.tensor}" if self.base_file is not None else short_name(self.tensor)
+        if self.kind is SourceKind.ADAPTER:
+            return f"copied from {weight}"
+        if self.kind is SourceKind.BASE:
+            return f"copied from {weight}"
+        delta = f"{short_name(self.lora_B)} @ {short_name(self.lora_A)}"
+        formula = f"{weight} + {self.scale:.6g} * " + (f"({delta}).T" if self.fan_in_fan_out else delta)
+        return f"DoRA: {short_name(self.magnitude)} * row_normalize({formula})" if self.magnitude else formula
 
 
 @dataclass(frozen=True)
@@ -59,10 +92,6 @@ class PlannedTensor:
     dtype: str
     source: Source
 
-    @property
-    def unchanged(self) -> bool:
-        return self.source.kind == "adapter" and self.source.tensor == self.name
-
     def as_dict(self, with_how: bool = True) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
         if with_how:
@@ -72,16 +101,21 @@ class PlannedTensor:
 
 @dataclass(frozen=True)
 class FileRewrite:
-    """A file of the checkpoint that is rewritten rather than copied; ``kind`` selects the writer."""
+    """A file that is rewritten rather than copied, by the ``write`` of migration ``migration``.
 
-    kind: str
+    ``listed``: named lists the report shows (e.g. optimizer states kept / reset / dropped).
+    ``payload``: frozen data only that migration's writer reads.
+    """
+
+    migration: str
     reason: str
-    details: dict[str, Any] = field(default_factory=dict)
+    listed: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    payload: Any = None
 
 
 @dataclass
 class CheckpointState:
-    """The checkpoint as it will be written. Migrations edit it; the runner diffs it against the input."""
+    """The checkpoint as it will be written. Migrations edit it during planning; nothing else does."""
 
     source_dir: Path
     config: dict[str, Any]
@@ -89,20 +123,21 @@ class CheckpointState:
     files: dict[str, int]
     weights_file: str
     applied: list[str] = field(default_factory=list)
-    base_model: Any = None
     trainable_parameters_changed: bool = False
     warnings: list[str] = field(default_factory=list)
     unrecoverable: list[str] = field(default_factory=list)
     dropped_files: dict[str, str] = field(default_factory=dict)
     rewritten_files: dict[str, FileRewrite] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-    original: CheckpointState | None = None
 
     def clone(self) -> CheckpointState:
         # Planned tensors are frozen: share them and copy only the mapping (deep-copying thousands
         # of them was most of a dry run's time).
-        twin = copy.deepcopy(replace(self, tensors={}))
-        twin.tensors = dict(self.tensors)
+        tensors, self.tensors = self.tensors, {}
+        try:
+            twin = copy.deepcopy(self)
+        finally:
+            self.tensors = tensors
+        twin.tensors = dict(tensors)
         return twin
 
     def remove_tensor(self, name: str) -> None:
@@ -123,14 +158,14 @@ class CheckpointState:
             self.warnings.append(message)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointPlan:
     """Everything a repair of one checkpoint will do, computed without reading tensor data."""
 
     source: Path
     relative: str
     status: Status
-    migrations: list[str]
+    migrations: tuple[str, ...]
     before: CheckpointState
     after: CheckpointState
 

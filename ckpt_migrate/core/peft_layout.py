@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt_migrate.errors import UnreadableInputError
+from ckpt_migrate.core.errors import UnreadableInputError
 
 PREFIX = "base_model.model."
 LORA_KINDS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
@@ -26,7 +26,13 @@ class LoraTensor:
 
 
 def strip_prefix(name: str) -> str | None:
+    """``base_model.model.score.weight`` -> ``score.weight``; None for a name outside the peft model."""
     return name[len(PREFIX) :] if name.startswith(PREFIX) else None
+
+
+def short_name(name: str) -> str:
+    """A tensor name for people: without the ``base_model.model.`` prefix when it has one."""
+    return name.removeprefix(PREFIX)
 
 
 def parse_lora_key(name: str) -> LoraTensor | None:

@@ -1,9 +1,13 @@
-"""Shared planning for moving a LoRA-wrapped head into ``modules_to_save``: the fold, the config edits."""
+"""Planning shared by the head migrations (0001, 0002): find LoRA modules, plan a fold, edit the config.
+
+A fold is planned here as data (:class:`~ckpt_migrate.core.plan.Source` of kind ``FOLD``); the
+executor computes it (:func:`ckpt_migrate.execute.tensors.fold`).
+"""
 
 from __future__ import annotations
 
-from ckpt_migrate.errors import UnreadableInputError
-from ckpt_migrate.peft_layout import (
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.peft_layout import (
     PREFIX,
     lora_scale,
     modules_to_save_matches,
@@ -13,7 +17,7 @@ from ckpt_migrate.peft_layout import (
     rewrite_target_modules,
     wrapper_root,
 )
-from ckpt_migrate.plan import CheckpointState, PlannedTensor, Source
+from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 
 
 def lora_modules(state: CheckpointState, under: str | None = None) -> dict[str, dict[str, str]]:
@@ -34,9 +38,8 @@ def plan_fold(
     module: str,
     parts: dict[str, str],
     weight: PlannedTensor,
-    weight_kind: str,
 ) -> PlannedTensor:
-    """The planned tensor ``<module>.weight`` = ``weight`` with the module's LoRA folded in.
+    """The planned tensor ``<module>.weight`` = ``weight`` (of the adapter or the base model) with LoRA folded in.
 
     Checks, from shapes alone, that the LoRA factors compose with the weight and match the rank
     the config gives this module.
@@ -72,13 +75,14 @@ def plan_fold(
     magnitude = parts.get("lora_magnitude_vector", "")
     if magnitude and state.tensors[magnitude].shape not in ((weight.shape[0],), (1, weight.shape[0])):
         raise UnreadableInputError(f"head module {module!r}: DoRA magnitude shape does not match the weight", where)
+    from_base = weight.source.kind is SourceKind.BASE
     source = Source(
-        "fold",
-        tensor=weight.name if weight_kind == "adapter" else weight.source.tensor,
+        SourceKind.FOLD,
+        tensor=weight.source.tensor if from_base else weight.name,
+        base_file=weight.source.base_file if from_base else None,
         lora_A=parts["lora_A"],
         lora_B=parts["lora_B"],
         magnitude=magnitude,
-        weight_kind=weight_kind,  # type: ignore[arg-type]
         scale=lora_scale(state.config, module),
         fan_in_fan_out=fan_in_fan_out,
     )

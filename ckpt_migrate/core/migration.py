@@ -1,0 +1,59 @@
+"""What a migration is: the contract every module in ``migrations/`` fulfils.
+
+A migration is a module with ``ID``, a one-line ``SUMMARY``, ``CAUSED_BY`` (the upstream release and
+issue that produced the broken format), ``detect(state, context)`` and ``plan(state, context)``. When
+its plan rewrites a file (a :class:`~ckpt_migrate.core.plan.FileRewrite` naming it), the module also
+has ``write(rewrite, source, target)``; the executor calls it for that file and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from ckpt_migrate.core.plan import CheckpointState, FileRewrite, Options
+
+if TYPE_CHECKING:
+    from ckpt_migrate.formats.base_model import BaseModel
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a migration may consult besides the state it edits: the input as read, the base model, options."""
+
+    source: CheckpointState  # the checkpoint as read; never edited
+    base_model: BaseModel | None
+    options: Options
+
+
+@runtime_checkable
+class Migration(Protocol):
+    ID: str
+    SUMMARY: str
+    CAUSED_BY: str
+
+    def detect(self, state: CheckpointState, context: Context) -> bool:
+        """Whether the checkpoint needs this step. Reads config, file sizes and headers only."""
+        ...
+
+    def plan(self, state: CheckpointState, context: Context) -> None:
+        """Edit ``state`` into what this step writes; append to ``state.unrecoverable`` to refuse."""
+        ...
+
+
+class FileWriter(Protocol):
+    def __call__(self, rewrite: FileRewrite, source: Path, target: Path) -> None:
+        """Write the new file ``target`` (exclusive create, fsynced) from ``source`` as ``rewrite`` says."""
+        ...
+
+
+def check_migration(module: ModuleType) -> Migration:
+    """The module itself, once it is known to fulfil the contract (fails loudly at import otherwise)."""
+    missing = [a for a in ("ID", "SUMMARY", "CAUSED_BY", "detect", "plan") if not hasattr(module, a)]
+    if missing or not isinstance(module, Migration):
+        raise TypeError(f"migration {module.__name__} lacks {', '.join(missing) or 'a callable detect/plan'}")
+    if not module.__name__.rsplit(".", 1)[-1] == "m" + module.ID:
+        raise TypeError(f"migration {module.__name__}: its file must be named m{module.ID}.py")
+    return module  # type: ignore[return-value]

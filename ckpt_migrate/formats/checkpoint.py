@@ -1,0 +1,103 @@
+"""Find checkpoints under a path and read one into a :class:`CheckpointState` (headers only)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.plan import CheckpointState
+from ckpt_migrate.formats.adapter import (
+    ADAPTER_CONFIG,
+    BIN_WEIGHTS,
+    SAFETENSORS_WEIGHTS,
+    adapter_tensors,
+    read_adapter_config,
+    read_manifest,
+)
+
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def find_checkpoints(src: Path) -> list[str]:
+    """Relative paths of the adapter checkpoints at ``src``: ``"."`` or its ``checkpoint-*`` directories."""
+    if not src.exists():
+        raise UnreadableInputError("no such file or directory", src)
+    if not src.is_dir():
+        raise UnreadableInputError("not a directory (expected an adapter or checkpoint directory)", src)
+    top_level = any((src / name).exists() for name in (ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, BIN_WEIGHTS))
+    nested = nested_checkpoints(src)
+    if not top_level and not nested:
+        raise UnreadableInputError(f"no {ADAPTER_CONFIG} here nor in any checkpoint-*/ directory", src)
+    # A training output directory often holds the final adapter beside its checkpoint-* directories.
+    return (["."] if top_level else []) + nested
+
+
+def nested_checkpoints(directory: Path) -> list[str]:
+    """``checkpoint-N`` subdirectories holding an adapter, in step order: separate checkpoints."""
+    found = []
+    for child in directory.iterdir():
+        match = _CHECKPOINT_DIR.match(child.name)
+        if match and child.is_dir() and not child.is_symlink() and (child / ADAPTER_CONFIG).exists():
+            found.append((int(match.group(1)), child.name))
+    return [name for _, name in sorted(found)]
+
+
+def list_files(directory: Path) -> dict[str, int]:
+    """Every regular file below ``directory`` with its size, refusing links that leave it.
+
+    Nested ``checkpoint-N`` adapter directories are separate checkpoints and are not listed.
+    """
+    root = directory.resolve()
+    files: dict[str, int] = {}
+
+    def walk_error(exc: OSError) -> None:  # os.walk would otherwise skip an unreadable directory silently
+        raise UnreadableInputError(f"cannot list directory: {exc.strerror or exc}", exc.filename or directory)
+
+    separate = set(nested_checkpoints(directory))
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=walk_error, followlinks=False):
+        if Path(dirpath) == directory:
+            dirnames[:] = [d for d in dirnames if d not in separate]
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                continue
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:  # dangling link or a loop
+                raise UnreadableInputError("symbolic link cannot be resolved (dangling or a loop)", path) from exc
+            if not target.is_relative_to(root):
+                raise UnreadableInputError("symbolic link points outside the checkpoint", path)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_file():
+                raise UnreadableInputError("not a regular file", path)
+            if not os.access(path, os.R_OK):
+                raise UnreadableInputError("permission denied", path)
+            files[path.relative_to(directory).as_posix()] = path.stat().st_size
+    return files
+
+
+def load_state(directory: Path) -> CheckpointState:
+    """Model one adapter checkpoint from its config, weight headers and file list."""
+    files = list_files(directory)
+    if ADAPTER_CONFIG not in files:
+        raise UnreadableInputError("missing", directory / ADAPTER_CONFIG)
+    config = read_adapter_config(directory / ADAPTER_CONFIG)
+    if SAFETENSORS_WEIGHTS in files:
+        weights_file = SAFETENSORS_WEIGHTS
+    elif BIN_WEIGHTS in files:
+        weights_file = BIN_WEIGHTS
+    else:
+        raise UnreadableInputError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", directory)
+    manifest = read_manifest(directory)
+    applied = list(manifest.get("migrations_applied", [])) if manifest else []
+    return CheckpointState(
+        source_dir=directory,
+        config=config,
+        tensors=adapter_tensors(directory, weights_file),
+        files=files,
+        weights_file=weights_file,
+        applied=applied,
+    )

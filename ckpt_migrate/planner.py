@@ -1,0 +1,44 @@
+"""Run the migration index over one checkpoint to build its plan (no tensor data is read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckpt_migrate.core.migration import Context
+from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
+from ckpt_migrate.formats.adapter import BIN_WEIGHTS, SAFETENSORS_WEIGHTS
+from ckpt_migrate.formats.base_model import BaseModel
+from ckpt_migrate.formats.checkpoint import load_state
+
+RETRAIN_WARNING = (
+    "retraining is preferred: this repair reproduces the trained model exactly, but a run resumed "
+    "from it is not identical to an uninterrupted one"
+)
+
+
+def plan_checkpoint(
+    directory: Path, relative: str = ".", base_model: BaseModel | None = None, options: Options | None = None
+) -> CheckpointPlan:
+    """Detect what is wrong with one checkpoint and plan its repair, migration by migration."""
+    from ckpt_migrate.migrations import MIGRATIONS
+
+    before = load_state(directory)
+    after = before.clone()
+    context = Context(source=before, base_model=base_model, options=options or Options())
+    ran: list[str] = []
+    for migration in MIGRATIONS:
+        if migration.ID in after.applied or not migration.detect(after, context):
+            continue
+        migration.plan(after, context)
+        ran.append(migration.ID)
+        if after.unrecoverable:
+            return CheckpointPlan(directory, relative, Status.UNRECOVERABLE, tuple(ran), before, after)
+    if not ran:
+        return CheckpointPlan(directory, relative, Status.CLEAN, (), before, after)
+    after.applied = before.applied + ran
+    if after.weights_file == BIN_WEIGHTS:
+        after.drop_file(BIN_WEIGHTS, f"rewritten as {SAFETENSORS_WEIGHTS}")
+        after.weights_file = SAFETENSORS_WEIGHTS
+    if after.trainable_parameters_changed:
+        after.warn(RETRAIN_WARNING)
+    return CheckpointPlan(directory, relative, Status.REPAIRABLE, tuple(ran), before, after)

@@ -1,0 +1,272 @@
+"""Reports for people and programs: JSON (schema 1) from the data, text and Markdown from one section model.
+
+``fix``/``inspect`` reports and ``verify`` verdicts are first turned into :class:`Section` s (a heading
+and blocks: labelled lines, config diffs, tables); :func:`draw_text` and :func:`draw_markdown` draw
+any section, so both formats always say the same things.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt_migrate import __version__
+from ckpt_migrate.core.plan import Status
+from ckpt_migrate.core.report import CheckpointResult, Report
+from ckpt_migrate.verify.result import SEEDS, VerifyResult
+
+SCHEMA_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class Line:
+    """``label: text`` (text) / a bullet or call-out by label (Markdown); ``code`` items are set as code."""
+
+    label: str
+    text: str = ""
+    code: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Diff:
+    title: str
+    changes: tuple[tuple[str, Any, Any], ...]  # key, before, after
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass
+class Section:
+    heading: str
+    blocks: list[Line | Diff | Table] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ fix / inspect
+
+
+def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
+    plan = result.plan
+    entry: dict[str, Any] = {
+        "source": str(result.source),
+        "output": str(result.output) if result.output else None,
+        "status": result.status.value,
+        "migrations": list(plan.migrations) if plan else [],
+        "tensors_added": [t.as_dict() for t in plan.tensors_added] if plan else [],
+        "tensors_removed": [t.as_dict(with_how=False) for t in plan.tensors_removed] if plan else [],
+        "files_removed": [name for name, _, _ in plan.files_removed] if plan else [],
+        "files_removed_detail": [
+            {"name": name, "bytes": size, "reason": reason}
+            for name, size, reason in (plan.files_removed if plan else [])
+        ],
+        "files_rewritten": [
+            {"name": name, "reason": rewrite.reason, **{label: list(names) for label, names in rewrite.listed}}
+            for name, rewrite in (plan.files_rewritten if plan else [])
+        ],
+        "config_changes": plan.config_changes if plan else {},
+        "warnings": plan.warnings if plan else [],
+        "errors": [result.error] if result.error else [],
+    }
+    if result.verification is not None:
+        entry["verification"] = result.verification
+    return entry
+
+
+def to_dict(report: Report) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "command": report.command,
+        "dry_run": report.dry_run,
+        "source": str(report.source),
+        "out": str(report.out) if report.out else None,
+        "exit_code": report.exit_code,
+        "checkpoints": [checkpoint_dict(c) for c in report.checkpoints],
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _status_text(report: Report, entry: dict[str, Any]) -> str:
+    status = entry["status"]
+    if report.command == "fix" and status == Status.REPAIRABLE:
+        return "repairable (dry run: nothing written)"
+    if status == Status.REPAIRED:
+        return f"repaired -> {entry['output']}"
+    if report.command == "fix" and status == Status.CLEAN:
+        return "clean: nothing to do, nothing written"
+    return status
+
+
+def report_sections(report: Report) -> list[Section]:
+    sections = []
+    for result in report.checkpoints:
+        entry = checkpoint_dict(result)
+        section = Section(f"{result.source}: {_status_text(report, entry)}")
+        blocks = section.blocks
+        if entry["migrations"]:
+            blocks.append(Line("migrations", code=tuple(entry["migrations"])))
+        blocks += [Line("ERROR", error) for error in entry["errors"]]
+        if entry["config_changes"]:
+            changes = tuple((k, c["before"], c["after"]) for k, c in entry["config_changes"].items())
+            blocks.append(Diff("adapter_config.json", changes))
+        removed, added = entry["tensors_removed"], entry["tensors_added"]
+        if removed:
+            rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"]) for t in removed)
+            blocks.append(Table(f"tensors removed ({len(removed)})", ("name", "shape", "dtype"), rows))
+        if added:
+            rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"], t["how"]) for t in added)
+            blocks.append(Table(f"tensors added ({len(added)})", ("name", "shape", "dtype", "how computed"), rows))
+        if entry["files_removed_detail"]:
+            rows = tuple((f["name"], _size(f["bytes"]), f["reason"]) for f in entry["files_removed_detail"])
+            blocks.append(Table("files dropped", ("file", "size", "why"), rows))
+        for rewritten in entry["files_rewritten"]:
+            blocks.append(Line("file rewritten", f"{rewritten['reason']}", code=(rewritten["name"],)))
+            blocks += [Line(f"  {k}", ", ".join(v)) for k, v in rewritten.items() if k not in ("name", "reason") and v]
+        blocks += [Line("WARNING", warning) for warning in entry["warnings"]]
+        sections.append(section)
+    if len(report.checkpoints) > 1:
+        rows = tuple(
+            (c.relative, str(c.status), str(len(c.plan.migrations) if c.plan else 0)) for c in report.checkpoints
+        )
+        sections.append(Section("", [Table("summary", ("checkpoint", "status", "migrations"), rows)]))
+    return sections
+
+
+# ------------------------------------------------------------------------------------ verify
+
+
+def verify_sections(verdict: VerifyResult) -> list[Section]:
+    head = "OK" if verdict.ok else "FAILED"
+    section = Section(
+        f"{head}: {verdict.checkpoint} on base model {verdict.base_model} ({verdict.model_class}, {verdict.dtype})"
+    )
+    blocks = section.blocks
+    blocks += [Line("-", reason) for reason in verdict.reasons]
+    between = verdict.max_logit_diff_between_loads
+    if math.isfinite(between):
+        blocks.append(Line(f"max |logit diff| between two loads (seeds {SEEDS[0]}, {SEEDS[1]})", f"{between:.3g}"))
+    else:
+        blocks.append(Line("max |logit diff| between two loads", "not measured"))
+    if verdict.source is not None:
+        if verdict.max_logit_diff_vs_source is None:
+            blocks.append(Line(f"vs source {verdict.source}", "not checked"))
+        else:
+            value = f"{verdict.max_logit_diff_vs_source:.3g} (tolerance {verdict.tolerance:g})"
+            blocks.append(Line(f"max |logit diff| vs source {verdict.source}", value))
+    blocks += [Line("note", note) for note in verdict.notes]
+    blocks.append(Line("versions", f"transformers {verdict.transformers_version}, peft {verdict.peft_version}"))
+    return [section]
+
+
+# ------------------------------------------------------------------------------------ drawing
+
+
+def _text_table(table: Table) -> list[str]:
+    widths = [max(len(r[i]) for r in [table.headers, *table.rows]) for i in range(len(table.headers))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
+    title = [f"{table.title}:"] if table.title else []
+    return title + [line(table.headers), line(tuple("-" * w for w in widths)), *(line(r) for r in table.rows)]
+
+
+def _text_line(line: Line, indent: str) -> str:
+    if line.label == "-":
+        return f"{indent}- {line.text}"
+    value = ", ".join(line.code) + (": " if line.code and line.text else "") + line.text
+    return f"{indent}{line.label}: {value}"
+
+
+def draw_text(sections: list[Section], headings: str = "== ") -> str:
+    lines: list[str] = []
+    for section in sections:
+        if section.heading:
+            lines.append(f"{headings}{section.heading}")
+        indent = "" if headings else "  "
+        for block in section.blocks:
+            if isinstance(block, Line):
+                lines.append(_text_line(block, indent))
+            elif isinstance(block, Diff):
+                lines.append(f"{block.title}:")
+                for key, before, after in block.changes:
+                    lines += [f"- {key}: {json.dumps(before)}", f"+ {key}: {json.dumps(after)}"]
+            else:
+                lines += _text_table(block)
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_line(line: Line) -> str:
+    code = ", ".join(f"`{c}`" for c in line.code)
+    value = code + (": " if code and line.text else "") + line.text
+    if line.label == "ERROR":
+        return f"> **Error:** {value}"
+    if line.label == "-":
+        return f"- {value}"
+    return f"- **{line.label.strip().capitalize()}:** {value}"
+
+
+def draw_markdown(title: str, sections: list[Section]) -> str:
+    lines: list[str] = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section.heading}", ""] if section.heading else []
+        for block in section.blocks:
+            if isinstance(block, Line):
+                lines.append(_markdown_line(block))
+                continue
+            lines.append("")
+            if isinstance(block, Diff):
+                lines += [f"**{block.title}**", "", "```diff"]
+                for key, before, after in block.changes:
+                    lines += [f"- {key}: {json.dumps(before)}", f"+ {key}: {json.dumps(after)}"]
+                lines += ["```"]
+            else:
+                lines += [f"**{block.title.capitalize()}**", ""] if block.title else []
+                lines += ["| " + " | ".join(block.headers) + " |", "|" + "---|" * len(block.headers)]
+                lines += ["| " + " | ".join(_cell(c, i) for i, c in enumerate(row)) + " |" for row in block.rows]
+            lines.append("")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _cell(value: str, column: int) -> str:
+    value = value.replace("|", "\\|")
+    return f"`{value}`" if column == 0 else value
+
+
+# ------------------------------------------------------------------------------------ entry points
+
+
+def render_report(report: Report, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(to_dict(report), indent=2)
+    sections = report_sections(report)
+    if fmt == "markdown":
+        return draw_markdown(f"ckpt-migrate {report.command} report", sections)
+    return draw_text(sections)
+
+
+def render_verdict(verdict: VerifyResult, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(verdict.to_dict(), indent=2) + "\n"
+    if fmt == "markdown":
+        return draw_markdown("ckpt-migrate verify", verify_sections(verdict))
+    section = verify_sections(verdict)[0]
+    return draw_text([section], headings="")

@@ -1,0 +1,153 @@
+"""Check that a LoRA checkpoint loads into a working model with the installed transformers and peft.
+
+Works on any LoRA checkpoint, repaired by this tool or not:
+
+* the adapter must load with ``PeftModel.from_pretrained`` onto the base model (the Auto class is
+  chosen from the base ``config.json`` ``architectures``, else from the adapter's ``task_type``);
+* every adapter tensor must be used, and every LoRA / modules_to_save tensor the config implies
+  must be present;
+* nothing on the forward path may be left to random initialisation: the model is loaded twice
+  under different torch seeds and the logits on fixed random token ids compared; parameters that
+  differ between the two loads are reported as random;
+* with ``source_dir`` (the broken original), the source's own function is computed independently
+  of the fold -- base model + body LoRA through peft, every LoRA-wrapped head computed unmerged as
+  ``W x + b + s * B (A x)`` (DoRA: ``m / ||W + s B A||_row * (W x + s B A x) + b``) -- and the
+  checkpoint's logits must agree with it within the dtype tolerance (fp32 1e-4, bf16/fp16 1e-2).
+
+Only :func:`verify_checkpoint` and :func:`compute_source_logits` import torch, transformers and peft.
+Layout: :mod:`.result` (the verdict as data), :mod:`.probes` (inputs, logits, fingerprints),
+:mod:`.checks` (the checks), :mod:`.source` (the source computed unmerged).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ckpt_migrate.core.errors import EXIT_VERIFY_FAILED, UnreadableInputError
+from ckpt_migrate.formats.base_model import BaseModel
+from ckpt_migrate.formats.checkpoint import load_state
+from ckpt_migrate.verify.result import SEEDS, TOLERANCES, VerifyResult
+
+__all__ = [
+    "EXIT_VERIFY_FAILED",
+    "SEEDS",
+    "TOLERANCES",
+    "VerifyResult",
+    "choose_auto_class",
+    "compute_source_logits",
+    "verify_checkpoint",
+]
+
+_HEAD_CLASSES = (
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+)
+_TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def verify_checkpoint(
+    checkpoint_dir: str | Path,
+    base_model_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+) -> VerifyResult:
+    """Load ``checkpoint_dir`` onto ``base_model_dir`` with the installed peft and judge it.
+
+    Raises :class:`~ckpt_migrate.core.errors.UnreadableInputError` for inputs that cannot be read
+    (missing directories, invalid configs, a base model transformers cannot load); everything
+    wrong with the checkpoint itself is a failed verdict with its reasons.
+
+    >>> verify_checkpoint("fixed/checkpoint-500", "bart-base", source_dir="run/checkpoint-500").ok  # doctest: +SKIP
+    True
+    """
+    checkpoint = _adapter_dir(checkpoint_dir, "checkpoint")
+    base = _base_model(base_model_dir)
+    state = load_state(checkpoint)
+    source = _adapter_dir(source_dir, "source") if source_dir is not None else None
+    source_state = load_state(source) if source is not None else None
+    auto_name = choose_auto_class(base.config(), state.config, base.directory / "config.json")
+
+    import peft
+    import transformers
+
+    result = VerifyResult(
+        ok=False,
+        reasons=[],
+        max_logit_diff_between_loads=math.nan,
+        random_parameters=[],
+        unused_tensors=[],
+        missing_tensors=[],
+        max_logit_diff_vs_source=None,
+        checkpoint=str(checkpoint),
+        base_model=str(base.directory),
+        source=str(source) if source is not None else None,
+        model_class=auto_name,
+        peft_version=peft.__version__,
+        transformers_version=transformers.__version__,
+    )
+    from ckpt_migrate.verify.checks import run_checks
+    from ckpt_migrate.verify.probes import preserved_rng, quiet
+
+    with quiet(), preserved_rng():
+        run_checks(result, checkpoint, state, base, auto_name, source, source_state)
+    result.ok = not result.reasons
+    return result
+
+
+def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, input_ids: Any) -> tuple[Any, str]:
+    """A checkpoint's own logits on ``input_ids``, every LoRA-wrapped head computed unmerged.
+
+    Returns ``(logits, "")``, or ``(None, why)`` when the source's function cannot be computed
+    independently (e.g. its head base weights are random). ``verify_checkpoint(..., source_dir=)``
+    compares against exactly this.
+    """
+    from ckpt_migrate.verify.probes import preserved_rng, quiet
+    from ckpt_migrate.verify.source import source_logits
+
+    source = _adapter_dir(source_dir, "source")
+    base = _base_model(base_model_dir)
+    state = load_state(source)
+    auto_name = choose_auto_class(base.config(), state.config, base.directory / "config.json")
+    with quiet(), preserved_rng():
+        return source_logits(source, state, base, auto_name, input_ids)
+
+
+def choose_auto_class(base_config: dict[str, Any], adapter_config: dict[str, Any], where: Path | None = None) -> str:
+    """The transformers Auto class for the base: from ``architectures``, else the adapter's ``task_type``."""
+    architectures = base_config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise UnreadableInputError("'architectures' must be a list of class names", where)
+    for architecture in architectures:
+        for suffix, auto_name in _HEAD_CLASSES:
+            if architecture.endswith(suffix):
+                return auto_name
+    task_type = adapter_config.get("task_type")
+    if task_type in _TASK_CLASSES:
+        return _TASK_CLASSES[task_type]
+    raise UnreadableInputError(
+        f"cannot tell which model to load: architectures {architectures} has no sequence/token classification or "
+        f"question answering class and the adapter's task_type is {task_type!r}",
+        where,
+    )
+
+
+def _adapter_dir(path: str | Path, what: str) -> Path:
+    directory = Path(path)
+    if not directory.exists():
+        raise UnreadableInputError(f"{what} directory not found", directory)
+    if not directory.is_dir():
+        raise UnreadableInputError(f"{what} is not a directory (expected an adapter checkpoint directory)", directory)
+    return directory
+
+
+def _base_model(path: str | Path) -> BaseModel:
+    if not Path(path).is_dir():
+        raise UnreadableInputError("base model directory not found", path)
+    return BaseModel(path)
