@@ -179,6 +179,17 @@ _FIX = (
 )
 
 
+_UNSAVED = {
+    "trained_unsaved": "head {head!r} has trainable parameters save_pretrained does not write ({names}): their "
+    "training is lost",
+    "unsaved": "head {head!r} parameters {names} are not saved by save_pretrained and are not in the base checkpoint "
+    "{base_dir}: they are randomly initialised on every load",
+    "unknown": "head {head!r} parameters {names} are not saved by save_pretrained and the base checkpoint cannot be "
+    "checked for them (pass base_model_dir= a local model directory with safetensors); unless that checkpoint holds "
+    "them they are random on every load",
+}
+
+
 def find_head_problems(model: Any, *, base_model_dir: str | os.PathLike[str] | None = None) -> list[HeadProblem]:
     """Every classification head of ``model`` that carries LoRA or whose weights would not be saved.
 
@@ -226,51 +237,22 @@ def find_head_problems(model: Any, *, base_model_dir: str | os.PathLike[str] | N
             saved = _saved_keys(view)
             base_dir = _local_base_dir(view, base_model_dir)
             has_in_base = _base_has(base_dir)
-        unsaved: list[str] = []
-        trained_unsaved: list[str] = []
-        unknown: list[str] = []
+        found: dict[str, list[str]] = {"trained_unsaved": [], "unsaved": [], "unknown": []}
         for param_name, param in module.named_parameters():
             clean, is_copy = _clean(f"{head}.{param_name}")
             if is_copy or clean in saved:
                 continue
             if getattr(param, "requires_grad", False):
-                trained_unsaved.append(clean)
+                found["trained_unsaved"].append(clean)
             elif has_in_base is None:
-                unknown.append(clean)
+                found["unknown"].append(clean)
             elif not has_in_base(clean):
-                unsaved.append(clean)
-        fix = _FIX.format(head=head)
-        if trained_unsaved:
-            problems.append(
-                HeadProblem(
-                    head,
-                    "trained_unsaved",
-                    tuple(trained_unsaved),
-                    f"head {head!r} has trainable parameters save_pretrained does not write "
-                    f"({', '.join(trained_unsaved)}): their training is lost; {fix}",
-                )
-            )
-        if unsaved:
-            problems.append(
-                HeadProblem(
-                    head,
-                    "unsaved",
-                    tuple(unsaved),
-                    f"head {head!r} parameters {', '.join(unsaved)} are not saved by save_pretrained and are not in "
-                    f"the base checkpoint {base_dir}: they are randomly initialised on every load; {fix}",
-                )
-            )
-        if unknown:
-            problems.append(
-                HeadProblem(
-                    head,
-                    "unsaved",
-                    tuple(unknown),
-                    f"head {head!r} parameters {', '.join(unknown)} are not saved by save_pretrained and the base "
-                    "checkpoint cannot be checked for them (pass base_model_dir= a local model directory with "
-                    f"safetensors); unless that checkpoint holds them they are random on every load; {fix}",
-                )
-            )
+                found["unsaved"].append(clean)
+        for kind, names in found.items():
+            if names:
+                why = _UNSAVED[kind].format(head=head, names=", ".join(names), base_dir=base_dir)
+                public_kind = "unsaved" if kind == "unknown" else kind  # unknown: not saved, base not checkable
+                problems.append(HeadProblem(head, public_kind, tuple(names), f"{why}; {_FIX.format(head=head)}"))
     return problems
 
 

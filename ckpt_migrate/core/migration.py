@@ -43,8 +43,11 @@ class Migration(Protocol):
         ...
 
 
-class FileWriter(Protocol):
-    def __call__(self, rewrite: FileRewrite, source: Path, target: Path) -> None:
+@runtime_checkable
+class RewritingMigration(Migration, Protocol):
+    """A migration whose plan rewrites files: the executor hands it each :class:`FileRewrite` naming it."""
+
+    def write(self, rewrite: FileRewrite, source: Path, target: Path) -> None:
         """Write the new file ``target`` (exclusive create, fsynced) from ``source`` as ``rewrite`` says."""
         ...
 

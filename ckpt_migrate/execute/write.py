@@ -10,6 +10,7 @@ from typing import Any
 
 from ckpt_migrate import __version__
 from ckpt_migrate.core.errors import OutputError
+from ckpt_migrate.core.migration import RewritingMigration
 from ckpt_migrate.core.plan import CheckpointPlan
 from ckpt_migrate.execute.tensors import TensorReader, output_tensors
 from ckpt_migrate.formats import files
@@ -25,7 +26,10 @@ def rewrite_file(name: str, plan: CheckpointPlan, target: Path) -> None:
     from ckpt_migrate.migrations import by_id
 
     rewrite = plan.after.rewritten_files[name]
-    by_id(rewrite.migration).write(rewrite, plan.before.source_dir / name, target / name)
+    migration = by_id(rewrite.migration)
+    if not isinstance(migration, RewritingMigration):
+        raise TypeError(f"migration {rewrite.migration} planned a rewrite of {name} but has no write()")
+    migration.write(rewrite, plan.before.source_dir / name, target / name)
 
 
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
