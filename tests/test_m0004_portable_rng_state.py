@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.migration import Context
+from ckpt_migrate.core.plan import CheckpointState, FileRewrite, Options
+from ckpt_migrate.formats.pickles import pickle_globals
 from ckpt_migrate.migrations import m0004_portable_rng_state as m0004
 from ckpt_migrate.migrations.m0004_portable_rng_state import (
     TORCH_GLOBALS,
@@ -29,11 +34,6 @@ from ckpt_migrate.migrations.m0004_portable_rng_state import (
     read_rng_state,
     references_numpy_core,
 )
-
-from ckpt_migrate.core.errors import UnreadableInputError
-from ckpt_migrate.core.migration import Context
-from ckpt_migrate.core.plan import CheckpointState, FileRewrite, Options
-from ckpt_migrate.formats.pickles import pickle_globals
 
 TESTS = Path(__file__).parent
 FIXTURE_RNG_FILES = sorted((TESTS / "fixtures").glob("*/run/checkpoint-*/rng_state.pth"))
