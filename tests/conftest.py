@@ -4,8 +4,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import stat
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -28,14 +31,64 @@ def needs_base(case: dict) -> bool:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file below root, plus its mode, to prove a tree was not modified."""
-    digests = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            digests[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest() + oct(
-                path.stat().st_mode
-            )
-    return digests
+    """Every entry below ``root``, with its mode bits, to prove a tree was not modified.
+
+    A file gives its sha256; a directory its mode; a symlink its target as written (it is not followed
+    into directories) and, when it resolves to a regular file, that file's mode and sha256 as well, so a
+    change made through a link is seen too.
+    """
+    digest: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                digest[rel] = f"link:{os.readlink(path)}"
+                try:
+                    target = path.stat()
+                except OSError:  # dangling, or a loop
+                    continue
+                if stat.S_ISREG(target.st_mode):
+                    digest[rel] += f" -> file:{target.st_mode:o}:{_sha256(path, target.st_mode)}"
+            elif stat.S_ISDIR(st.st_mode):
+                digest[rel] = f"dir:{st.st_mode:o}"
+            else:
+                digest[rel] = f"file:{st.st_mode:o}:{_sha256(path, st.st_mode)}"
+    return digest
+
+
+def _sha256(path: Path, mode: int) -> str:
+    if mode & 0o444 == 0 and os.geteuid() != 0:
+        return "unreadable"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except PermissionError:
+        return "unreadable"
+
+
+class CliResult(NamedTuple):
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | os.PathLike) -> CliResult:
+    """Run the CLI in-process with click's CliRunner: ``(exit_code, stdout, stderr)``.
+
+    An exception escaping the CLI is not caught: it fails the test with its traceback. The SIGTERM
+    handler the CLI installs is put back afterwards.
+    """
+    from click.testing import CliRunner
+
+    from ckpt_migrate.cli import main
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return CliResult(result.exit_code, result.stdout, result.stderr)
 
 
 def old_python() -> str | None:
@@ -62,3 +115,11 @@ def repaired(tmp_path_factory) -> dict[str, Path]:
         assert report.exit_code == 0, report.checkpoints
         outputs[case_dir.name] = out
     return outputs
+
+
+@pytest.fixture
+def ws(tmp_path: Path):
+    """A hostile-input workspace (tests/hostile_helpers.py): a copy of llama_score's checkpoint-2."""
+    from hostile_helpers import make_workspace
+
+    return make_workspace(tmp_path)

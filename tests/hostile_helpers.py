@@ -1,4 +1,12 @@
-"""Builders and assertions for the hostile-input tests (tests/test_hostile_inputs.py, tests/test_safetensors_fuzz.py).
+"""Builders and assertions for the hostile-input tests (tests/test_hostile_*.py, tests/test_safetensors_fuzz.py).
+
+Issue #5: hostile and broken inputs are refused cleanly. Every refusal must be: one line on stderr naming
+the file and the problem, the documented exit code (ckpt_migrate/core/errors.py), no traceback, no pickle code
+run, the source byte-identical afterwards, and no output: --out does not exist and no staging directory is
+left beside it (``assert_refused``). The CLI runs in a real subprocess (``run_cli_subprocess``: ``python -m
+ckpt_migrate``), so stderr is exactly what a user sees; runs that need torch (pickles, writes) go through
+click's CliRunner in-process instead (``Workspace.fix(inproc=True)``, conftest's ``run_cli``), to keep the
+suite fast, and an exception escaping the CLI there fails the test with its traceback.
 
 Everything here works on copies of the real peft 0.12 fixtures under ``tests/fixtures``; the fixtures
 themselves are never modified.
@@ -16,7 +24,10 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from conftest import run_cli, tree_digest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parent.parent
@@ -56,34 +67,92 @@ def copy_checkpoint(case: str, dest: Path, checkpoint: str = "checkpoint-2") -> 
     return dest
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every entry below ``root``: file sha256, symlink target, or directory, with its mode bits."""
-    digest: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            st = path.lstat()
-            if path.is_symlink():
-                digest[rel] = f"link:{os.readlink(path)}"
-            elif path.is_dir():
-                digest[rel] = f"dir:{st.st_mode:o}"
-            else:
-                digest[rel] = f"file:{st.st_mode:o}:{_sha256(path, st.st_mode)}"
-    return digest
-
-
-def _sha256(path: Path, mode: int) -> str:
-    if mode & 0o444 == 0 and os.geteuid() != 0:
-        return "unreadable"
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except PermissionError:
-        return "unreadable"
-
-
 def staging_dirs(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if STAGING_MARK in p.name) if parent.is_dir() else []
+
+
+# ---------------------------------------------------------------- workspaces and the refusal contract
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+HEAD = "base_model.model.score"
+A, B, W = f"{HEAD}.lora_A.weight", f"{HEAD}.lora_B.weight", f"{HEAD}.base_layer.weight"
+
+
+@dataclass
+class Workspace:
+    """A copy of one fixture checkpoint (``src``), a not-yet-existing ``out`` and a marker for pickles."""
+
+    root: Path
+    src: Path
+    out: Path
+    marker: Path
+    extra_args: list[str] = field(default_factory=list)
+    digest: dict[str, str] = field(default_factory=dict)
+
+    def snapshot(self) -> None:
+        """Record the source tree after the test made it hostile, before the tool runs."""
+        self.digest = tree_digest(self.src)
+
+    def fix(self, *args, inproc: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        if not self.digest:
+            self.snapshot()
+        argv = ["fix", self.src, "--out", self.out, "--quiet", *self.extra_args, *args]
+        return self.run(*argv, inproc=inproc, **kwargs)
+
+    @staticmethod
+    def run(*argv, inproc: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        """The CLI in a real subprocess, or in-process (conftest's ``run_cli``) with ``inproc=True``."""
+        if inproc:
+            return subprocess.CompletedProcess(argv, *run_cli(*argv))
+        return run_cli_subprocess(*argv, **kwargs)
+
+
+def make_workspace(root: Path, case: str = "llama_score", checkpoint: str = "checkpoint-2") -> Workspace:
+    src = root / "src" / checkpoint
+    shutil.copytree(FIXTURES / case / "run" / checkpoint, src, symlinks=True)
+    return Workspace(root, src, root / "out", root / "MARKER-pickle-code-ran")
+
+
+def bart_workspace(tmp_path: Path) -> Workspace:
+    """bart_lora_only_head's checkpoint, with a copy of its base model passed as --base-model."""
+    ws = make_workspace(tmp_path, "bart_lora_only_head")
+    base = tmp_path / "base"
+    shutil.copytree(FIXTURES / "bart_lora_only_head" / "base", base)
+    ws.extra_args = ["--base-model", str(base)]
+    return ws
+
+
+def assert_refused(ws: Workspace, result: subprocess.CompletedProcess, code: int, *mentions: str) -> str:
+    """The shared contract of every refusal; returns the stderr line."""
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = stderr_lines(result.stderr)
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    line = lines[0]
+    print(f"exit {result.returncode}: {line}")  # shown with -rP: the observed refusal, for review
+    assert line.startswith("ckpt-migrate: error: "), line
+    for mention in mentions:
+        assert mention in line, f"{mention!r} not in {line!r}"
+    assert result.returncode == code, f"exit {result.returncode}, expected {code}: {line}"
+    assert tree_digest(ws.src) == ws.digest, "the source was modified"
+    assert not ws.out.exists(), "--out was created"
+    assert staging_dirs(ws.out.parent) == [], "a staging directory was left behind"
+    assert not ws.marker.exists(), "pickle code ran"
+    return line
+
+
+def assert_complete_checkpoint(directory: Path) -> dict:
+    """A published checkpoint: manifest hashes match, the adapter loads with the real safetensors library."""
+    from safetensors import safe_open
+
+    manifest = json.loads((directory / "ckpt_migrate_manifest.json").read_text())
+    for name, digest in manifest["outputs_sha256"].items():
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest, name
+    with safe_open(directory / WEIGHTS, framework="pt") as handle:
+        for key in handle.keys():
+            handle.get_tensor(key)
+    json.loads((directory / CONFIG).read_text())
+    return manifest
 
 
 # ---------------------------------------------------------------- safetensors
@@ -138,6 +207,15 @@ def edit_json(path: Path, edit: Callable[[dict], object]) -> None:
     path.write_text(json.dumps(value, indent=2))
 
 
+def zero_bytes(dtype: str, shape: list[int]) -> tuple[str, list[int], bytes]:
+    """A tensor of ``shape`` and ``dtype`` holding zeros, as ``save_tensors`` takes it."""
+    from math import prod
+
+    from ckpt_migrate.formats.dtypes import DTYPES
+
+    return dtype, shape, b"\0" * (prod(shape) * DTYPES[dtype].size)
+
+
 # ---------------------------------------------------------------- pickles
 
 
@@ -167,17 +245,49 @@ def write_hostile_pickle(path: Path, marker: Path, fmt: str = "torch-zip") -> No
 # ---------------------------------------------------------------- running
 
 
-def run_cli(*args: str | os.PathLike, preexec_fn=None, timeout: float = 120, env: dict | None = None):
-    """Run ``python -m ckpt_migrate ARGS`` in a fresh process (the real entry point, real stderr)."""
-    return subprocess.run(
-        [sys.executable, "-m", "ckpt_migrate", *map(str, args)],
-        capture_output=True,
+def run_cli_subprocess(
+    *args: str | os.PathLike,
+    preexec_fn=None,
+    timeout: float = 120,
+    env: dict | None = None,
+    pause_mid_write: bool = False,
+    wait: bool = True,
+):
+    """Run ``python -m ckpt_migrate ARGS`` in a fresh process (the real entry point, real stderr).
+
+    The only subprocess runner of the CLI. With ``wait`` (the default) it returns the finished
+    ``CompletedProcess``; with ``wait=False`` the running ``Popen``. ``pause_mid_write`` runs
+    ``PAUSING_CLI`` instead of ``-m ckpt_migrate`` (set ``HOSTILE_READY`` in ``env``), with SIGINT at its
+    default action: a parent may run us with SIGINT ignored.
+    """
+    command = [sys.executable, "-c", PAUSING_CLI] if pause_mid_write else [sys.executable, "-m", "ckpt_migrate"]
+    preexec = preexec_fn
+    if pause_mid_write:
+
+        def preexec() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if preexec_fn is not None:
+                preexec_fn()
+
+    proc = subprocess.Popen(
+        [*command, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        preexec_fn=preexec_fn,
+        preexec_fn=preexec,
         env={**os.environ, **(env or {})},
         cwd=REPO,
     )
+    if not wait:
+        return proc
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def stderr_lines(stderr: str) -> list[str]:

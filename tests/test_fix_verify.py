@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 
-from click.testing import CliRunner
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 
 import ckpt_migrate.verify
-from ckpt_migrate.cli import main
 
 CASE = FIXTURES / "distilbert_two_heads"
 
 
-def run(*args) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
 def test_fix_verify_publishes_a_verified_repair(tmp_path):
     out = tmp_path / "out"
-    code, stdout, _ = run(
+    code, stdout, _ = run_cli(
         "fix", CASE / "run", "--out", out, "--base-model", CASE / "base", "--verify", "--format", "json"
     )
     assert code == 0
@@ -42,12 +35,12 @@ def test_fix_verify_publishes_nothing_when_verification_fails(tmp_path, monkeypa
 
     monkeypatch.setattr(ckpt_migrate.verify, "verify_checkpoint", failing)
     out = tmp_path / "out"
-    code, _, stderr = run("fix", CASE / "run", "--out", out, "--base-model", CASE / "base", "--verify")
+    code, _, stderr = run_cli("fix", CASE / "run", "--out", out, "--base-model", CASE / "base", "--verify")
     assert code == 8
     assert "forced failure" in stderr and len(stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fix_verify_needs_a_base_model(tmp_path):
-    code, _, stderr = run("fix", CASE / "run", "--out", tmp_path / "out", "--verify")
+    code, _, stderr = run_cli("fix", CASE / "run", "--out", tmp_path / "out", "--verify")
     assert code == 6 and "--base-model" in stderr

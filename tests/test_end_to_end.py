@@ -11,18 +11,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import FIXTURES, case_dirs, load_case, needs_base, tree_digest
+from conftest import FIXTURES, case_dirs, load_case, needs_base, run_cli, tree_digest
 
-from ckpt_migrate.cli import main
 from ckpt_migrate.formats.safetensors import read_header
 
 CASES = [c for c in case_dirs(FIXTURES) if not (needs_base(load_case(c)) and not load_case(c)["head_in_base"])]
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def base_args(case_dir: Path) -> list[str]:
@@ -212,7 +205,7 @@ def test_batch_rerun_adds_new_checkpoints_and_skips_repaired_ones(tmp_path):
     statuses = {Path(c["source"]).name: c for c in json.loads(stdout)["checkpoints"]}
     assert any("skipped" in w for w in statuses["checkpoint-2"]["warnings"])
     assert statuses["checkpoint-4"]["status"] == "repaired"
-    assert {k: v for k, v in tree_digest(out).items() if k.startswith("checkpoint-2/")} == first
+    assert {k: v for k, v in tree_digest(out).items() if k.partition("/")[0] == "checkpoint-2"} == first
     assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
     # Anything else in --out is still refused.
     (out / "notes.txt").write_text("mine")
@@ -243,7 +236,7 @@ def test_final_adapter_beside_checkpoints_is_repaired_with_each_of_them(tmp_path
 
 
 def test_fix_without_out_is_a_usage_error():
-    result = CliRunner().invoke(main, ["fix", str(FIXTURES / "llama_score" / "run")])
+    result = run_cli("fix", FIXTURES / "llama_score" / "run")
     assert result.exit_code == 2
     assert "--out is required" in result.stderr
 
