@@ -34,8 +34,19 @@ def list_migrations() -> list[Migration]:
     return list(MIGRATIONS)
 
 
-def _plan_all(src: Path, base_model: str | Path | None, optimizer: str | OptimizerPolicy) -> list[CheckpointResult]:
-    options = Options(optimizer=OptimizerPolicy(optimizer))
+def _options(optimizer: str, target_transformers: str | None) -> Options:
+    """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
+    from packaging.version import InvalidVersion, Version
+
+    if target_transformers is not None:
+        try:
+            target_transformers = str(Version(target_transformers))
+        except InvalidVersion:
+            raise ValueError(f"target_transformers {target_transformers!r} is not a version (e.g. 4.44.2)") from None
+    return Options(optimizer=OptimizerPolicy(optimizer), target_transformers=target_transformers)
+
+
+def _plan_all(src: Path, base_model: str | Path | None, options: Options) -> list[CheckpointResult]:
     relatives = find_checkpoints(src)
     base = BaseModel.open(base_model) if base_model is not None else None
     results = []
@@ -53,7 +64,13 @@ def _plan_all(src: Path, base_model: str | Path | None, optimizer: str | Optimiz
     return results
 
 
-def inspect(src: str | Path, *, base_model: str | Path | None = None, optimizer: str = "drop") -> Report:
+def inspect(
+    src: str | Path,
+    *,
+    base_model: str | Path | None = None,
+    optimizer: str = "drop",
+    target_transformers: str | None = None,
+) -> Report:
     """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
 
     Reads only ``adapter_config.json``, file sizes and safetensors headers (a ``.bin`` adapter is
@@ -63,7 +80,8 @@ def inspect(src: str | Path, *, base_model: str | Path | None = None, optimizer:
     3
     """
     src = Path(src)
-    return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model, optimizer))
+    options = _options(optimizer, target_transformers)
+    return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model, options))
 
 
 def fix(
@@ -74,6 +92,7 @@ def fix(
     dry_run: bool = False,
     progress: bool | None = None,
     optimizer: str = "drop",
+    target_transformers: str | None = None,
     verify: bool = False,
 ) -> Report:
     """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
@@ -82,14 +101,16 @@ def fix(
     Clean checkpoints are not written. ``progress`` shows a byte counter on stderr (``None``: only
     when stderr is a terminal). ``optimizer``: ``"drop"`` the stale ``optimizer.pt`` (default) or
     ``"remap"`` it onto the repaired parameters (needs ``base_model`` for the parameter order).
-    ``verify`` runs :func:`verify` on each staged checkpoint against its source and publishes only
-    those that pass (needs ``base_model``).
+    ``target_transformers``: the transformers release that will resume the checkpoint (default:
+    the installed one). ``verify`` runs :func:`verify` on each staged checkpoint against its
+    source and publishes only those that pass (needs ``base_model``).
 
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
     from ckpt_migrate.execute.publish import check_output_target, earlier_batch_output, write_and_publish
 
+    options = _options(optimizer, target_transformers)
     src = Path(src)
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
@@ -98,7 +119,7 @@ def fix(
         raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
     if out_path is not None:
         check_output_target(src, out_path, allow_earlier_batch=True)
-    report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, optimizer))
+    report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, options))
     single = len(report.checkpoints) == 1
     done = earlier_batch_output(src, out_path) if out_path is not None and not single else set()
     for result in report.checkpoints:

@@ -35,6 +35,25 @@ OPTIMIZER = click.option(
     help="Stale optimizer.pt: drop it (Adam moments and LR schedule restart on resume), or remap it onto the "
     "repaired parameters (needs --base-model for the parameter order; falls back to drop if unprovable).",
 )
+
+
+def _version_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return None if value is None else str(Version(value))
+    except InvalidVersion:
+        raise click.BadParameter(f"{value!r} is not a version (e.g. 4.44.2)") from None
+
+
+TARGET_TRANSFORMERS = click.option(
+    "--target-transformers",
+    metavar="VERSION",
+    default=None,
+    callback=_version_option,
+    help="The transformers release that will resume the checkpoint (default: the installed one); "
+    "trainer_state.json fields it does not know are dropped.",
+)
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
@@ -90,6 +109,7 @@ def main() -> None:
 @FORMAT
 @BASE_MODEL
 @OPTIMIZER
+@TARGET_TRANSFORMERS
 @click.option(
     "--verify",
     is_flag=True,
@@ -104,6 +124,7 @@ def fix(
     fmt: str,
     base_model: str | None,
     optimizer: str,
+    target_transformers: str | None,
     verify: bool,
     quiet: bool,
     debug: bool,
@@ -126,6 +147,7 @@ def fix(
             dry_run=dry_run,
             progress=False if quiet else None,
             optimizer=optimizer,
+            target_transformers=target_transformers,
             verify=verify,
         )
         code = _emit(report, fmt)
@@ -143,14 +165,20 @@ def fix(
 @FORMAT
 @BASE_MODEL
 @OPTIMIZER
+@TARGET_TRANSFORMERS
 @DEBUG
-def inspect(src: str, fmt: str, base_model: str | None, optimizer: str, debug: bool) -> None:
+def inspect(
+    src: str, fmt: str, base_model: str | None, optimizer: str, target_transformers: str | None, debug: bool
+) -> None:
     """Say what SRC is, what is wrong with it, and the repair plan (reads headers only)."""
 
     def action() -> int:
         from ckpt_migrate.api import inspect as inspect_checkpoints
 
-        return _emit(inspect_checkpoints(src, base_model=base_model, optimizer=optimizer), fmt)
+        report = inspect_checkpoints(
+            src, base_model=base_model, optimizer=optimizer, target_transformers=target_transformers
+        )
+        return _emit(report, fmt)
 
     _run(debug, action)
 

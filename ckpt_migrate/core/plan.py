@@ -41,9 +41,13 @@ class OptimizerPolicy(str, Enum):
 
 @dataclass(frozen=True)
 class Options:
-    """The user's choices that planning depends on."""
+    """The user's choices that planning depends on.
+
+    ``target_transformers``: the transformers release that will load the checkpoint (None: the installed one).
+    """
 
     optimizer: OptimizerPolicy = OptimizerPolicy.DROP
+    target_transformers: str | None = None
 
 
 class SourceKind(str, Enum):
