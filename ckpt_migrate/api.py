@@ -34,16 +34,22 @@ def list_migrations() -> list[Migration]:
     return list(MIGRATIONS)
 
 
-def _options(optimizer: str, target_transformers: str | None) -> Options:
-    """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
+def _version(name: str, value: str | None) -> str | None:
     from packaging.version import InvalidVersion, Version
 
-    if target_transformers is not None:
-        try:
-            target_transformers = str(Version(target_transformers))
-        except InvalidVersion:
-            raise ValueError(f"target_transformers {target_transformers!r} is not a version (e.g. 4.44.2)") from None
-    return Options(optimizer=OptimizerPolicy(optimizer), target_transformers=target_transformers)
+    try:
+        return None if value is None else str(Version(value))
+    except InvalidVersion:
+        raise ValueError(f"{name} {value!r} is not a version (e.g. 4.44.2)") from None
+
+
+def _options(optimizer: str, target_transformers: str | None, target_peft: str | None) -> Options:
+    """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
+    return Options(
+        optimizer=OptimizerPolicy(optimizer),
+        target_transformers=_version("target_transformers", target_transformers),
+        target_peft=_version("target_peft", target_peft),
+    )
 
 
 def _plan_all(src: Path, base_model: str | Path | None, options: Options) -> list[CheckpointResult]:
@@ -70,6 +76,7 @@ def inspect(
     base_model: str | Path | None = None,
     optimizer: str = "drop",
     target_transformers: str | None = None,
+    target_peft: str | None = None,
 ) -> Report:
     """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
 
@@ -80,7 +87,7 @@ def inspect(
     3
     """
     src = Path(src)
-    options = _options(optimizer, target_transformers)
+    options = _options(optimizer, target_transformers, target_peft)
     return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model, options))
 
 
@@ -93,6 +100,7 @@ def fix(
     progress: bool | None = None,
     optimizer: str = "drop",
     target_transformers: str | None = None,
+    target_peft: str | None = None,
     verify: bool = False,
 ) -> Report:
     """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
@@ -101,8 +109,8 @@ def fix(
     Clean checkpoints are not written. ``progress`` shows a byte counter on stderr (``None``: only
     when stderr is a terminal). ``optimizer``: ``"drop"`` the stale ``optimizer.pt`` (default) or
     ``"remap"`` it onto the repaired parameters (needs ``base_model`` for the parameter order).
-    ``target_transformers``: the transformers release that will resume the checkpoint (default:
-    the installed one). ``verify`` runs :func:`verify` on each staged checkpoint against its
+    ``target_transformers`` / ``target_peft``: the releases that will resume the checkpoint
+    (default: the installed ones). ``verify`` runs :func:`verify` on each staged checkpoint against its
     source and publishes only those that pass (needs ``base_model``).
 
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
@@ -110,7 +118,7 @@ def fix(
     """
     from ckpt_migrate.execute.publish import check_output_target, earlier_batch_output, write_and_publish
 
-    options = _options(optimizer, target_transformers)
+    options = _options(optimizer, target_transformers, target_peft)
     src = Path(src)
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:

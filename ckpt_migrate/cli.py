@@ -54,6 +54,14 @@ TARGET_TRANSFORMERS = click.option(
     help="The transformers release that will resume the checkpoint (default: the installed one); "
     "trainer_state.json fields it does not know are dropped.",
 )
+TARGET_PEFT = click.option(
+    "--target-peft",
+    metavar="VERSION",
+    default=None,
+    callback=_version_option,
+    help="The peft release that will load the adapter (default: the installed one); adapter_config.json keys it "
+    "does not know are dropped when that keeps the model, else the checkpoint is refused (exit 4).",
+)
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
@@ -110,6 +118,7 @@ def main() -> None:
 @BASE_MODEL
 @OPTIMIZER
 @TARGET_TRANSFORMERS
+@TARGET_PEFT
 @click.option(
     "--verify",
     is_flag=True,
@@ -125,6 +134,7 @@ def fix(
     base_model: str | None,
     optimizer: str,
     target_transformers: str | None,
+    target_peft: str | None,
     verify: bool,
     quiet: bool,
     debug: bool,
@@ -148,6 +158,7 @@ def fix(
             progress=False if quiet else None,
             optimizer=optimizer,
             target_transformers=target_transformers,
+            target_peft=target_peft,
             verify=verify,
         )
         code = _emit(report, fmt)
@@ -166,9 +177,16 @@ def fix(
 @BASE_MODEL
 @OPTIMIZER
 @TARGET_TRANSFORMERS
+@TARGET_PEFT
 @DEBUG
 def inspect(
-    src: str, fmt: str, base_model: str | None, optimizer: str, target_transformers: str | None, debug: bool
+    src: str,
+    fmt: str,
+    base_model: str | None,
+    optimizer: str,
+    target_transformers: str | None,
+    target_peft: str | None,
+    debug: bool,
 ) -> None:
     """Say what SRC is, what is wrong with it, and the repair plan (reads headers only)."""
 
@@ -176,7 +194,11 @@ def inspect(
         from ckpt_migrate.api import inspect as inspect_checkpoints
 
         report = inspect_checkpoints(
-            src, base_model=base_model, optimizer=optimizer, target_transformers=target_transformers
+            src,
+            base_model=base_model,
+            optimizer=optimizer,
+            target_transformers=target_transformers,
+            target_peft=target_peft,
         )
         return _emit(report, fmt)
 

@@ -35,7 +35,7 @@ class Line:
 @dataclass(frozen=True)
 class Diff:
     title: str
-    changes: tuple[tuple[str, Any, Any], ...]  # key, before, after
+    changes: tuple[tuple[str, str, str], ...]  # key, before, after (as shown)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,14 @@ def report_sections(report: Report) -> list[Section]:
             blocks.append(Line("migrations", code=tuple(entry["migrations"])))
         blocks += [Line("ERROR", error) for error in entry["errors"]]
         if entry["config_changes"]:
-            changes = tuple((k, c["before"], c["after"]) for k, c in entry["config_changes"].items())
+            changes = tuple(
+                (
+                    key,
+                    "(absent)" if c.get("added") else json.dumps(c["before"]),
+                    "(removed)" if c.get("removed") else json.dumps(c["after"]),
+                )
+                for key, c in entry["config_changes"].items()
+            )
             blocks.append(Diff("adapter_config.json", changes))
         removed, added = entry["tensors_removed"], entry["tensors_added"]
         if removed:
@@ -206,7 +213,7 @@ def draw_text(sections: list[Section], headings: str = "== ") -> str:
             elif isinstance(block, Diff):
                 lines.append(f"{block.title}:")
                 for key, before, after in block.changes:
-                    lines += [f"- {key}: {json.dumps(before)}", f"+ {key}: {json.dumps(after)}"]
+                    lines += [f"- {key}: {before}", f"+ {key}: {after}"]
             else:
                 lines += _text_table(block)
         lines.append("")
@@ -235,7 +242,7 @@ def draw_markdown(title: str, sections: list[Section]) -> str:
             if isinstance(block, Diff):
                 lines += [f"**{block.title}**", "", "```diff"]
                 for key, before, after in block.changes:
-                    lines += [f"- {key}: {json.dumps(before)}", f"+ {key}: {json.dumps(after)}"]
+                    lines += [f"- {key}: {before}", f"+ {key}: {after}"]
                 lines += ["```"]
             else:
                 lines += [f"**{block.title.capitalize()}**", ""] if block.title else []

@@ -86,11 +86,17 @@ def test_missing_adapter_config_is_refused(ws: Workspace):
     assert_refused(ws, ws.fix(), EXIT_UNREADABLE, str(ws.src / CONFIG), "missing")
 
 
-def test_run_dir_without_any_adapter_config_is_refused(ws: Workspace):
+def test_run_dir_whose_checkpoint_has_adapter_weights_but_no_config_is_refused(ws: Workspace):
     (ws.src / CONFIG).unlink()
     run = ws.src.parent
     ws.src = run
-    assert_refused(ws, ws.fix(), EXIT_UNREADABLE, str(run), "no adapter_config.json")
+    assert_refused(ws, ws.fix(), EXIT_UNREADABLE, str(run / "checkpoint-2" / CONFIG), "missing")
+
+
+def test_directory_that_is_no_checkpoint_is_refused(ws: Workspace):
+    for name in ("adapter_model.safetensors", CONFIG, "trainer_state.json"):
+        (ws.src / name).unlink()
+    assert_refused(ws, ws.fix(), EXIT_UNREADABLE, str(ws.src), "no adapter_config.json or trainer_state.json")
 
 
 # ---------------------------------------------------------------- the manifest

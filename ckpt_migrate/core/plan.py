@@ -43,11 +43,12 @@ class OptimizerPolicy(str, Enum):
 class Options:
     """The user's choices that planning depends on.
 
-    ``target_transformers``: the transformers release that will load the checkpoint (None: the installed one).
+    ``target_transformers`` / ``target_peft``: the releases that will load the checkpoint (None: the installed ones).
     """
 
     optimizer: OptimizerPolicy = OptimizerPolicy.DROP
     target_transformers: str | None = None
+    target_peft: str | None = None
 
 
 class SourceKind(str, Enum):
@@ -125,7 +126,7 @@ class CheckpointState:
     config: dict[str, Any]
     tensors: dict[str, PlannedTensor]
     files: dict[str, int]
-    weights_file: str
+    weights_file: str | None  # None: a Trainer checkpoint without an adapter
     applied: list[str] = field(default_factory=list)
     trainable_parameters_changed: bool = False
     warnings: list[str] = field(default_factory=list)
@@ -191,12 +192,19 @@ class CheckpointPlan:
 
     @property
     def config_changes(self) -> dict[str, dict[str, Any]]:
-        keys = sorted(set(self.before.config) | set(self.after.config))
-        return {
-            key: {"before": self.before.config.get(key), "after": self.after.config.get(key)}
-            for key in keys
-            if self.before.config.get(key) != self.after.config.get(key)
-        }
+        """``{key: {"before": .., "after": ..}}``, plus ``"added"``/``"removed": True`` where a key appears or goes."""
+        before, after = self.before.config, self.after.config
+        changes: dict[str, dict[str, Any]] = {}
+        for key in sorted(set(before) | set(after)):
+            if key in before and key in after and before[key] == after[key]:
+                continue
+            change = {"before": before.get(key), "after": after.get(key)}
+            if key not in after:
+                change["removed"] = True
+            elif key not in before:
+                change["added"] = True
+            changes[key] = change
+        return changes
 
     @property
     def warnings(self) -> list[str]:

@@ -35,7 +35,8 @@ def rewrite_file(name: str, plan: CheckpointPlan, target: Path) -> None:
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
     """Source files split into (copied byte for byte, read to be rewritten, dropped unread)."""
     before, after = plan.before, plan.after
-    read_to_rewrite = {ADAPTER_CONFIG, before.weights_file, MANIFEST} | set(after.rewritten_files)
+    adapter = {ADAPTER_CONFIG, before.weights_file} if before.weights_file else set()
+    read_to_rewrite = adapter | {MANIFEST} | set(after.rewritten_files)
     copied = [n for n in sorted(before.files) if n in after.files and n not in read_to_rewrite]
     rewritten = [n for n in sorted(before.files) if n in read_to_rewrite]
     dropped = [n for n in sorted(before.files) if n not in after.files and n not in read_to_rewrite]
@@ -46,7 +47,8 @@ def bytes_to_process(plan: CheckpointPlan) -> int:
     """Progress total: copied files once, rewritten inputs hashed, the new adapter weights written."""
     copied, rewritten, _ = _inputs_by_handling(plan)
     files = plan.before.files
-    return sum(files[n] for n in copied) + sum(files[n] for n in rewritten) + files[plan.before.weights_file]
+    written = files[plan.before.weights_file] if plan.before.weights_file else 0
+    return sum(files[n] for n in copied) + sum(files[n] for n in rewritten) + written
 
 
 def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
@@ -80,15 +82,8 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
         for name in sorted(after.rewritten_files):
             rewrite_file(name, plan, target)
             outputs[name] = files.sha256_file(target / name)
-        reader = TensorReader(plan)
-        metadata = reader.source_metadata
-        record = {"migrations_applied": after.applied, "tool_version": __version__}
-        metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
-        outputs[after.weights_file] = write_safetensors(
-            target / after.weights_file, output_tensors(plan, reader), metadata, progress
-        )
-        config_text = json.dumps(after.config, indent=2, sort_keys=True)
-        outputs[ADAPTER_CONFIG] = files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8"))
+        if after.weights_file is not None:
+            outputs.update(_write_adapter(plan, target, progress))
         inputs.update({name: future.result() for name, future in pending.items()})
     manifest = {
         "tool": "ckpt-migrate",
@@ -107,11 +102,33 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
     return manifest
 
 
+def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None) -> dict[str, str]:
+    """The new adapter weights (copied, folded) and config; their sha256 by file name."""
+    after = plan.after
+    reader = TensorReader(plan)
+    metadata = reader.source_metadata
+    record = {"migrations_applied": after.applied, "tool_version": __version__}
+    metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
+    tensors = output_tensors(plan, reader)
+    config_text = json.dumps(after.config, indent=2, sort_keys=True)
+    return {
+        after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress),
+        ADAPTER_CONFIG: files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8")),
+    }
+
+
 def verify_written(plan: CheckpointPlan, target: Path) -> None:
     """Re-read what was written and check it is what the plan said, before it is published."""
-    header = read_header(target / plan.after.weights_file)
-    written = {name: (info.shape, info.dtype) for name, info in header.tensors.items()}
-    planned = {name: (t.shape, t.dtype) for name, t in plan.after.tensors.items()}
-    config = json.loads((target / ADAPTER_CONFIG).read_text())
-    if written != planned or config != plan.after.config:
+    after = plan.after
+    expected = set(after.files) | set(after.rewritten_files) | {MANIFEST}
+    if after.weights_file is not None:
+        expected |= {after.weights_file, ADAPTER_CONFIG}
+    present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    matches = present == expected
+    if matches and after.weights_file is not None:
+        header = read_header(target / after.weights_file)
+        written = {name: (info.shape, info.dtype) for name, info in header.tensors.items()}
+        planned = {name: (t.shape, t.dtype) for name, t in after.tensors.items()}
+        matches = written == planned and json.loads((target / ADAPTER_CONFIG).read_text()) == after.config
+    if not matches:
         raise OutputError("written checkpoint does not match the plan; nothing was published", target)

@@ -18,28 +18,37 @@ from ckpt_migrate.formats.adapter import (
 )
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+#: Any of these makes a directory a checkpoint: an adapter, or a Trainer checkpoint with or without one.
+CHECKPOINT_MARKERS = (ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, BIN_WEIGHTS, TRAINER_STATE)
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    return any((directory / name).exists() for name in CHECKPOINT_MARKERS)
 
 
 def find_checkpoints(src: Path) -> list[str]:
-    """Relative paths of the adapter checkpoints at ``src``: ``"."`` or its ``checkpoint-*`` directories."""
+    """Relative paths of the checkpoints at ``src``: ``"."`` and/or its ``checkpoint-*`` directories."""
     if not src.exists():
         raise UnreadableInputError("no such file or directory", src)
     if not src.is_dir():
         raise UnreadableInputError("not a directory (expected an adapter or checkpoint directory)", src)
-    top_level = any((src / name).exists() for name in (ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, BIN_WEIGHTS))
+    top_level = _is_checkpoint(src)
     nested = nested_checkpoints(src)
     if not top_level and not nested:
-        raise UnreadableInputError(f"no {ADAPTER_CONFIG} here nor in any checkpoint-*/ directory", src)
+        raise UnreadableInputError(
+            f"no {ADAPTER_CONFIG} or {TRAINER_STATE} here nor in any checkpoint-*/ directory", src
+        )
     # A training output directory often holds the final adapter beside its checkpoint-* directories.
     return (["."] if top_level else []) + nested
 
 
 def nested_checkpoints(directory: Path) -> list[str]:
-    """``checkpoint-N`` subdirectories holding an adapter, in step order: separate checkpoints."""
+    """``checkpoint-N`` subdirectories that are checkpoints, in step order: separate checkpoints."""
     found = []
     for child in directory.iterdir():
         match = _CHECKPOINT_DIR.match(child.name)
-        if match and child.is_dir() and not child.is_symlink() and (child / ADAPTER_CONFIG).exists():
+        if match and child.is_dir() and not child.is_symlink() and _is_checkpoint(child):
             found.append((int(match.group(1)), child.name))
     return [name for _, name in sorted(found)]
 
@@ -80,22 +89,25 @@ def list_files(directory: Path) -> dict[str, int]:
 
 
 def load_state(directory: Path) -> CheckpointState:
-    """Model one adapter checkpoint from its config, weight headers and file list."""
+    """Model one checkpoint from its adapter config, weight headers and file list.
+
+    A Trainer checkpoint without an adapter (a full fine-tune) has no config, no tensors and
+    ``weights_file`` None: its model files are files like any other.
+    """
     files = list_files(directory)
-    if ADAPTER_CONFIG not in files:
-        raise UnreadableInputError("missing", directory / ADAPTER_CONFIG)
-    config = read_adapter_config(directory / ADAPTER_CONFIG)
-    if SAFETENSORS_WEIGHTS in files:
-        weights_file = SAFETENSORS_WEIGHTS
-    elif BIN_WEIGHTS in files:
-        weights_file = BIN_WEIGHTS
-    else:
-        raise UnreadableInputError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", directory)
     manifest = read_manifest(directory)
     applied = list(manifest.get("migrations_applied", [])) if manifest else []
+    has_weights = SAFETENSORS_WEIGHTS in files or BIN_WEIGHTS in files
+    if ADAPTER_CONFIG not in files:
+        if has_weights or TRAINER_STATE not in files:
+            raise UnreadableInputError("missing", directory / ADAPTER_CONFIG)
+        return CheckpointState(directory, config={}, tensors={}, files=files, weights_file=None, applied=applied)
+    if not has_weights:
+        raise UnreadableInputError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", directory)
+    weights_file = SAFETENSORS_WEIGHTS if SAFETENSORS_WEIGHTS in files else BIN_WEIGHTS
     return CheckpointState(
         source_dir=directory,
-        config=config,
+        config=read_adapter_config(directory / ADAPTER_CONFIG),
         tensors=adapter_tensors(directory, weights_file),
         files=files,
         weights_file=weights_file,
