@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckpt_migrate.core.migration import Context
+from ckpt_migrate.core.migration import Context, ExplainingMigration
 from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
 from ckpt_migrate.formats.adapter import BIN_WEIGHTS, SAFETENSORS_WEIGHTS
 from ckpt_migrate.formats.base_model import BaseModel
@@ -25,20 +25,26 @@ def plan_checkpoint(
     before = load_state(directory)
     after = before.clone()
     context = Context(source=before, base_model=base_model, options=options or Options())
+    fails_on = tuple(line for m in MIGRATIONS if isinstance(m, ExplainingMigration) for line in m.failures(before))
     ran: list[str] = []
+
+    def finish(status: Status) -> CheckpointPlan:
+        not_needed = tuple(m.ID for m in MIGRATIONS if m.ID not in ran)
+        return CheckpointPlan(directory, relative, status, tuple(ran), before, after, not_needed, fails_on)
+
     for migration in MIGRATIONS:
         if migration.ID in after.applied or not migration.detect(after, context):
             continue
         migration.plan(after, context)
         ran.append(migration.ID)
         if after.unrecoverable:
-            return CheckpointPlan(directory, relative, Status.UNRECOVERABLE, tuple(ran), before, after)
+            return finish(Status.UNRECOVERABLE)
     if not ran:
-        return CheckpointPlan(directory, relative, Status.CLEAN, (), before, after)
+        return finish(Status.CLEAN)
     after.applied = before.applied + ran
     if after.weights_file == BIN_WEIGHTS:
         after.drop_file(BIN_WEIGHTS, f"rewritten as {SAFETENSORS_WEIGHTS}")
         after.weights_file = SAFETENSORS_WEIGHTS
     if after.trainable_parameters_changed:
         after.warn(RETRAIN_WARNING)
-    return CheckpointPlan(directory, relative, Status.REPAIRABLE, tuple(ran), before, after)
+    return finish(Status.REPAIRABLE)

@@ -61,6 +61,8 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
         "output": str(result.output) if result.output else None,
         "status": result.status.value,
         "migrations": list(plan.migrations) if plan else [],
+        "migrations_not_needed": list(plan.not_needed) if plan else [],
+        "fails_on": list(plan.fails_on) if plan else [],
         "tensors_added": [t.as_dict() for t in plan.tensors_added] if plan else [],
         "tensors_removed": [t.as_dict(with_how=False) for t in plan.tensors_removed] if plan else [],
         "files_removed": [name for name, _, _ in plan.files_removed] if plan else [],
@@ -121,6 +123,10 @@ def report_sections(report: Report) -> list[Section]:
         blocks = section.blocks
         if entry["migrations"]:
             blocks.append(Line("migrations", code=tuple(entry["migrations"])))
+        if entry["migrations_not_needed"]:
+            blocks.append(Line("not needed", code=tuple(entry["migrations_not_needed"])))
+        if report.command == "inspect":
+            blocks += [Line("fails on", line) for line in entry["fails_on"]]
         blocks += [Line("ERROR", error) for error in entry["errors"]]
         if entry["config_changes"]:
             changes = tuple(

@@ -10,9 +10,9 @@ rows), written as ``<head>.weight`` the way current peft saves a modules_to_save
 from __future__ import annotations
 
 from ckpt_migrate.core.errors import UnreadableInputError
-from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
+from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold, wrapped_heads
 from ckpt_migrate.core.migration import Context
-from ckpt_migrate.core.peft_layout import PREFIX, parse_lora_key, strip_prefix, wrapper_root
+from ckpt_migrate.core.peft_layout import PREFIX, parse_lora_key, strip_prefix
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 
 ID = "0001_fold_double_wrapped_head"
@@ -20,22 +20,12 @@ SUMMARY = "Fold a head wrapped by both LoRA and modules_to_save into a plain mod
 CAUSED_BY = "peft <= 0.12.0, all-linear on SEQ_CLS/TOKEN_CLS (huggingface/peft#2027; fixed in 0.13.0 by #2028, #2033)"
 
 
-def _wrapped_heads(state: CheckpointState) -> set[str]:
-    heads = set()
-    for name in state.tensors:
-        parsed = parse_lora_key(name)
-        root = wrapper_root(parsed.module) if parsed else None
-        if root is not None:
-            heads.add(root)
-    return heads
-
-
 def detect(state: CheckpointState, context: Context) -> bool:
-    return bool(_wrapped_heads(state))
+    return bool(wrapped_heads(state))
 
 
 def plan(state: CheckpointState, context: Context) -> None:
-    heads = _wrapped_heads(state)
+    heads = wrapped_heads(state)
     head_modules: set[str] = set()
     for head in sorted(heads):
         folded = lora_modules(state, under=head)
@@ -71,3 +61,15 @@ def plan(state: CheckpointState, context: Context) -> None:
         for tensor in new_tensors:
             state.add_tensor(tensor)
     move_heads_to_modules_to_save(state, heads, head_modules)
+
+
+def failures(state: CheckpointState) -> list[str]:
+    lines = []
+    for head in sorted(wrapped_heads(state)):
+        first = min(lora_modules(state, under=head), default=head)
+        lines += [
+            f"peft >= 0.13: the adapter does not load (KeyError: '{PREFIX}{first}.weight'; DistilBERT-like heads: "
+            "TypeError: modules_to_save cannot be applied to modules of type <class 'peft.tuners.lora.layer.Linear'>)",
+            f"peft 0.8 to 0.12: loads, but the trained head {head!r} is silently replaced: the logits change",
+        ]
+    return lines

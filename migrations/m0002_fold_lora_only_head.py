@@ -8,7 +8,7 @@ base weights were randomly initialised and exist only where the user saved them.
 
 from __future__ import annotations
 
-from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold
+from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold, wrapped_heads
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.peft_layout import PREFIX, head_root
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
@@ -24,10 +24,12 @@ RETRAIN = "retrain with the head listed in modules_to_save (and not in target_mo
 
 
 def _lora_heads(state: CheckpointState) -> dict[str, list[str]]:
+    """Heads carrying LoRA outside any modules_to_save wrapper (double-wrapped heads are 0001's)."""
     heads: dict[str, list[str]] = {}
+    wrapped = wrapped_heads(state)
     for module in lora_modules(state):
         root = head_root(module)
-        if root is not None:
+        if root is not None and root not in wrapped:
             heads.setdefault(root, []).append(module)
     return heads
 
@@ -80,3 +82,10 @@ def plan(state: CheckpointState, context: Context) -> None:
         f"head {names} was rebuilt from {base.directory}: this is exact only if those are the head weights "
         "the training started from (check with the trained model's logits if you have them)"
     )
+
+
+def failures(state: CheckpointState) -> list[str]:
+    return [
+        f"every peft: loads, but head {head!r} is re-initialised at random on every load (only its LoRA was saved)"
+        for head in sorted(_lora_heads(state))
+    ]

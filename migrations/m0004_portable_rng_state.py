@@ -209,3 +209,16 @@ def portable_rng_state_bytes(path: Path) -> bytes:
     if not _same(reloaded, state):
         raise OutputError("rewritten RNG state does not decode to the original values", path)
     return data
+
+
+def failures(state: CheckpointState) -> list[str]:
+    lines = []
+    for name in _targets(state):
+        found = [g for g in pickle_globals(state.source_dir / name) if g.endswith("multiarray._reconstruct")]
+        if found:
+            where = "transformers 4.x, and 5.x under numpy " + ("2" if found[0].startswith("numpy.core.") else "1")
+            lines.append(
+                f"Trainer resume on torch >= 2.6 ({where}): {name}: UnpicklingError: Weights only load failed ... "
+                f"Unsupported global: GLOBAL {found[0]} was not an allowed global by default"
+            )
+    return lines

@@ -124,3 +124,16 @@ def write(rewrite: FileRewrite, source: Path, target: Path) -> None:
     from ckpt_migrate.formats.files import write_new
 
     write_new(target, rewrite.payload.encode("utf-8"))
+
+
+def failures(state: CheckpointState) -> list[str]:
+    if TRAINER_STATE not in state.files:
+        return []
+    newer = [key for key in _read(state) if key in FIELD_INTRODUCED]
+    if not newer:
+        return []
+    key = max(newer, key=lambda k: Version(FIELD_INTRODUCED[k]))
+    return [
+        f"transformers < {FIELD_INTRODUCED[key]}: resume fails: TypeError: TrainerState.__init__() got an "
+        f"unexpected keyword argument '{key}'"
+    ]

@@ -68,6 +68,8 @@ KEY_INTRODUCED: dict[str, tuple[str, Any]] = {
 #: Keys that describe how the adapter was saved or run, not what it computes: dropping them is always safe.
 METADATA_ONLY = frozenset({"peft_version", "runtime_config"})
 TABLE_CHECKED_UP_TO = Version("0.21.0")
+#: From this release on peft drops unknown keys with a warning instead of raising (peft/config.py).
+TOLERANT_SINCE = Version("0.14.0")
 _EMPTY = (None, False, {}, [], "")
 
 
@@ -129,3 +131,20 @@ def plan(state: CheckpointState, context: Context) -> None:
             f"adapter_config.json: {', '.join(undecidable)} are newer than the peft releases this tool knows; "
             f"kept, but peft {target} may refuse them"
         )
+
+
+def failures(state: CheckpointState) -> list[str]:
+    newer = sorted((Version(KEY_INTRODUCED[k][0]), k) for k in state.config if k in KEY_INTRODUCED)
+    if not newer:
+        return []
+    since, key = newer[-1]
+    lines = [
+        f"peft < {min(since, TOLERANT_SINCE)}: TypeError: LoraConfig.__init__() got an unexpected keyword "
+        f"argument '{key}'"
+    ]
+    ignored = [k for v, k in newer if v > TOLERANT_SINCE]
+    if ignored:
+        changes = [k for k in ignored if not _neutral(k, state.config[k])]
+        effect = f"which changes the model ({', '.join(changes)} not default)" if changes else "harmless here"
+        lines.append(f"peft {TOLERANT_SINCE} to < {since}: ignores {', '.join(ignored)} with a warning, {effect}")
+    return lines

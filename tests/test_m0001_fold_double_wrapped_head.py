@@ -58,6 +58,12 @@ def test_every_wrapped_head_is_found_two_heads_and_nested_ones():
     assert "base_model.model.classifier.dense.bias" in roberta.tensors  # bias kept, renamed out of base_layer
 
 
+def test_failures_name_what_current_and_old_peft_do_with_it():
+    lines = m0001.failures(load_state(FIXTURES / "llama_score" / "run" / "checkpoint-2"))
+    assert lines[0].startswith("peft >= 0.13: the adapter does not load (KeyError: 'base_model.model.score.weight'")
+    assert "peft 0.8 to 0.12: loads, but the trained head 'score' is silently replaced" in lines[1]
+
+
 def test_not_detected_on_a_lora_only_head_nor_on_its_own_output(repaired):
     lora_only = load_state(FIXTURES / "bart_lora_only_head" / "run" / "checkpoint-2")
     assert not m0001.detect(lora_only, Context(source=lora_only, base_model=None, options=Options()))

@@ -77,6 +77,8 @@ def test_newest_state_is_refused_by_transformers_4_44_and_loads_after_the_migrat
     assert before["version"] == "4.44.2"
     check_table(before["version"], before["fields"])
     assert "unexpected keyword argument 'best_global_step'" in before["error"]
+    inspected = json.loads(run_cli("inspect", newest_checkpoint, "--format", "json").stdout)["checkpoints"][0]
+    assert f"transformers < 4.50.0: resume fails: {before['error']}" in inspected["fails_on"], "inspect quotes it"
 
     out = tmp_path / "fixed"
     code, stdout, _ = run_cli("fix", newest_checkpoint, "--out", out, "--target-transformers", "4.44.2", "--quiet")

@@ -83,7 +83,10 @@ def test_newest_config_is_refused_by_peft_0_12_and_loads_after_the_migration(tmp
     before = run_old(checkpoint)
     assert before["version"] == "0.12.0"
     check_table(before["version"], before["fields"])
-    assert "unexpected keyword argument" in before["error"]
+    assert before["error"].startswith("TypeError: LoraConfig.__init__() got an unexpected keyword argument")
+    inspected = json.loads(run_cli("inspect", checkpoint, "--format", "json").stdout)["checkpoints"][0]
+    (line,) = [f for f in inspected["fails_on"] if f.startswith("peft < 0.14.0: ")]
+    assert line.startswith("peft < 0.14.0: TypeError: LoraConfig.__init__() got an unexpected keyword argument")
 
     out = tmp_path / "fixed"
     code, stdout, _ = run_cli("fix", checkpoint, "--out", out, "--target-peft", "0.12.0", "--quiet")

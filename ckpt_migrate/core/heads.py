@@ -20,6 +20,17 @@ from ckpt_migrate.core.peft_layout import (
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 
 
+def wrapped_heads(state: CheckpointState) -> set[str]:
+    """Modules a peft ModulesToSaveWrapper wrapped while they carried LoRA (their LoRA has copies inside it)."""
+    heads = set()
+    for name in state.tensors:
+        parsed = parse_lora_key(name)
+        root = wrapper_root(parsed.module) if parsed else None
+        if root is not None:
+            heads.add(root)
+    return heads
+
+
 def lora_modules(state: CheckpointState, under: str | None = None) -> dict[str, dict[str, str]]:
     """LoRA modules outside any modules_to_save wrapper: module path -> {kind: tensor name}."""
     modules: dict[str, dict[str, str]] = {}

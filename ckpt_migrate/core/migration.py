@@ -3,7 +3,8 @@
 A migration is a module with ``ID``, a one-line ``SUMMARY``, ``CAUSED_BY`` (the upstream release and
 issue that produced the broken format), ``detect(state, context)`` and ``plan(state, context)``. When
 its plan rewrites a file (a :class:`~ckpt_migrate.core.plan.FileRewrite` naming it), the module also
-has ``write(rewrite, source, target)``; the executor calls it for that file and nothing else.
+has ``write(rewrite, source, target)``; the executor calls it for that file and nothing else. A
+module may also have ``failures(state)``: where the unrepaired checkpoint fails, for ``inspect``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class RewritingMigration(Migration, Protocol):
 
     def write(self, rewrite: FileRewrite, source: Path, target: Path) -> None:
         """Write the new file ``target`` (exclusive create, fsynced) from ``source`` as ``rewrite`` says."""
+        ...
+
+
+@runtime_checkable
+class ExplainingMigration(Migration, Protocol):
+    """A migration that can say where the unrepaired checkpoint fails, whatever the target."""
+
+    def failures(self, state: CheckpointState) -> list[str]:
+        """One line per failure: ``<which stacks>: <the message people see there>``; [] when not broken this way."""
         ...
 
 

@@ -173,6 +173,8 @@ class CheckpointPlan:
     migrations: tuple[str, ...]
     before: CheckpointState
     after: CheckpointState
+    not_needed: tuple[str, ...] = ()  # checked and not needed (or already applied)
+    fails_on: tuple[str, ...] = ()  # where the unrepaired checkpoint fails: "<stacks>: <message>"
 
     @property
     def tensors_removed(self) -> list[PlannedTensor]:
