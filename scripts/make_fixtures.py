@@ -23,6 +23,21 @@ It MUST be run with peft 0.12.0 / transformers 4.44.2 (it asserts this)::
     .venv-peft012/bin/python scripts/make_fixtures.py --out /tmp/fx   # write elsewhere
     .venv-peft012/bin/python scripts/make_fixtures.py --list          # list case names
 
+``--old-stack`` builds the cases of ``OLD_STACK_CASES`` into ``tests/fixtures_old_stack/``. Each of them
+names the peft/transformers releases that must write it; a run builds those of the named (or all) cases
+whose releases are the installed ones and skips the rest, so run it once per venv (torch 2.13.0 CPU
+first, then ``numpy<2``, then the pins)::
+
+    /work/venvs/peft082/bin/python  scripts/make_fixtures.py --old-stack   # peft 0.8.2  + transformers 4.38.2
+    /work/venvs/peft0100/bin/python scripts/make_fixtures.py --old-stack   # peft 0.10.0 + transformers 4.40.2
+    .venv-peft012/bin/python        scripts/make_fixtures.py --old-stack   # full fine-tune case (no peft)
+
+Old-stack case.json files also record ``numpy_version`` and ``accelerate_version`` (transformers 4.38.2
+needs accelerate < 1.0: accelerate 1.x rejects its ``dispatch_batches`` argument; 0.28.0 is used).
+``shape`` there may also be "clean" (the head is only in modules_to_save, no LoRA on it: a healthy
+adapter) or "full" (plain full fine-tune, no peft: the checkpoint holds model.safetensors;
+``peft_version`` is null).
+
 No network access is needed (models are built with ``AutoConfig.for_model`` +
 ``from_config``).  The script is deterministic (fixed seeds) and idempotent:
 ``<out>/<case>/`` is deleted and rewritten for each case it builds.
@@ -57,12 +72,18 @@ import sys
 if os.environ.get("PYTHONHASHSEED") != "0":
     os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
 
-import peft
-import torch
-import transformers
+import inspect  # noqa: E402
 
-assert peft.__version__ == "0.12.0", f"need peft==0.12.0 (the buggy version), got {peft.__version__}"
-assert transformers.__version__ == "4.44.2", f"need transformers==4.44.2, got {transformers.__version__}"
+import accelerate  # noqa: E402
+import numpy  # noqa: E402
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+# tests/fixtures and tests/heldout MUST be written by peft 0.12.0 / transformers 4.44.2 (checked in main());
+# the old-stack cases each name the releases that write them.
+BUGGY_STACK = {"peft": "0.12.0", "transformers": "4.44.2"}
+INSTALLED_STACK = {"peft": peft.__version__, "transformers": transformers.__version__}
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -207,8 +228,11 @@ def case(
     lr_scheduler_type="constant",
     warmup_steps=0,
     weight_decay=0.0,
+    **old_stack,
 ):
+    assert set(old_stack) <= {"stack", "keep_checkpoints"}, old_stack
     return dict(
+        **old_stack,
         lr_scheduler_type=lr_scheduler_type,
         warmup_steps=warmup_steps,
         weight_decay=weight_decay,
@@ -393,6 +417,83 @@ HELDOUT_CASES = {
     ),
 }
 
+# Cases written by OTHER releases (--old-stack, default out tests/fixtures_old_stack/). "stack" names the
+# peft/transformers versions that must write the case; peft=None means a full fine-tune without peft.
+PEFT082 = {"peft": "0.8.2", "transformers": "4.38.2"}
+PEFT090 = {"peft": "0.9.0", "transformers": "4.38.2"}
+PEFT0100 = {"peft": "0.10.0", "transformers": "4.40.2"}
+PEFT0111 = {"peft": "0.11.1", "transformers": "4.42.4"}
+LLAMA_NOT_HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+OLD_STACK_CASES = {
+    "llama_score_peft082": case(
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        max_steps=4,
+        save_steps=2,
+        stack=PEFT082,
+        notes="as llama_score, written by peft 0.8.2 / transformers 4.38.2 (trainer_state.json has no "
+        "stateful_callbacks)",
+    ),
+    "llama_clean_peft082": case(
+        "llama",
+        LLAMA,
+        lora=dict(task_type="SEQ_CLS", target_modules=LLAMA_NOT_HEAD, r=4, lora_alpha=8, lora_dropout=0.0),
+        shape="clean",
+        max_steps=4,
+        save_steps=2,
+        stack=PEFT082,
+        notes="healthy adapter (head only in modules_to_save, no LoRA on it) written by peft 0.8.2 / "
+        "transformers 4.38.2 (no stateful_callbacks in trainer_state.json): loads under any peft; resuming it "
+        "under transformers >= 4.45 raises KeyError: 'TrainerControl' at the first save",
+    ),
+    "bert_classifier_peft090": case(
+        "bert",
+        BERT,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
+        max_steps=4,
+        save_steps=2,
+        stack=PEFT090,
+        notes="bert classifier double wrapped, written by peft 0.9.0 / transformers 4.38.2",
+    ),
+    "bert_classifier_peft0100": case(
+        "bert",
+        BERT,
+        lora=seq_cls_all_linear(),
+        heads=["classifier"],
+        max_steps=4,
+        save_steps=2,
+        stack=PEFT0100,
+        notes="bert classifier double wrapped, written by peft 0.10.0 / transformers 4.40.2 (bert.pooler.dense "
+        "gets plain LoRA)",
+    ),
+    "llama_score_peft0111": case(
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        max_steps=4,
+        save_steps=2,
+        stack=PEFT0111,
+        notes="as llama_score, written by peft 0.11.1 / transformers 4.42.4",
+    ),
+    "llama_full_finetune": case(
+        "llama",
+        LLAMA,
+        lora=None,
+        shape="full",
+        max_steps=3,
+        save_steps=2,
+        keep_checkpoints=["checkpoint-2"],
+        stack={"peft": None, "transformers": "4.44.2"},
+        notes="plain full fine-tune (AutoModelForSequenceClassification, no peft) with Trainer save_safetensors: "
+        "model.safetensors + optimizer.pt + scheduler.pt + rng_state.pth + trainer_state.json; only the mid-run "
+        "checkpoint-2 of a max_steps=3 run is kept (as if the run died before its final save), so resuming it "
+        "trains one more step and saves",
+    ),
+}
+
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
@@ -499,6 +600,12 @@ def load_adapter(ckpt_dir):
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
+# transformers < 4.41 names TrainingArguments.eval_strategy evaluation_strategy
+EVAL_STRATEGY = "eval_strategy"
+if EVAL_STRATEGY not in inspect.signature(TrainingArguments).parameters:
+    EVAL_STRATEGY = "evaluation_strategy"
+
+
 def _train(spec, peft_model, train_ids, labels, cb):
     args = TrainingArguments(
         output_dir="run",
@@ -521,7 +628,7 @@ def _train(spec, peft_model, train_ids, labels, cb):
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
-        eval_strategy="no",
+        **{EVAL_STRATEGY: "no"},
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=TinyDataset(train_ids, labels), callbacks=[cb])
     trainer.train()
@@ -576,9 +683,15 @@ def build_case(name, spec, out_root):
     # --- peft model
     lora_kwargs = copy.deepcopy(spec["lora"])
     lora_config = LoraConfig(**copy.deepcopy(lora_kwargs))
-    peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=spec["autocast_adapter_dtype"])
+    get_peft_model_kwargs = {"autocast_adapter_dtype": spec["autocast_adapter_dtype"]}
+    if "autocast_adapter_dtype" not in inspect.signature(get_peft_model).parameters:  # peft < 0.12
+        assert spec["autocast_adapter_dtype"] and spec["dtype"] == "float32", "this peft cannot keep bf16 adapters"
+        get_peft_model_kwargs = {}
+    peft_model = get_peft_model(model, lora_config, **get_peft_model_kwargs)
     peft_model.print_trainable_parameters()
     mts = peft_model.peft_config["default"].modules_to_save
+    if mts is None and "stack" in spec:  # peft < 0.11 keeps the SEQ_CLS defaults on the PeftModel, not the config
+        mts = list(getattr(peft_model, "modules_to_save", None) or []) or None
     hlm = head_lora_modules(peft_model, spec["heads"])
     head_lora_params = {}
     for n_, m_ in peft_model.base_model.model.named_modules():
@@ -591,7 +704,10 @@ def build_case(name, spec, out_root):
                     "lora_alpha": m_.lora_alpha["default"],
                 }
     print(f"  modules_to_save={mts}  head LoRA modules={hlm}  head LoRA r/scaling={head_lora_params}")
-    assert hlm, "expected the head to be LoRA-wrapped (that's the bug being reproduced)"
+    if spec["shape"] == "clean":
+        assert not hlm and set(spec["heads"]) <= set(mts or []), (hlm, mts)
+    else:
+        assert hlm, "expected the head to be LoRA-wrapped (that's the bug being reproduced)"
 
     # --- train with the real Trainer
     cb = RefCallback(ref_ids)
@@ -664,7 +780,7 @@ def build_case(name, spec, out_root):
         "modules_to_save": mts,
         "num_labels": spec["num_labels"],
         "lora_config": lora_kwargs,
-        "get_peft_model_kwargs": {"autocast_adapter_dtype": spec["autocast_adapter_dtype"]},
+        "get_peft_model_kwargs": get_peft_model_kwargs,
         "training": {
             "max_steps": spec["max_steps"],
             "save_steps": spec["save_steps"],
@@ -681,6 +797,11 @@ def build_case(name, spec, out_root):
         "peft_version": peft.__version__,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__.split("+")[0],
+        **(
+            {"numpy_version": numpy.__version__, "accelerate_version": accelerate.__version__}
+            if "stack" in spec
+            else {}
+        ),
         "tolerance": tol,
         "checkpoints": checkpoints,
         "adapter_file": os.path.basename(adapter_file(os.path.join(run_dir, checkpoints[-1]))),
@@ -694,6 +815,7 @@ def build_case(name, spec, out_root):
             "saved_target_modules": saved_cfg.get("target_modules"),
             "saved_rank_pattern": saved_cfg.get("rank_pattern"),
             "saved_alpha_pattern": saved_cfg.get("alpha_pattern"),
+            **({"saved_modules_to_save": saved_cfg.get("modules_to_save")} if "stack" in spec else {}),
         },
     }
     with open(os.path.join(case_dir, "case.json"), "w") as f:
@@ -702,30 +824,169 @@ def build_case(name, spec, out_root):
     return meta
 
 
+def build_full_case(name, spec, out_root):
+    """A plain full fine-tune (no peft): same data, seeds and layout as build_case; the checkpoints hold
+    model.safetensors (or pytorch_model.bin) instead of an adapter."""
+    print(f"\n=== {name} (full fine-tune: {spec['arch']}, {spec['auto_class']}, {spec['dtype']}) ===", flush=True)
+    case_dir = os.path.join(out_root, name)
+    if os.path.exists(case_dir):
+        shutil.rmtree(case_dir)
+    os.makedirs(case_dir)
+    base_dir = os.path.join(case_dir, "base")
+    run_dir = os.path.join(case_dir, "run")
+
+    torch.manual_seed(SEED)
+    transformers.set_seed(SEED)
+    cfg = AutoConfig.for_model(spec["arch"], num_labels=spec["num_labels"], **spec["cfg"])
+    model = AUTO_CLASSES[spec["auto_class"]].from_config(cfg, torch_dtype=getattr(torch, spec["dtype"]))
+    model.eval()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    ref_ids = make_ids(gen, REF_BATCH, cfg.vocab_size, spec["eos_at_end"])
+    train_ids = make_ids(gen, N_TRAIN, cfg.vocab_size, spec["eos_at_end"])
+    if spec["auto_class"] == TOK:
+        labels = torch.randint(0, spec["num_labels"], (N_TRAIN, SEQ_LEN), generator=gen, dtype=torch.int64)
+    else:
+        labels = torch.randint(0, spec["num_labels"], (N_TRAIN,), generator=gen, dtype=torch.int64)
+    init_logits = logits_of(model, ref_ids)
+    init_head = {k: v.clone() for k, v in model.state_dict().items() if is_head_key(k, spec["heads"])}
+    model.save_pretrained(base_dir, safe_serialization=True)
+
+    cb = RefCallback(ref_ids)
+    cwd = os.getcwd()
+    os.chdir(case_dir)
+    try:
+        _train(spec, model, train_ids, labels, cb)
+    finally:
+        os.chdir(cwd)
+    for entry in os.listdir(run_dir):
+        if not entry.startswith("checkpoint-") or entry not in spec.get("keep_checkpoints", [entry]):
+            p = os.path.join(run_dir, entry)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            cb.logits.pop(entry, None)
+    checkpoints = sorted(os.listdir(run_dir), key=lambda s: int(s.split("-")[1]))
+    assert checkpoints == sorted(cb.logits, key=lambda s: int(s.split("-")[1])), (checkpoints, cb.logits.keys())
+
+    # the saved weights reproduce the logits captured at save time (the run may go on after the last save)
+    tol = 1e-2 if spec["dtype"] == "bfloat16" else 1e-4
+    for ck in checkpoints:
+        saved = AUTO_CLASSES[spec["auto_class"]].from_pretrained(os.path.join(run_dir, ck), torch_dtype=model.dtype)
+        assert torch.equal(logits_of(saved, ref_ids), cb.logits[ck]), f"{ck}: reloaded logits != logits at save"
+    final_logits = cb.logits[checkpoints[-1]]
+    saved.load_state_dict(init_head, strict=False)
+    diff_vs_init = (final_logits - init_logits).abs().max().item()
+    diff_vs_head_reset = (final_logits - logits_of(saved, ref_ids)).abs().max().item()
+    print(
+        f"  max|trained - init| = {diff_vs_init:.4g}; max|trained - trained-with-init-head| = {diff_vs_head_reset:.4g}"
+    )
+    assert diff_vs_init > 20 * tol and diff_vs_head_reset > 20 * tol, "training did not move the logits/head"
+
+    weights = {}
+    for ck in checkpoints:
+        ckdir = os.path.join(run_dir, ck)
+        weights[ck] = sorted(f for f in os.listdir(ckdir) if f.startswith(("model", "pytorch_model")))
+        print(f"  {ck}: {sorted(os.listdir(ckdir))}")
+    ref = {"input_ids": ref_ids.contiguous(), "attention_mask": torch.ones_like(ref_ids)}
+    for ck in checkpoints:
+        ref[f"logits/{ck}"] = cb.logits[ck].float().contiguous()
+    save_file(ref, os.path.join(case_dir, "reference.safetensors"), metadata={"format": "pt"})
+    meta = {
+        "arch": spec["arch"],
+        "auto_class": spec["auto_class"],
+        "dtype": spec["dtype"],
+        "shape": spec["shape"],
+        "head_in_base": spec["head_in_base"],
+        "heads": spec["heads"],
+        "head_lora_modules": [],
+        "modules_to_save": None,
+        "num_labels": spec["num_labels"],
+        "lora_config": None,
+        "training": {
+            "max_steps": spec["max_steps"],
+            "save_steps": spec["save_steps"],
+            "learning_rate": spec["lr"],
+            "lr_scheduler_type": spec["lr_scheduler_type"],
+            "warmup_steps": spec["warmup_steps"],
+            "weight_decay": spec["weight_decay"],
+            "per_device_train_batch_size": TRAIN_BATCH,
+            "n_train": N_TRAIN,
+            "seq_len": SEQ_LEN,
+            "save_safetensors": spec["save_safetensors"],
+            "seed": SEED,
+        },
+        "peft_version": None,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "accelerate_version": accelerate.__version__,
+        "tolerance": tol,
+        "checkpoints": checkpoints,
+        "weights_files": weights,
+        "notes": spec["notes"],
+        "sanity": {
+            "max_abs_diff_trained_vs_init_model": diff_vs_init,
+            "max_abs_diff_trained_vs_trained_with_init_head": diff_vs_head_reset,
+        },
+    }
+    with open(os.path.join(case_dir, "case.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return meta
+
+
+def stack_matches(spec):
+    """Whether the installed releases are the ones that must write this case."""
+    want = spec.get("stack", BUGGY_STACK)
+    return all(want[k] is None or want[k] == INSTALLED_STACK[k] for k in want)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="*", help="case names to build (default: all of the selected set)")
     ap.add_argument("--heldout", action="store_true", help="build the held-out cases (default out: tests/heldout)")
-    ap.add_argument("--out", default=None, help="output dir (default tests/fixtures, or tests/heldout with --heldout)")
+    ap.add_argument(
+        "--old-stack",
+        action="store_true",
+        help="build the cases written by other releases (default out: tests/fixtures_old_stack); only those whose "
+        "releases are installed",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output dir (default tests/fixtures; tests/heldout with --heldout; tests/fixtures_old_stack with "
+        "--old-stack)",
+    )
     ap.add_argument("--list", action="store_true", help="list case names and exit")
     a = ap.parse_args(argv)
 
-    table = HELDOUT_CASES if a.heldout else CASES
+    if a.heldout and a.old_stack:
+        ap.error("--heldout and --old-stack exclude each other")
+    table = OLD_STACK_CASES if a.old_stack else HELDOUT_CASES if a.heldout else CASES
     if a.list:
         for n, s in table.items():
             print(f"{n:28s} {s['notes']}")
         return 0
-    out = os.path.abspath(a.out or os.path.join(REPO_ROOT, "tests", "heldout" if a.heldout else "fixtures"))
+    default_out = "fixtures_old_stack" if a.old_stack else "heldout" if a.heldout else "fixtures"
+    out = os.path.abspath(a.out or os.path.join(REPO_ROOT, "tests", default_out))
     names = a.cases or list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {list(table)}")
+    if not a.old_stack:
+        assert peft.__version__ == "0.12.0", f"need peft==0.12.0 (the buggy version), got {peft.__version__}"
+        assert transformers.__version__ == "4.44.2", f"need transformers==4.44.2, got {transformers.__version__}"
+    else:
+        skipped = [n for n in names if not stack_matches(table[n])]
+        for n in skipped:
+            print(f"skipping {n}: written by {table[n]['stack']}, installed {INSTALLED_STACK}")
+        if a.cases and skipped:
+            ap.error(f"case(s) {skipped} need other releases than the installed {INSTALLED_STACK}")
+        names = [n for n in names if n not in skipped]
     os.makedirs(out, exist_ok=True)
     torch.use_deterministic_algorithms(True)
     failed = {}
     for n in names:
         try:
-            build_case(n, table[n], out)
+            (build_full_case if table[n]["shape"] == "full" else build_case)(n, table[n], out)
         except Exception as e:  # report and go on with the other cases
             import traceback
 
