@@ -146,5 +146,8 @@ def failures(state: CheckpointState) -> list[str]:
     if ignored:
         changes = [k for k in ignored if not _neutral(k, state.config[k])]
         effect = f"which changes the model ({', '.join(changes)} not default)" if changes else "harmless here"
-        lines.append(f"peft {TOLERANT_SINCE} to < {since}: ignores {', '.join(ignored)} with a warning, {effect}")
+        lines.append(
+            f"peft {TOLERANT_SINCE} to < {since}: each release ignores, with a warning, the keys newer than it "
+            f"({', '.join(ignored)}): {effect}"
+        )
     return lines

@@ -478,6 +478,21 @@ OLD_STACK_CASES = {
         stack=PEFT0111,
         notes="as llama_score, written by peft 0.11.1 / transformers 4.42.4",
     ),
+    "bart_lora_only_head_newest": case(
+        "bart",
+        BART,
+        lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, r=4, lora_alpha=8, lora_dropout=0.0),
+        shape="lora_only",
+        heads=["classification_head"],
+        eos_at_end=True,
+        lr=3e-2,
+        max_steps=4,
+        save_steps=2,
+        stack={"peft": "0.21.2", "transformers": "5.24.0"},
+        notes="as bart_lora_only_head, written by TODAY's peft 0.21.2 / transformers 5.24.0 / numpy 2: current peft "
+        "still LoRA-wraps classification_head.out_proj without saving the head; to be resumed on peft 0.12.0 / "
+        "transformers 4.44.2 / numpy 1 after fix --base-model --target-peft 0.12.0 --target-transformers 4.44.2",
+    ),
     "llama_full_finetune": case(
         "llama",
         LLAMA,
@@ -606,8 +621,14 @@ if EVAL_STRATEGY not in inspect.signature(TrainingArguments).parameters:
     EVAL_STRATEGY = "evaluation_strategy"
 
 
+def _training_arguments(**kwargs):
+    """TrainingArguments without the keywords this transformers release no longer has (5.x: logging_dir, ...)."""
+    known = inspect.signature(TrainingArguments).parameters
+    return TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
+
+
 def _train(spec, peft_model, train_ids, labels, cb):
-    args = TrainingArguments(
+    args = _training_arguments(
         output_dir="run",
         logging_dir=os.path.join("run", "logs"),
         overwrite_output_dir=True,

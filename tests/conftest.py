@@ -15,6 +15,7 @@ import pytest
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 HELDOUT = TESTS / "heldout"
+OLD_STACK = TESTS / "fixtures_old_stack"  # written by peft 0.8.2-0.11.1 / transformers 4.38-4.44
 sys.path.insert(0, str(TESTS))
 
 
@@ -24,6 +25,12 @@ def load_case(case_dir: Path) -> dict:
 
 def case_dirs(root: Path = FIXTURES) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / "case.json").exists())
+
+
+def adapter_cases() -> list[Path]:
+    """Every fixture holding an adapter: peft 0.12 fixtures, held-out architectures, older releases' cases."""
+    old = [c for c in case_dirs(OLD_STACK) if load_case(c)["shape"] != "full"]
+    return case_dirs(FIXTURES) + case_dirs(HELDOUT) + old
 
 
 def needs_base(case: dict) -> bool:
@@ -104,7 +111,7 @@ def repaired(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("repaired")
     outputs = {}
-    for case_dir in case_dirs(FIXTURES) + case_dirs(HELDOUT):
+    for case_dir in adapter_cases():
         case = load_case(case_dir)
         if needs_base(case) and not case["head_in_base"]:
             continue

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES, HELDOUT, case_dirs, load_case, needs_base, old_python
+from conftest import FIXTURES, HELDOUT, OLD_STACK, adapter_cases, case_dirs, load_case, needs_base, old_python
 from logits_check import max_logit_error
 
 REPAIRABLE = [
     (case_dir, name)
-    for case_dir in case_dirs(FIXTURES) + case_dirs(HELDOUT)
+    for case_dir in adapter_cases()
     for name in load_case(case_dir)["checkpoints"]
     if not (needs_base(load_case(case_dir)) and not load_case(case_dir)["head_in_base"])
 ]
@@ -92,9 +92,11 @@ def test_config_moves_heads_to_modules_to_save(repaired):
     assert "score" not in rslora["rank_pattern"] and "score" not in rslora["alpha_pattern"]
 
 
-def test_source_fixtures_were_made_by_peft_0_12():
-    for case_dir in case_dirs(FIXTURES):
+def test_source_fixtures_were_made_by_the_releases_they_name():
+    for case_dir in case_dirs(FIXTURES) + case_dirs(HELDOUT):
         assert load_case(case_dir)["peft_version"] == "0.12.0"
+    written_by = {(c["peft_version"], c["transformers_version"]) for c in map(load_case, case_dirs(OLD_STACK))}
+    assert {("0.8.2", "4.38.2"), ("0.9.0", "4.38.2"), ("0.10.0", "4.40.2"), ("0.11.1", "4.42.4")} <= written_by
 
 
 def test_dry_run_does_not_import_torch():
