@@ -9,15 +9,20 @@ module may also have ``failures(state)``: where the unrepaired checkpoint fails,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ckpt_migrate.core.plan import CheckpointState, FileRewrite, Options
+from ckpt_migrate.core.plan import CheckpointState, FileRewrite, Options, PlannedTensor
 
 if TYPE_CHECKING:
     from ckpt_migrate.formats.base_model import BaseModel
+
+
+#: Reads one input tensor (torch): ``read(name)`` from the adapter, ``read(name, base_file)`` from a base model file.
+TensorSource = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,15 @@ class RewritingMigration(Migration, Protocol):
 
     def write(self, rewrite: FileRewrite, source: Path, target: Path) -> None:
         """Write the new file ``target`` (exclusive create, fsynced) from ``source`` as ``rewrite`` says."""
+        ...
+
+
+@runtime_checkable
+class ComputingMigration(Migration, Protocol):
+    """A migration that plans tensors of kind ``COMPUTED``: the executor asks it for their values."""
+
+    def compute(self, tensor: PlannedTensor, read: TensorSource) -> Any:
+        """The torch tensor for ``tensor`` (planned shape and dtype); ``read(name, base_file=None)`` loads inputs."""
         ...
 
 

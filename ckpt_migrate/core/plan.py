@@ -55,6 +55,7 @@ class SourceKind(str, Enum):
     ADAPTER = "adapter"  # a tensor of the input adapter, unchanged
     BASE = "base"  # a tensor of a --base-model safetensors file, unchanged
     FOLD = "fold"  # a LoRA delta folded into a weight
+    COMPUTED = "computed"  # computed by the ``compute`` of migration ``migration`` (see core/migration.py)
 
     __str__ = str.__str__
 
@@ -64,7 +65,8 @@ class Source:
     """Where an output tensor's value comes from.
 
     ``tensor`` names a tensor of the input adapter, or, with ``base_file`` set, of that base model
-    file (for a fold: the weight the delta is folded into).
+    file (for a fold: the weight the delta is folded into). A ``COMPUTED`` tensor names the migration
+    that computes it, a one-line ``formula`` for the report, and a frozen ``payload`` for that migration.
     """
 
     kind: SourceKind
@@ -75,6 +77,9 @@ class Source:
     magnitude: str = ""
     scale: float = 0.0
     fan_in_fan_out: bool = False
+    migration: str = ""
+    formula: str = ""
+    payload: Any = None
 
     def describe(self) -> str:
         """A one-line formula; adapter names are shortened by their ``base_model.model.`` prefix."""
@@ -83,6 +88,8 @@ class Source:
             return f"copied from {weight}"
         if self.kind is SourceKind.BASE:
             return f"copied from {weight}"
+        if self.kind is SourceKind.COMPUTED:
+            return self.formula
         delta = f"{short_name(self.lora_B)} @ {short_name(self.lora_A)}"
         formula = f"{weight} + {self.scale:.6g} * " + (f"({delta}).T" if self.fan_in_fan_out else delta)
         return f"DoRA: {short_name(self.magnitude)} * row_normalize({formula})" if self.magnitude else formula

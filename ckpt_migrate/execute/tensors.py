@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ckpt_migrate.core.errors import OutputError
 from ckpt_migrate.core.plan import CheckpointPlan, PlannedTensor, SourceKind
 from ckpt_migrate.formats.adapter import SAFETENSORS_WEIGHTS, load_bin_tensors
-from ckpt_migrate.formats.dtypes import to_torch
+from ckpt_migrate.formats.dtypes import from_torch, to_torch
 from ckpt_migrate.formats.safetensors import CopyFrom, OutputTensor, SafetensorsHeader, read_header
 
 
@@ -78,12 +79,31 @@ def fold(reader: TensorReader, tensor: PlannedTensor) -> Any:
     return merged.to(weight.dtype)
 
 
+def computed(reader: TensorReader, tensor: PlannedTensor) -> Any:
+    """A ``COMPUTED`` tensor, from the ``compute`` of the migration that planned it; checked against the plan."""
+    from ckpt_migrate.core.migration import ComputingMigration
+    from ckpt_migrate.migrations import by_id
+
+    migration = by_id(tensor.source.migration)
+    if not isinstance(migration, ComputingMigration):
+        raise TypeError(f"migration {tensor.source.migration} planned {tensor.name} but has no compute()")
+    value = migration.compute(tensor, reader.tensor)
+    if tuple(value.shape) != tensor.shape or from_torch(value.dtype) != tensor.dtype:
+        got = f"{tuple(value.shape)} {value.dtype}"
+        raise OutputError(f"{tensor.name}: computed {got}, planned {tensor.shape} {tensor.dtype}")
+    return value
+
+
 def output_tensors(plan: CheckpointPlan, reader: TensorReader) -> list[OutputTensor]:
     """Every tensor of the new adapter file, with its bytes or the byte range to copy them from."""
     outputs = []
     for tensor in plan.after.tensors.values():
-        data = (
-            tensor_bytes(fold(reader, tensor)) if tensor.source.kind is SourceKind.FOLD else reader.copy_source(tensor)
-        )
+        kind = tensor.source.kind
+        if kind is SourceKind.FOLD:
+            data: bytes | CopyFrom = tensor_bytes(fold(reader, tensor))
+        elif kind is SourceKind.COMPUTED:
+            data = tensor_bytes(computed(reader, tensor))
+        else:
+            data = reader.copy_source(tensor)
         outputs.append(OutputTensor(tensor.name, tensor.dtype, tensor.shape, data))
     return outputs
