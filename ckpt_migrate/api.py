@@ -6,6 +6,7 @@ computes tensors or loads a model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +14,10 @@ from ckpt_migrate.core.errors import CkptMigrateError, OutputError, Verification
 from ckpt_migrate.core.migration import Migration
 from ckpt_migrate.core.plan import OptimizerPolicy, Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
+from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import find_checkpoints
+from ckpt_migrate.formats.hub import resolve, resolve_cached
 from ckpt_migrate.planner import plan_checkpoint
 
 if TYPE_CHECKING:
@@ -52,9 +55,27 @@ def _options(optimizer: str, target_transformers: str | None, target_peft: str |
     )
 
 
-def _plan_all(src: Path, base_model: str | Path | None, options: Options) -> list[CheckpointResult]:
+def _base_model(src: Path, relatives: list[str], base_model: str | Path | None, notes: list[str]) -> BaseModel | None:
+    """``--base-model`` (a path or a Hub id), else the adapter's ``base_model_name_or_path`` if it is at hand."""
+    if base_model is not None:
+        return BaseModel.open(resolve(base_model, what="--base-model"))
+    for relative in relatives:
+        config = src / relative / ADAPTER_CONFIG
+        try:
+            name = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue  # planning reports the unreadable config
+        found = resolve_cached(name)
+        if found is not None and BaseModel(found).has_safetensors():
+            notes.append(f"--base-model not given: using {name!r} from {config.name} ({found})")
+            return BaseModel.open(found)
+        return None
+    return None
+
+
+def _plan_all(src: Path, base_model: str | Path | None, options: Options, notes: list[str]) -> list[CheckpointResult]:
     relatives = find_checkpoints(src)
-    base = BaseModel.open(base_model) if base_model is not None else None
+    base = _base_model(src, relatives, base_model, notes)
     results = []
     for relative in relatives:
         directory = src / relative
@@ -86,9 +107,11 @@ def inspect(
     >>> inspect("run/checkpoint-500").exit_code  # doctest: +SKIP
     3
     """
-    src = Path(src)
     options = _options(optimizer, target_transformers, target_peft)
-    return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model, options))
+    src = resolve(src, what="SRC")
+    report = Report("inspect", src, dry_run=True)
+    report.checkpoints = _plan_all(src, base_model, options, report.notes)
+    return report
 
 
 def fix(
@@ -119,7 +142,7 @@ def fix(
     from ckpt_migrate.execute.publish import check_output_target, earlier_batch_output, write_and_publish
 
     options = _options(optimizer, target_transformers, target_peft)
-    src = Path(src)
+    src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
         raise OutputError("--out is required unless --dry-run is given")
@@ -127,7 +150,8 @@ def fix(
         raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
     if out_path is not None:
         check_output_target(src, out_path, allow_earlier_batch=True)
-    report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, options))
+    report = Report("fix", src, dry_run, out_path)
+    report.checkpoints = _plan_all(src, base_model, options, report.notes)
     single = len(report.checkpoints) == 1
     done = earlier_batch_output(src, out_path) if out_path is not None and not single else set()
     for result in report.checkpoints:

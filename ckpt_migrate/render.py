@@ -92,6 +92,7 @@ def to_dict(report: Report) -> dict[str, Any]:
         "source": str(report.source),
         "out": str(report.out) if report.out else None,
         "exit_code": report.exit_code,
+        "notes": list(report.notes),
         "checkpoints": [checkpoint_dict(c) for c in report.checkpoints],
     }
 
@@ -116,7 +117,7 @@ def _status_text(report: Report, entry: dict[str, Any]) -> str:
 
 
 def report_sections(report: Report) -> list[Section]:
-    sections = []
+    sections = [Section("", [Line("note", note) for note in report.notes])] if report.notes else []
     for result in report.checkpoints:
         entry = checkpoint_dict(result)
         section = Section(f"{result.source}: {_status_text(report, entry)}")

@@ -49,6 +49,7 @@ class Report:
     dry_run: bool
     out: Path | None = None
     checkpoints: list[CheckpointResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # about the whole command, e.g. which base model was used
 
     @property
     def exit_code(self) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.errors import OutputError
 from ckpt_migrate.core.plan import CheckpointPlan, PlannedTensor, SourceKind
 from ckpt_migrate.formats.adapter import SAFETENSORS_WEIGHTS, load_bin_tensors
-from ckpt_migrate.formats.dtypes import from_torch, to_torch
+from ckpt_migrate.formats.dtypes import DTYPES, from_torch, to_torch
 from ckpt_migrate.formats.safetensors import CopyFrom, OutputTensor, SafetensorsHeader, read_header
 
 
@@ -28,11 +29,15 @@ def _from_bytes(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Any:
 class TensorReader:
     """Reads the few tensors a fold needs, from the adapter or a base model file, never whole files."""
 
-    def __init__(self, plan: CheckpointPlan):
-        source_weights = plan.before.source_dir / plan.before.weights_file
-        self._bin = load_bin_tensors(source_weights) if plan.before.weights_file != SAFETENSORS_WEIGHTS else None
-        self._adapter = read_header(source_weights) if self._bin is None else None
+    def __init__(self, adapter_weights: Path):
+        self._bin = load_bin_tensors(adapter_weights) if adapter_weights.name != SAFETENSORS_WEIGHTS else None
+        self._adapter = read_header(adapter_weights) if self._bin is None else None
         self._base_headers: dict[Path, SafetensorsHeader] = {}
+
+    @classmethod
+    def of(cls, plan: CheckpointPlan) -> TensorReader:
+        """The reader of the adapter the plan was made from."""
+        return cls(plan.before.source_dir / plan.before.weights_file)
 
     @property
     def source_metadata(self) -> dict[str, str]:
@@ -94,16 +99,29 @@ def computed(reader: TensorReader, tensor: PlannedTensor) -> Any:
     return value
 
 
-def output_tensors(plan: CheckpointPlan, reader: TensorReader) -> list[OutputTensor]:
-    """Every tensor of the new adapter file, with its bytes or the byte range to copy them from."""
+def value(reader: TensorReader, tensor: PlannedTensor) -> Any:
+    """The planned tensor as a torch tensor, whatever its source."""
+    kind = tensor.source.kind
+    if kind is SourceKind.FOLD:
+        return fold(reader, tensor)
+    if kind is SourceKind.COMPUTED:
+        return computed(reader, tensor)
+    return reader.tensor(tensor.source.tensor, tensor.source.base_file)
+
+
+def output_tensors(
+    tensors: Iterable[PlannedTensor], reader: TensorReader, cast_to: str | None = None
+) -> list[OutputTensor]:
+    """Every tensor to write, with its bytes or the byte range to copy them from (unchanged ones are never loaded).
+
+    ``cast_to``: a safetensors float dtype every floating tensor is converted to.
+    """
     outputs = []
-    for tensor in plan.after.tensors.values():
-        kind = tensor.source.kind
-        if kind is SourceKind.FOLD:
-            data: bytes | CopyFrom = tensor_bytes(fold(reader, tensor))
-        elif kind is SourceKind.COMPUTED:
-            data = tensor_bytes(computed(reader, tensor))
+    for tensor in tensors:
+        dtype = cast_to if cast_to and DTYPES[tensor.dtype].floating else tensor.dtype
+        if tensor.source.kind in (SourceKind.FOLD, SourceKind.COMPUTED) or dtype != tensor.dtype:
+            data: bytes | CopyFrom = tensor_bytes(value(reader, tensor).to(to_torch(dtype)))
         else:
             data = reader.copy_source(tensor)
-        outputs.append(OutputTensor(tensor.name, tensor.dtype, tensor.shape, data))
+        outputs.append(OutputTensor(tensor.name, dtype, tensor.shape, data))
     return outputs

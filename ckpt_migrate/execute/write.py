@@ -105,11 +105,11 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
 def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None) -> dict[str, str]:
     """The new adapter weights (copied, folded) and config; their sha256 by file name."""
     after = plan.after
-    reader = TensorReader(plan)
+    reader = TensorReader.of(plan)
     metadata = reader.source_metadata
     record = {"migrations_applied": after.applied, "tool_version": __version__}
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
-    tensors = output_tensors(plan, reader)
+    tensors = output_tensors(plan.after.tensors.values(), reader)
     config_text = json.dumps(after.config, indent=2, sort_keys=True)
     return {
         after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress),

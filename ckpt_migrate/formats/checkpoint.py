@@ -16,6 +16,7 @@ from ckpt_migrate.formats.adapter import (
     read_adapter_config,
     read_manifest,
 )
+from ckpt_migrate.formats.hub import link_root
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -58,7 +59,7 @@ def list_files(directory: Path) -> dict[str, int]:
 
     Nested ``checkpoint-N`` adapter directories are separate checkpoints and are not listed.
     """
-    root = directory.resolve()
+    root = link_root(directory)
     files: dict[str, int] = {}
 
     def walk_error(exc: OSError) -> None:  # os.walk would otherwise skip an unreadable directory silently

@@ -28,6 +28,7 @@ from typing import Any
 from ckpt_migrate.core.errors import EXIT_VERIFY_FAILED, UnreadableInputError
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import load_state
+from ckpt_migrate.formats.hub import resolve
 from ckpt_migrate.verify.result import SEEDS, TOLERANCES, VerifyResult
 
 __all__ = [
@@ -147,7 +148,8 @@ def _adapter_dir(path: str | Path, what: str) -> Path:
     return directory
 
 
-def _base_model(path: str | Path) -> BaseModel:
-    if not Path(path).is_dir():
+def _base_model(name_or_path: str | Path) -> BaseModel:
+    path = resolve(name_or_path, what="--base-model")
+    if not path.is_dir():
         raise UnreadableInputError("base model directory not found", path)
     return BaseModel(path)
