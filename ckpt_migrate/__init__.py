@@ -15,7 +15,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from ckpt_migrate.api import CheckpointResult, Report, fix, inspect, list_migrations, verify  # noqa: E402
+from ckpt_migrate.api import CheckpointResult, Report, export, fix, inspect, list_migrations, verify  # noqa: E402
 from ckpt_migrate.core.errors import (  # noqa: E402
     CkptMigrateError,
     OutputError,
@@ -33,6 +33,7 @@ __all__ = [
     "UnreadableInputError",
     "UnrecoverableError",
     "__version__",
+    "export",
     "fix",
     "inspect",
     "list_migrations",

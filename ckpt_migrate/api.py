@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckpt_migrate.core.errors import CkptMigrateError, OutputError, VerificationFailedError
+from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError, VerificationFailedError
 from ckpt_migrate.core.migration import Migration
 from ckpt_migrate.core.plan import OptimizerPolicy, Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
@@ -23,7 +23,7 @@ from ckpt_migrate.planner import plan_checkpoint
 if TYPE_CHECKING:
     from ckpt_migrate.verify import VerifyResult
 
-__all__ = ["CheckpointResult", "Report", "fix", "inspect", "list_migrations", "verify"]
+__all__ = ["CheckpointResult", "Report", "export", "fix", "inspect", "list_migrations", "verify"]
 
 
 def list_migrations() -> list[Migration]:
@@ -175,6 +175,63 @@ def fix(
     write_and_publish(
         report.checkpoints, out_path, single=single, check=verified if verify else None, progress=progress
     )
+    return report
+
+
+def export(
+    src: str | Path,
+    out: str | Path | None = None,
+    *,
+    base_model: str | Path | None = None,
+    dtype: str = "auto",
+    dry_run: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: bool | None = None,
+) -> Report:
+    """Write a standalone model: ``base_model`` with every LoRA delta of ``src`` folded in and its repaired head.
+
+    ``src`` (a checkpoint, broken or repaired; a path or a Hub id) is repaired in memory by the same
+    migrations as ``fix``, with the same refusals. Plain transformers loads the result with the Auto
+    class of its ``config.json`` (the base's, with the head class the adapter was trained for).
+    ``dtype``: ``"auto"`` (the base's) or ``float32``/``bfloat16``/``float16``.
+
+    >>> export("run/checkpoint-500", "merged", base_model="acme/tiny-llama").exit_code  # doctest: +SKIP
+    0
+    """
+    from ckpt_migrate.core.errors import UnrecoverableError
+    from ckpt_migrate.execute.export import DTYPE_NAMES, plan_export
+
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPE_NAMES)}")
+    src = resolve(src, what="SRC")
+    out_path = Path(out) if out is not None else None
+    if out_path is None and not dry_run:
+        raise OutputError("--out is required unless --dry-run is given")
+    relatives = find_checkpoints(src)
+    if len(relatives) != 1:
+        raise UnreadableInputError(f"export takes one checkpoint; this holds {', '.join(relatives)}", src)
+    report = Report("export", src, dry_run, out_path)
+    base = _base_model(src, relatives, base_model, report.notes)
+    if base is None:
+        raise UnreadableInputError("export needs --base-model (the adapter's base_model_name_or_path is not at hand)")
+    if out_path is not None:
+        from ckpt_migrate.execute.publish import check_output_target
+
+        check_output_target(src, out_path)
+    repair = plan_checkpoint(src / relatives[0], relatives[0], base, Options())
+    result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
+    report.checkpoints = [result]
+    if repair.status is Status.UNRECOVERABLE:
+        raise UnrecoverableError("; ".join(repair.after.unrecoverable), result.source)
+    report.export = plan_export(repair, base, dtype, max_shard_bytes)
+    if dry_run or out_path is None:
+        return report
+    from ckpt_migrate.execute.export import write_export
+    from ckpt_migrate.execute.publish import staged_output
+
+    with staged_output(out_path) as staging:
+        write_export(report.export, staging)
+    result.output = out_path
     return report
 
 

@@ -49,6 +49,7 @@ def plan_fold(
     module: str,
     parts: dict[str, str],
     weight: PlannedTensor,
+    conv1d: bool | None = None,
 ) -> PlannedTensor:
     """The planned tensor ``<module>.weight`` = ``weight`` (of the adapter or the base model) with LoRA folded in.
 
@@ -65,7 +66,12 @@ def plan_fold(
     rank, _ = rank_and_alpha(state.config, module)
     out_in = (lora_b.shape[0], lora_a.shape[-1])  # nn.Linear stores (out, in); Conv1D (fan_in_fan_out) (in, out)
     in_out = out_in[::-1]
-    fan_in_fan_out = bool(state.config.get("fan_in_fan_out")) and weight.shape == in_out != out_in
+    # Conv1D stores its weight (in, out) and peft forces fan_in_fan_out there whatever the config says: the
+    # shape tells unless the weight is square; then ``conv1d`` (the module's class, when known) or the config does.
+    if in_out != out_in:
+        fan_in_fan_out = weight.shape == in_out
+    else:
+        fan_in_fan_out = conv1d if conv1d is not None else bool(state.config.get("fan_in_fan_out"))
     expected = in_out if fan_in_fan_out else out_in
     if (
         len(lora_a.shape) != 2

@@ -50,6 +50,7 @@ class Report:
     out: Path | None = None
     checkpoints: list[CheckpointResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # about the whole command, e.g. which base model was used
+    export: Any = None  # the ExportPlan of ``export``
 
     @property
     def exit_code(self) -> int:

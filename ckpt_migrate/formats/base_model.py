@@ -71,6 +71,10 @@ class BaseModel:
             self._headers[filename] = read_header(path)
         return self._headers[filename]
 
+    def tensor_names(self) -> list[str]:
+        """Every tensor of the base model, in the order its index (or single file's header) lists them."""
+        return list(self._index())
+
     def names_under(self, module: str) -> list[str]:
         """Names of the tensors of ``module`` and its submodules."""
         return sorted(name for name in self._index() if name.startswith(module + "."))

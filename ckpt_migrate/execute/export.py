@@ -1,0 +1,194 @@
+"""Export a standalone model: the base with every LoRA delta folded in and the repaired head in place.
+
+The plan is data, made from headers only: every base tensor is copied (byte ranges, never loaded),
+or folded with its module's LoRA (``W + s * B @ A``, the same fold the head repair uses), or
+replaced by the adapter's full tensor (the heads ``modules_to_save`` holds, after the repair
+migrations ran in memory). Writing streams shard by shard: memory holds one computed tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckpt_migrate.core.errors import UnrecoverableError
+from ckpt_migrate.core.heads import lora_modules, plan_fold
+from ckpt_migrate.core.peft_layout import head_root, parse_lora_key, strip_prefix
+from ckpt_migrate.core.plan import CheckpointPlan, PlannedTensor, Source, SourceKind
+from ckpt_migrate.formats.base_model import SHARD_INDEX, SINGLE_FILE, BaseModel
+from ckpt_migrate.formats.dtypes import DTYPES
+
+MANIFEST = "ckpt_migrate_export_manifest.json"
+#: Files of the base model directory that travel with the exported model (tokenizer, generation defaults).
+CARRIED_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
+    r"generation_config\.json|preprocessor_config\.json|chat_template\..*)$"
+)
+_HEAD_SUFFIXES = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything ``export`` writes, decided from headers and JSON only."""
+
+    repair: CheckpointPlan
+    base: Path
+    tensors: tuple[PlannedTensor, ...]  # named as the model names them, in base order
+    merged: tuple[str, ...]  # modules whose LoRA was folded into the base weight
+    from_adapter: tuple[str, ...]  # tensors the adapter holds whole (repaired heads, trained biases)
+    config: dict[str, Any]
+    carried: tuple[str, ...]  # base files copied as they are
+    cast_to: str | None  # safetensors dtype of every floating tensor, or None to keep the base's
+    shards: tuple[tuple[str, tuple[str, ...]], ...]  # file name -> tensor names
+
+
+def _refuse_unsupported(repair: CheckpointPlan) -> None:
+    config = repair.after.config
+    if not config:
+        raise UnrecoverableError("export needs an adapter checkpoint (this one has no adapter_config.json)")
+    kinds = {name.rsplit(".", 2)[-2] for name in repair.after.tensors if ".lora_embedding_" in name}
+    if kinds:
+        raise UnrecoverableError("export does not merge embedding LoRA (lora_embedding_A/B) yet", repair.source)
+
+
+def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_labels: int | None) -> dict[str, Any]:
+    """The base's config.json, with the head class the adapter was trained for and the exported dtype."""
+    config = dict(base.config())
+    architectures = list(config.get("architectures") or [])
+    suffix = _HEAD_SUFFIXES.get(repair.after.config.get("task_type") or "")
+    if suffix and architectures and not architectures[0].endswith(suffix):
+        stem = re.sub(r"(For[A-Za-z]+|Model)$", "", architectures[0])
+        config["architectures"] = [stem + suffix]
+        if num_labels is not None and "id2label" not in config:
+            config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+            config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    if cast_to is not None:
+        name = next(n for n, d in DTYPE_NAMES.items() if d == cast_to)
+        config["dtype" if "dtype" in config else "torch_dtype"] = name
+    return config
+
+
+def plan_export(
+    repair: CheckpointPlan, base: BaseModel, dtype: str = "auto", max_shard_bytes: int = 5 * 10**9
+) -> ExportPlan:
+    """Plan the merged model from a checkpoint's (in-memory) repair plan and its base model."""
+    _refuse_unsupported(repair)
+    cast_to = None if dtype == "auto" else DTYPE_NAMES[dtype]
+    state = repair.after
+    lora = lora_modules(state)
+    whole = {strip_prefix(n): t for n, t in state.tensors.items() if strip_prefix(n) and not parse_lora_key(n)}
+    from_adapter = sorted(whole)
+    planned: list[PlannedTensor] = []
+    merged: list[str] = []
+    conv1d = _conv1d_modules(base, lora, state)
+    for name in base.tensor_names():
+        header, info = base.locate(name)
+        module, _, param = name.rpartition(".")
+        if name in whole:
+            planned.append(_renamed(whole.pop(name), name))
+            continue
+        weight = PlannedTensor(name, info.shape, info.dtype, Source(SourceKind.BASE, name, base_file=header.path))
+        if param == "weight" and module in lora:
+            folded = plan_fold(state, module, lora.pop(module), weight, conv1d=module in conv1d)
+            planned.append(_renamed(folded, name))
+            merged.append(module)
+        else:
+            planned.append(weight)
+    if lora:
+        raise UnrecoverableError(f"LoRA modules {sorted(lora)} have no weight in the base model {base.directory}")
+    planned += [_renamed(t, name) for name, t in sorted(whole.items())]  # e.g. a head the base lacks
+    head_outputs = [t.shape[0] for t in planned if head_root(t.name) and t.name.endswith(".weight") and t.shape]
+    num_labels = min(head_outputs) if head_outputs else None
+    carried = tuple(sorted(p.name for p in base.directory.iterdir() if p.is_file() and CARRIED_FILES.match(p.name)))
+    return ExportPlan(
+        repair=repair,
+        base=base.directory,
+        tensors=tuple(planned),
+        merged=tuple(sorted(merged)),
+        from_adapter=tuple(from_adapter),
+        config=_config(base, repair, cast_to, num_labels),
+        carried=carried,
+        cast_to=cast_to,
+        shards=_shards(planned, cast_to, max_shard_bytes),
+    )
+
+
+def _conv1d_modules(base: BaseModel, lora: dict[str, dict[str, str]], state: Any) -> set[str]:
+    """LoRA modules that are transformers ``Conv1D`` (weight stored (in, out)): only a square weight needs asking."""
+    square = [
+        m
+        for m, parts in lora.items()
+        if state.tensors[parts["lora_A"]].shape[-1] == state.tensors[parts["lora_B"]].shape[0]
+    ]
+    if not square:
+        return set()
+    modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    return {m for m in square if type(modules.get(m)).__name__ == "Conv1D"}
+
+
+def _renamed(tensor: PlannedTensor, name: str) -> PlannedTensor:
+    return PlannedTensor(name, tensor.shape, tensor.dtype, tensor.source)
+
+
+def output_bytes(tensor: PlannedTensor, cast_to: str | None) -> int:
+    dtype = cast_to if cast_to and DTYPES[tensor.dtype].floating else tensor.dtype
+    return DTYPES[dtype].size * math.prod(tensor.shape)
+
+
+def _shards(tensors: list[PlannedTensor], cast_to: str | None, limit: int) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = output_bytes(tensor, cast_to)
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor.name)
+        size += nbytes
+    if len(groups) == 1:
+        return ((SINGLE_FILE, tuple(groups[0])),)
+    total = len(groups)
+    return tuple((f"model-{i:05d}-of-{total:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1))
+
+
+def write_export(plan: ExportPlan, target: Path, on_bytes: Any = None) -> dict[str, Any]:
+    """Write the planned model into the empty directory ``target``; return its manifest."""
+    from ckpt_migrate import __version__
+    from ckpt_migrate.execute.tensors import TensorReader, output_tensors
+    from ckpt_migrate.formats import files
+    from ckpt_migrate.formats.safetensors import write_safetensors
+
+    before = plan.repair.before
+    reader = TensorReader(before.source_dir / before.weights_file)
+    by_name = {t.name: t for t in plan.tensors}
+    outputs: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    for filename, names in plan.shards:
+        tensors = output_tensors([by_name[n] for n in names], reader, plan.cast_to)
+        outputs[filename] = write_safetensors(target / filename, tensors, {"format": "pt"}, on_bytes)
+        weight_map.update(dict.fromkeys(names, filename))
+    if len(plan.shards) > 1:
+        total = sum(output_bytes(t, plan.cast_to) for t in plan.tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        outputs[SHARD_INDEX] = files.write_new(target / SHARD_INDEX, json.dumps(index, indent=2).encode())
+    outputs["config.json"] = files.write_new(target / "config.json", json.dumps(plan.config, indent=2).encode())
+    for name in plan.carried:
+        outputs[name] = files.copy_file(plan.base / name, target / name)
+    manifest = {
+        "tool": "ckpt-migrate",
+        "tool_version": __version__,
+        "source": str(before.source_dir.resolve()),
+        "base_model": str(plan.base.resolve()),
+        "repair_migrations": list(plan.repair.migrations),
+        "merged_lora_modules": list(plan.merged),
+        "tensors_from_adapter": list(plan.from_adapter),
+        "files_copied_from_base": list(plan.carried),
+        "outputs_sha256": dict(sorted(outputs.items())),
+    }
+    files.write_new(target / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
