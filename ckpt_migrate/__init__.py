@@ -15,7 +15,16 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from ckpt_migrate.api import CheckpointResult, Report, export, fix, inspect, list_migrations, verify  # noqa: E402
+from ckpt_migrate.api import (  # noqa: E402
+    CheckpointResult,
+    Report,
+    export,
+    fix,
+    inspect,
+    list_migrations,
+    load,
+    verify,
+)
 from ckpt_migrate.core.errors import (  # noqa: E402
     CkptMigrateError,
     OutputError,
@@ -37,5 +46,6 @@ __all__ = [
     "fix",
     "inspect",
     "list_migrations",
+    "load",
     "verify",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError, VerificationFailedError
 from ckpt_migrate.core.migration import Migration
@@ -23,7 +23,7 @@ from ckpt_migrate.planner import plan_checkpoint
 if TYPE_CHECKING:
     from ckpt_migrate.verify import VerifyResult
 
-__all__ = ["CheckpointResult", "Report", "export", "fix", "inspect", "list_migrations", "verify"]
+__all__ = ["CheckpointResult", "Report", "export", "fix", "inspect", "list_migrations", "load", "verify"]
 
 
 def list_migrations() -> list[Migration]:
@@ -233,6 +233,28 @@ def export(
         write_export(report.export, staging)
     result.output = out_path
     return report
+
+
+def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool = False) -> Any:
+    """The peft model of ``checkpoint`` on ``base_model`` with the repair applied in memory; nothing is written.
+
+    Refuses what ``fix`` refuses (a LoRA-only head whose base weights are not in ``base_model``, …). The
+    transformers Auto class comes from the base's ``architectures``, else the adapter's ``task_type``.
+
+    >>> model = load("acme/tiny-llama", "run/checkpoint-500")  # doctest: +SKIP
+    >>> model(input_ids=ids).logits  # the trained model's logits  # doctest: +SKIP
+    """
+    from ckpt_migrate.execute.in_memory import load_repaired
+    from ckpt_migrate.verify import choose_auto_class
+
+    base = BaseModel.open(resolve(base_model, what="base model"))
+    src = resolve(checkpoint, what="checkpoint")
+    relatives = find_checkpoints(src)
+    if len(relatives) != 1:
+        raise UnreadableInputError(f"load takes one checkpoint; this holds {', '.join(relatives)}", src)
+    plan = plan_checkpoint(src / relatives[0], relatives[0], base, Options())
+    auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json")
+    return load_repaired(plan, base, auto_class, is_trainable)
 
 
 def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None) -> VerifyResult:

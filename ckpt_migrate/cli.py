@@ -25,7 +25,8 @@ BASE_MODEL = click.option(
     "--base-model",
     type=click.Path(file_okay=False, path_type=str),
     default=None,
-    help="Local Hugging Face model directory; only its head tensors are read (needed for LoRA-only heads).",
+    help="Hugging Face model directory or Hub id (default: the adapter's base_model_name_or_path when it is at "
+    "hand); only the tensors a repair needs are read (needed for LoRA-only heads).",
 )
 OPTIMIZER = click.option(
     "--optimizer",
@@ -201,6 +202,38 @@ def inspect(
             target_peft=target_peft,
         )
         return _emit(report, fmt)
+
+    _run(debug, action)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("src", type=click.Path(path_type=str))
+@click.option(
+    "--out", type=click.Path(path_type=str), default=None, help="New model directory (must not exist or be empty)."
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+@BASE_MODEL
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="dtype of the floating tensors (auto: as the base model stores them).",
+)
+@FORMAT
+@DEBUG
+def export(src: str, out: str | None, dry_run: bool, base_model: str | None, dtype: str, fmt: str, debug: bool) -> None:
+    """Write a standalone model from SRC: the base with every LoRA delta folded in and the repaired head.
+
+    SRC (a checkpoint or a Hub id) is repaired in memory first; plain transformers loads the result.
+    """
+    if out is None and not dry_run:
+        raise click.UsageError("--out is required (or pass --dry-run)")
+
+    def action() -> int:
+        from ckpt_migrate.api import export as export_model
+
+        return _emit(export_model(src, out, base_model=base_model, dtype=dtype, dry_run=dry_run), fmt)
 
     _run(debug, action)
 

@@ -9,46 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_migrate import __version__
 from ckpt_migrate.core.plan import Status
 from ckpt_migrate.core.report import CheckpointResult, Report
+from ckpt_migrate.render_sections import Diff, Line, Section, Table, draw_markdown, draw_text
 from ckpt_migrate.verify.result import SEEDS, VerifyResult
 
 SCHEMA_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------ the model
-
-
-@dataclass(frozen=True)
-class Line:
-    """``label: text`` (text) / a bullet or call-out by label (Markdown); ``code`` items are set as code."""
-
-    label: str
-    text: str = ""
-    code: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Diff:
-    title: str
-    changes: tuple[tuple[str, str, str], ...]  # key, before, after (as shown)
-
-
-@dataclass(frozen=True)
-class Table:
-    title: str
-    headers: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-
-@dataclass
-class Section:
-    heading: str
-    blocks: list[Line | Diff | Table] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ fix / inspect
@@ -94,6 +63,20 @@ def to_dict(report: Report) -> dict[str, Any]:
         "exit_code": report.exit_code,
         "notes": list(report.notes),
         "checkpoints": [checkpoint_dict(c) for c in report.checkpoints],
+        **({"export": export_dict(report.export)} if report.export is not None else {}),
+    }
+
+
+def export_dict(plan: Any) -> dict[str, Any]:
+    return {
+        "base_model": str(plan.base),
+        "architectures": plan.config.get("architectures"),
+        "num_labels": len(plan.config.get("id2label") or {}) or None,
+        "dtype": plan.cast_to or "as the base",
+        "merged_lora_modules": list(plan.merged),
+        "tensors_from_adapter": list(plan.from_adapter),
+        "files_copied_from_base": list(plan.carried),
+        "shards": {name: len(names) for name, names in plan.shards},
     }
 
 
@@ -116,44 +99,69 @@ def _status_text(report: Report, entry: dict[str, Any]) -> str:
     return status
 
 
+def _config_diff(changes: dict[str, dict[str, Any]]) -> Diff:
+    def shown(change: dict[str, Any], side: str) -> str:
+        gone = change.get("added") if side == "before" else change.get("removed")
+        return ("(absent)" if side == "before" else "(removed)") if gone else json.dumps(change[side])
+
+    rows = tuple((key, shown(c, "before"), shown(c, "after")) for key, c in changes.items())
+    return Diff("adapter_config.json", rows)
+
+
+def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
+    entry = checkpoint_dict(result)
+    in_memory = report.command == "export"  # the repair feeds the export; no checkpoint files are written
+    status = f"{entry['status']} (repaired in memory)" if in_memory else _status_text(report, entry)
+    blocks: list[Line | Diff | Table] = []
+    if entry["migrations"]:
+        blocks.append(Line("migrations", code=tuple(entry["migrations"])))
+    if entry["migrations_not_needed"] and not in_memory:
+        blocks.append(Line("not needed", code=tuple(entry["migrations_not_needed"])))
+    if report.command == "inspect":
+        blocks += [Line("fails on", line) for line in entry["fails_on"]]
+    blocks += [Line("ERROR", error) for error in entry["errors"]]
+    if entry["config_changes"] and not in_memory:
+        blocks.append(_config_diff(entry["config_changes"]))
+    removed, added = entry["tensors_removed"], entry["tensors_added"]
+    if removed and not in_memory:
+        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"]) for t in removed)
+        blocks.append(Table(f"tensors removed ({len(removed)})", ("name", "shape", "dtype"), rows))
+    if added:
+        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"], t["how"]) for t in added)
+        blocks.append(Table(f"tensors added ({len(added)})", ("name", "shape", "dtype", "how computed"), rows))
+    if in_memory:
+        return Section(f"{result.source}: {status}", blocks)
+    if entry["files_removed_detail"]:
+        rows = tuple((f["name"], _size(f["bytes"]), f["reason"]) for f in entry["files_removed_detail"])
+        blocks.append(Table("files dropped", ("file", "size", "why"), rows))
+    for rewritten in entry["files_rewritten"]:
+        blocks.append(Line("file rewritten", f"{rewritten['reason']}", code=(rewritten["name"],)))
+        blocks += [Line(f"  {k}", ", ".join(v)) for k, v in rewritten.items() if k not in ("name", "reason") and v]
+    blocks += [Line("WARNING", warning) for warning in entry["warnings"]]
+    return Section(f"{result.source}: {status}", blocks)
+
+
+def _export_section(report: Report) -> Section:
+    info = export_dict(report.export)
+    done = "written" if report.checkpoints and report.checkpoints[0].output else "dry run: nothing written"
+    blocks: list[Line | Diff | Table] = [
+        Line("base model", info["base_model"]),
+        Line("architectures", str(info["architectures"])),
+        Line("dtype", info["dtype"]),
+        Line("merged LoRA into", code=tuple(info["merged_lora_modules"])),
+        Line("from the adapter", code=tuple(info["tensors_from_adapter"])),
+    ]
+    if info["files_copied_from_base"]:
+        blocks.append(Line("copied from the base", code=tuple(info["files_copied_from_base"])))
+    blocks.append(Table("files", ("file", "tensors"), tuple((n, str(c)) for n, c in info["shards"].items())))
+    return Section(f"export to {report.out} ({done})" if report.out else f"export ({done})", blocks)
+
+
 def report_sections(report: Report) -> list[Section]:
     sections = [Section("", [Line("note", note) for note in report.notes])] if report.notes else []
-    for result in report.checkpoints:
-        entry = checkpoint_dict(result)
-        section = Section(f"{result.source}: {_status_text(report, entry)}")
-        blocks = section.blocks
-        if entry["migrations"]:
-            blocks.append(Line("migrations", code=tuple(entry["migrations"])))
-        if entry["migrations_not_needed"]:
-            blocks.append(Line("not needed", code=tuple(entry["migrations_not_needed"])))
-        if report.command == "inspect":
-            blocks += [Line("fails on", line) for line in entry["fails_on"]]
-        blocks += [Line("ERROR", error) for error in entry["errors"]]
-        if entry["config_changes"]:
-            changes = tuple(
-                (
-                    key,
-                    "(absent)" if c.get("added") else json.dumps(c["before"]),
-                    "(removed)" if c.get("removed") else json.dumps(c["after"]),
-                )
-                for key, c in entry["config_changes"].items()
-            )
-            blocks.append(Diff("adapter_config.json", changes))
-        removed, added = entry["tensors_removed"], entry["tensors_added"]
-        if removed:
-            rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"]) for t in removed)
-            blocks.append(Table(f"tensors removed ({len(removed)})", ("name", "shape", "dtype"), rows))
-        if added:
-            rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"], t["how"]) for t in added)
-            blocks.append(Table(f"tensors added ({len(added)})", ("name", "shape", "dtype", "how computed"), rows))
-        if entry["files_removed_detail"]:
-            rows = tuple((f["name"], _size(f["bytes"]), f["reason"]) for f in entry["files_removed_detail"])
-            blocks.append(Table("files dropped", ("file", "size", "why"), rows))
-        for rewritten in entry["files_rewritten"]:
-            blocks.append(Line("file rewritten", f"{rewritten['reason']}", code=(rewritten["name"],)))
-            blocks += [Line(f"  {k}", ", ".join(v)) for k, v in rewritten.items() if k not in ("name", "reason") and v]
-        blocks += [Line("WARNING", warning) for warning in entry["warnings"]]
-        sections.append(section)
+    sections += [_checkpoint_section(report, result) for result in report.checkpoints]
+    if report.export is not None:
+        sections.append(_export_section(report))
     if len(report.checkpoints) > 1:
         rows = tuple(
             (c.relative, str(c.status), str(len(c.plan.migrations) if c.plan else 0)) for c in report.checkpoints
@@ -186,83 +194,6 @@ def verify_sections(verdict: VerifyResult) -> list[Section]:
     blocks += [Line("note", note) for note in verdict.notes]
     blocks.append(Line("versions", f"transformers {verdict.transformers_version}, peft {verdict.peft_version}"))
     return [section]
-
-
-# ------------------------------------------------------------------------------------ drawing
-
-
-def _text_table(table: Table) -> list[str]:
-    widths = [max(len(r[i]) for r in [table.headers, *table.rows]) for i in range(len(table.headers))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-
-    title = [f"{table.title}:"] if table.title else []
-    return title + [line(table.headers), line(tuple("-" * w for w in widths)), *(line(r) for r in table.rows)]
-
-
-def _text_line(line: Line, indent: str) -> str:
-    if line.label == "-":
-        return f"{indent}- {line.text}"
-    value = ", ".join(line.code) + (": " if line.code and line.text else "") + line.text
-    return f"{indent}{line.label}: {value}"
-
-
-def draw_text(sections: list[Section], headings: str = "== ") -> str:
-    lines: list[str] = []
-    for section in sections:
-        if section.heading:
-            lines.append(f"{headings}{section.heading}")
-        indent = "" if headings else "  "
-        for block in section.blocks:
-            if isinstance(block, Line):
-                lines.append(_text_line(block, indent))
-            elif isinstance(block, Diff):
-                lines.append(f"{block.title}:")
-                for key, before, after in block.changes:
-                    lines += [f"- {key}: {before}", f"+ {key}: {after}"]
-            else:
-                lines += _text_table(block)
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _markdown_line(line: Line) -> str:
-    code = ", ".join(f"`{c}`" for c in line.code)
-    value = code + (": " if code and line.text else "") + line.text
-    if line.label == "ERROR":
-        return f"> **Error:** {value}"
-    if line.label == "-":
-        return f"- {value}"
-    return f"- **{line.label.strip().capitalize()}:** {value}"
-
-
-def draw_markdown(title: str, sections: list[Section]) -> str:
-    lines: list[str] = [f"# {title}", ""]
-    for section in sections:
-        lines += [f"## {section.heading}", ""] if section.heading else []
-        for block in section.blocks:
-            if isinstance(block, Line):
-                lines.append(_markdown_line(block))
-                continue
-            lines.append("")
-            if isinstance(block, Diff):
-                lines += [f"**{block.title}**", "", "```diff"]
-                for key, before, after in block.changes:
-                    lines += [f"- {key}: {before}", f"+ {key}: {after}"]
-                lines += ["```"]
-            else:
-                lines += [f"**{block.title.capitalize()}**", ""] if block.title else []
-                lines += ["| " + " | ".join(block.headers) + " |", "|" + "---|" * len(block.headers)]
-                lines += ["| " + " | ".join(_cell(c, i) for i, c in enumerate(row)) + " |" for row in block.rows]
-            lines.append("")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _cell(value: str, column: int) -> str:
-    value = value.replace("|", "\\|")
-    return f"`{value}`" if column == 0 else value
 
 
 # ------------------------------------------------------------------------------------ entry points
