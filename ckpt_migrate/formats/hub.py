@@ -35,12 +35,10 @@ def resolve(name_or_path: str | Path, *, what: str, revision: str | None = None)
     repo_id = str(name_or_path)
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception as cached_error:  # noqa: BLE001 - LocalEntryNotFoundError, or a broken cache entry
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, or a broken cache entry
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise UnreadableInputError(
-                f"{what} is neither a local directory nor in the Hugging Face cache (HF_HUB_OFFLINE is set): "
-                f"{describe_exception(cached_error, 160)}",
-                path,
+                f"{what} is neither a local directory nor in the Hugging Face cache (HF_HUB_OFFLINE is set)", path
             ) from None
     try:
         return Path(snapshot_download(repo_id, revision=revision))
