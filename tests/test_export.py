@@ -207,3 +207,25 @@ def test_load_refuses_what_fix_refuses():
     case_dir = FIXTURES / "bart_lora_only_head_nobase"
     with pytest.raises(ckpt_migrate.UnrecoverableError, match="cannot be reconstructed"):
         ckpt_migrate.load(case_dir / "base", case_dir / "run" / "checkpoint-2")
+
+
+# ------------------------------------------------------------------------------------ verify, merged
+
+
+def test_verify_proves_an_exported_model_against_its_source_and_catches_a_wrong_head(exported, tmp_path):
+    case_dir = FIXTURES / "roberta_nested"
+    args = ("--base-model", case_dir / "base", "--source", case_dir / "run" / "checkpoint-2", "--format", "json")
+    code, stdout, _ = run_cli("verify", exported["roberta_nested"], *args)
+    verdict = json.loads(stdout)
+    assert code == 0 and verdict["ok"] and verdict["max_logit_diff_vs_source"] <= 1e-4
+
+    from safetensors.torch import save_file
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(exported["roberta_nested"], tampered)
+    tensors = load_file(tampered / "model.safetensors")
+    tensors["classifier.out_proj.weight"] = torch.zeros_like(tensors["classifier.out_proj.weight"])
+    save_file(tensors, tampered / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, _ = run_cli("verify", tampered, *args)
+    verdict = json.loads(stdout)
+    assert code == 8 and any("logits differ from the source" in r for r in verdict["reasons"])

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.errors import EXIT_VERIFY_FAILED, UnreadableInputError
+from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import load_state
 from ckpt_migrate.formats.hub import resolve
@@ -61,6 +62,9 @@ def verify_checkpoint(
 ) -> VerifyResult:
     """Load ``checkpoint_dir`` onto ``base_model_dir`` with the installed peft and judge it.
 
+    A directory written by ``export`` (a ``config.json``, no adapter) is loaded with plain transformers
+    instead, and compared with ``source_dir``'s own function on ``base_model_dir``.
+
     Raises :class:`~ckpt_migrate.core.errors.UnreadableInputError` for inputs that cannot be read
     (missing directories, invalid configs, a base model transformers cannot load); everything
     wrong with the checkpoint itself is a failed verdict with its reasons.
@@ -70,10 +74,13 @@ def verify_checkpoint(
     """
     checkpoint = _adapter_dir(checkpoint_dir, "checkpoint")
     base = _base_model(base_model_dir)
-    state = load_state(checkpoint)
     source = _adapter_dir(source_dir, "source") if source_dir is not None else None
     source_state = load_state(source) if source is not None else None
-    auto_name = choose_auto_class(base.config(), state.config, base.directory / "config.json")
+    merged = (checkpoint / "config.json").is_file() and not (checkpoint / ADAPTER_CONFIG).exists()
+    state = None if merged else load_state(checkpoint)
+    adapter_config = source_state.config if merged and source_state else state.config if state else {}
+    described = BaseModel(checkpoint) if merged else base
+    auto_name = choose_auto_class(described.config(), adapter_config, described.directory / "config.json")
 
     import peft
     import transformers
@@ -93,11 +100,14 @@ def verify_checkpoint(
         peft_version=peft.__version__,
         transformers_version=transformers.__version__,
     )
-    from ckpt_migrate.verify.checks import run_checks
+    from ckpt_migrate.verify.checks import run_checks, run_merged_checks
     from ckpt_migrate.verify.probes import preserved_rng, quiet
 
     with quiet(), preserved_rng():
-        run_checks(result, checkpoint, state, base, auto_name, source, source_state)
+        if state is None:  # a model written by ``export``: plain transformers, no adapter
+            run_merged_checks(result, BaseModel(checkpoint), base, auto_name, source, source_state)
+        else:
+            run_checks(result, checkpoint, state, base, auto_name, source, source_state)
     result.ok = not result.reasons
     return result
 

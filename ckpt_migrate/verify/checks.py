@@ -113,6 +113,41 @@ def run_checks(
         probes.append(probe(model, input_ids))
         del model, model_base
 
+    _judge(result, probes)
+    if result.unused_tensors:
+        result.reasons.append(f"adapter tensors not used by the model: {listed(result.unused_tensors)}")
+    if result.missing_tensors:
+        result.reasons.append(f"tensors the adapter config implies are missing: {listed(result.missing_tensors)}")
+    if source is not None and source_state is not None:
+        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids)
+
+
+def run_merged_checks(
+    result: VerifyResult,
+    merged: BaseModel,
+    base: BaseModel,
+    auto_name: str,
+    source: Path | None,
+    source_state: CheckpointState | None,
+) -> None:
+    """A model written by ``export``: loads with plain transformers, nothing random, the source's logits."""
+    probes: list[Probe] = []
+    input_ids = None
+    for seed in SEEDS:
+        model, _ = merged.load(auto_name, seed)
+        if input_ids is None:
+            input_ids = probe_inputs(model)
+            result.dtype = str(model.dtype).replace("torch.", "")
+            result.tolerance = TOLERANCES.get(result.dtype, 1e-4)
+        probes.append(probe(model, input_ids))
+        del model
+    _judge(result, probes)
+    if source is not None and source_state is not None:
+        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids)
+
+
+def _judge(result: VerifyResult, probes: list[Probe]) -> None:
+    """Two loads under different seeds must agree: what differs on the forward path was left random."""
     first, second = probes
     between = (first.logits - second.logits).abs().max().item() if first.logits.numel() else 0.0
     result.max_logit_diff_between_loads = between
@@ -128,19 +163,24 @@ def run_checks(
         )
     elif differing:
         result.notes.append(f"parameters off the forward path differ between loads (harmless): {listed(differing)}")
-    if result.unused_tensors:
-        result.reasons.append(f"adapter tensors not used by the model: {listed(result.unused_tensors)}")
-    if result.missing_tensors:
-        result.reasons.append(f"tensors the adapter config implies are missing: {listed(result.missing_tensors)}")
 
-    if source is not None and source_state is not None:
-        expected, why = source_logits(source, source_state, base, auto_name, input_ids)
-        if expected is None:
-            result.notes.append(f"not independently checked against the source: {why}")
-        else:
-            diff = (first.logits - expected).abs().max().item()
-            result.max_logit_diff_vs_source = diff
-            if not diff <= result.tolerance:
-                result.reasons.append(
-                    f"logits differ from the source checkpoint's by {diff:.3g} (tolerance {result.tolerance:g})"
-                )
+
+def _compare_with_source(
+    result: VerifyResult,
+    first: Probe,
+    source: Path,
+    source_state: CheckpointState,
+    base: BaseModel,
+    auto_name: str,
+    input_ids: Any,
+) -> None:
+    expected, why = source_logits(source, source_state, base, auto_name, input_ids)
+    if expected is None:
+        result.notes.append(f"not independently checked against the source: {why}")
+        return
+    diff = (first.logits - expected).abs().max().item()
+    result.max_logit_diff_vs_source = diff
+    if not diff <= result.tolerance:
+        result.reasons.append(
+            f"logits differ from the source checkpoint's by {diff:.3g} (tolerance {result.tolerance:g})"
+        )
