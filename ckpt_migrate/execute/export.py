@@ -51,8 +51,9 @@ def _refuse_unsupported(repair: CheckpointPlan) -> None:
     config = repair.after.config
     if not config:
         raise UnrecoverableError("export needs an adapter checkpoint (this one has no adapter_config.json)")
-    kinds = {name.rsplit(".", 2)[-2] for name in repair.after.tensors if ".lora_embedding_" in name}
-    if kinds:
+    if config.get("peft_type") != "LORA":
+        raise UnrecoverableError(f"export merges LoRA adapters; this one is {config.get('peft_type')}", repair.source)
+    if any(".lora_embedding_" in name for name in repair.after.tensors):
         raise UnrecoverableError("export does not merge embedding LoRA (lora_embedding_A/B) yet", repair.source)
 
 
