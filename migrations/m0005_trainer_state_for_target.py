@@ -20,13 +20,13 @@ package metadata (nothing is imported).
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from packaging.version import Version
 
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.plan import CheckpointState, FileRewrite
+from ckpt_migrate.core.releases import KeyTable, target_release
 from ckpt_migrate.formats.files import read_json_object
 
 ID = "0005_trainer_state_for_target"
@@ -73,31 +73,12 @@ TABLE_CHECKED_UP_TO = Version("5.24.0")
 NEEDS_TRAINER_CONTROL = Version("4.45.0")
 
 
+TABLE = KeyTable(FIELDS_SINCE_4_30, FIELD_INTRODUCED, TABLE_CHECKED_UP_TO)
+
+
 def target_transformers(context: Context) -> Version:
     """The transformers release that will read the checkpoint: ``--target-transformers`` or the installed one."""
-    wanted = context.options.target_transformers
-    if wanted is None:
-        try:
-            wanted = version("transformers")
-        except PackageNotFoundError:
-            wanted = str(TABLE_CHECKED_UP_TO)
-    return Version(wanted)
-
-
-def _unknown_to(target: Version, state: dict) -> tuple[list[str], list[str]]:
-    """(fields the target does not know, fields nobody can tell about)."""
-    unknown, undecidable = [], []
-    for key in sorted(state):
-        if key in FIELDS_SINCE_4_30:
-            continue
-        if key in FIELD_INTRODUCED:
-            if target < Version(FIELD_INTRODUCED[key]):
-                unknown.append(key)
-        elif target <= TABLE_CHECKED_UP_TO:
-            unknown.append(key)  # no release up to the target has it
-        else:
-            undecidable.append(key)
-    return unknown, undecidable
+    return target_release("transformers", context.options.target_transformers, TABLE_CHECKED_UP_TO)
 
 
 def _read(state: CheckpointState) -> dict:
@@ -118,7 +99,7 @@ def _trainer_control(content: dict) -> dict:
 
 def _changes(content: dict, target: Version) -> tuple[list[str], bool, list[str]]:
     """(fields to drop, whether to add TrainerControl, fields nobody can tell about)."""
-    unknown, undecidable = _unknown_to(target, content)
+    unknown, undecidable = TABLE.unknown_to(target, content)
     add_control = target >= NEEDS_TRAINER_CONTROL and _lacks_trainer_control(content)
     return unknown, add_control, undecidable
 

@@ -16,13 +16,13 @@ from package metadata (nothing is imported).
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from packaging.version import Version
 
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.plan import CheckpointState
+from ckpt_migrate.core.releases import KeyTable, target_release
 
 ID = "0006_adapter_config_for_target"
 SUMMARY = "Drop adapter_config.json keys the target peft does not know; refuse where that changes the model"
@@ -73,31 +73,12 @@ TOLERANT_SINCE = Version("0.14.0")
 _EMPTY = (None, False, {}, [], "")
 
 
+TABLE = KeyTable(KNOWN_SINCE_0_7, {key: since for key, (since, _) in KEY_INTRODUCED.items()}, TABLE_CHECKED_UP_TO)
+
+
 def target_peft(context: Context) -> Version:
     """The peft release that will read the adapter: ``--target-peft`` or the installed one."""
-    wanted = context.options.target_peft
-    if wanted is None:
-        try:
-            wanted = version("peft")
-        except PackageNotFoundError:
-            wanted = str(TABLE_CHECKED_UP_TO)
-    return Version(wanted)
-
-
-def _unknown_keys(config: dict[str, Any], target: Version) -> tuple[list[str], list[str]]:
-    """(keys the target does not know, keys newer than the table, whose fate cannot be told)."""
-    unknown, undecidable = [], []
-    for key in sorted(config):
-        if key in KNOWN_SINCE_0_7:
-            continue
-        if key in KEY_INTRODUCED:
-            if target < Version(KEY_INTRODUCED[key][0]):
-                unknown.append(key)
-        elif target <= TABLE_CHECKED_UP_TO:
-            unknown.append(key)  # no release up to the target has it
-        else:
-            undecidable.append(key)
-    return unknown, undecidable
+    return target_release("peft", context.options.target_peft, TABLE_CHECKED_UP_TO)
 
 
 def _neutral(key: str, value: Any) -> bool:
@@ -107,12 +88,12 @@ def _neutral(key: str, value: Any) -> bool:
 
 
 def detect(state: CheckpointState, context: Context) -> bool:
-    return bool(state.config) and bool(_unknown_keys(state.config, target_peft(context))[0])
+    return bool(state.config) and bool(TABLE.unknown_to(target_peft(context), state.config)[0])
 
 
 def plan(state: CheckpointState, context: Context) -> None:
     target = target_peft(context)
-    unknown, undecidable = _unknown_keys(state.config, target)
+    unknown, undecidable = TABLE.unknown_to(target, state.config)
     meaningful = [key for key in unknown if not _neutral(key, state.config[key])]
     if meaningful:
         values = ", ".join(f"{key}={json.dumps(state.config[key])}" for key in meaningful)
