@@ -226,11 +226,15 @@ def export(
     report.export = plan_export(repair, base, dtype, max_shard_bytes)
     if dry_run or out_path is None:
         return report
-    from ckpt_migrate.execute.export import write_export
+    from tqdm import tqdm
+
+    from ckpt_migrate.execute.export import output_bytes, write_export
     from ckpt_migrate.execute.publish import staged_output
 
-    with staged_output(out_path) as staging:
-        write_export(report.export, staging)
+    total = sum(output_bytes(t, report.export.cast_to) for t in report.export.tensors)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
+    with bar, staged_output(out_path) as staging:
+        write_export(report.export, staging, bar.update)
     result.output = out_path
     return report
 

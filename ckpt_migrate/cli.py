@@ -221,8 +221,11 @@ def inspect(
     help="dtype of the floating tensors (auto: as the base model stores them).",
 )
 @FORMAT
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @DEBUG
-def export(src: str, out: str | None, dry_run: bool, base_model: str | None, dtype: str, fmt: str, debug: bool) -> None:
+def export(
+    src: str, out: str | None, dry_run: bool, base_model: str | None, dtype: str, fmt: str, quiet: bool, debug: bool
+) -> None:
     """Write a standalone model from SRC: the base with every LoRA delta folded in and the repaired head.
 
     SRC (a checkpoint or a Hub id) is repaired in memory first; plain transformers loads the result.
@@ -233,7 +236,9 @@ def export(src: str, out: str | None, dry_run: bool, base_model: str | None, dty
     def action() -> int:
         from ckpt_migrate.api import export as export_model
 
-        return _emit(export_model(src, out, base_model=base_model, dtype=dtype, dry_run=dry_run), fmt)
+        progress = False if quiet else None
+        report = export_model(src, out, base_model=base_model, dtype=dtype, dry_run=dry_run, progress=progress)
+        return _emit(report, fmt)
 
     _run(debug, action)
 

@@ -180,11 +180,15 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    data: bytes | CopyFrom
+    data: bytes | CopyFrom | Callable[[], bytes]  # a callable computes the bytes when the writer reaches them
 
     @property
     def nbytes(self) -> int:
-        return self.data.length if isinstance(self.data, CopyFrom) else len(self.data)
+        if isinstance(self.data, CopyFrom):
+            return self.data.length
+        if callable(self.data):
+            return math.prod(self.shape) * DTYPES[self.dtype].size
+        return len(self.data)
 
 
 def storage_order(tensors: Iterable[OutputTensor]) -> list[OutputTensor]:
@@ -233,11 +237,15 @@ def write_safetensors(
         for tensor in ordered:
             if isinstance(tensor.data, CopyFrom):
                 _copy_range(tensor.data, out, digest, buffer, on_bytes)
-            else:
-                out.write(tensor.data)
-                digest.update(tensor.data)
-                if on_bytes:
-                    on_bytes(len(tensor.data))
+                continue
+            data = tensor.data() if callable(tensor.data) else tensor.data  # computed one at a time
+            if len(data) != tensor.nbytes:
+                raise ValueError(f"{tensor.name}: {len(data)} bytes computed, the header says {tensor.nbytes}")
+            out.write(data)
+            digest.update(data)
+            if on_bytes:
+                on_bytes(len(data))
+            del data
     return digest.hexdigest()
 
 
