@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.plan import CheckpointPlan, PlannedTensor, SourceKind
 from ckpt_migrate.formats.adapter import SAFETENSORS_WEIGHTS, load_bin_tensors
 from ckpt_migrate.formats.dtypes import to_torch
-from ckpt_migrate.formats.safetensors import CopyFrom, OutputTensor, SafetensorsHeader, read_header
+from ckpt_migrate.formats.safetensors import Computed, CopyFrom, OutputTensor, SafetensorsHeader, read_header
 
 
 def tensor_bytes(tensor: Any) -> bytes:
@@ -32,6 +33,11 @@ class TensorReader:
         self._bin = load_bin_tensors(source_weights) if plan.before.weights_file != SAFETENSORS_WEIGHTS else None
         self._adapter = read_header(source_weights) if self._bin is None else None
         self._base_headers: dict[Path, SafetensorsHeader] = {}
+
+    @property
+    def source_data_start(self) -> int | None:
+        """Where the source adapter's tensor data starts (the new file keeps its block phase), if safetensors."""
+        return self._adapter.data_start if self._adapter is not None else None
 
     @property
     def source_metadata(self) -> dict[str, str]:
@@ -79,11 +85,19 @@ def fold(reader: TensorReader, tensor: PlannedTensor) -> Any:
 
 
 def output_tensors(plan: CheckpointPlan, reader: TensorReader) -> list[OutputTensor]:
-    """Every tensor of the new adapter file, with its bytes or the byte range to copy them from."""
+    """Every tensor of the new adapter file: the byte range to copy it from, or how to compute it.
+
+    Folds are computed when the writer reaches them, so torch is imported while the kernel copies.
+    """
     outputs = []
     for tensor in plan.after.tensors.values():
-        data = (
-            tensor_bytes(fold(reader, tensor)) if tensor.source.kind is SourceKind.FOLD else reader.copy_source(tensor)
-        )
+        if tensor.source.kind is SourceKind.FOLD:
+            data: Computed | CopyFrom = partial(_folded_bytes, reader, tensor)
+        else:
+            data = reader.copy_source(tensor)
         outputs.append(OutputTensor(tensor.name, tensor.dtype, tensor.shape, data))
     return outputs
+
+
+def _folded_bytes(reader: TensorReader, tensor: PlannedTensor) -> bytes:
+    return tensor_bytes(fold(reader, tensor))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_migrate import __version__
-from ckpt_migrate.core.errors import OutputError
+from ckpt_migrate.core.errors import OutputError, UnreadableInputError
 from ckpt_migrate.core.migration import RewritingMigration
 from ckpt_migrate.core.plan import CheckpointPlan
 from ckpt_migrate.execute.tensors import TensorReader, output_tensors
@@ -44,11 +44,13 @@ def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], lis
 
 
 def bytes_to_process(plan: CheckpointPlan) -> int:
-    """Progress total: copied files once, rewritten inputs hashed, the new adapter weights written."""
+    """Progress total: every input read is hashed, every output written and hashed (the new adapter
+    and rewritten files counted at their source's size)."""
     copied, rewritten, _ = _inputs_by_handling(plan)
     files = plan.before.files
-    written = files[plan.before.weights_file] if plan.before.weights_file else 0
-    return sum(files[n] for n in copied) + sum(files[n] for n in rewritten) + written
+    weights = files[plan.before.weights_file] if plan.before.weights_file else 0
+    rewrites = sum(files.get(n, 0) for n in plan.after.rewritten_files)
+    return sum(files[n] for n in copied + rewritten) + 2 * sum(files[n] for n in copied) + 2 * weights + rewrites
 
 
 def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
@@ -63,28 +65,39 @@ def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
     return update
 
 
+#: Threads hashing inputs (and rewritten outputs) while the main thread writes; sha256 releases the GIL.
+HASH_THREADS = 2
+
+
 def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None) -> dict[str, Any]:
     """Write the repaired checkpoint described by ``plan`` into the empty directory ``target``.
 
-    Files that are dropped are never read. Inputs that are rewritten rather than copied are hashed
-    on a second thread while the output is written (hashlib releases the GIL), so the manifest's
-    sha256 of inputs costs no extra wall time on a multi-core machine.
+    Files that are dropped are never read. Unchanged bytes are copied by the kernel, so the sha256
+    of the manifest needs reads of its own: every input is hashed on a pool thread from the start,
+    every output is hashed from the file itself while it is written (or, for a file a migration
+    rewrote, right after), all overlapping the copies and fsyncs. A copied file whose output
+    hash differs from its input hash changed while it was copied: nothing is published.
     """
     before, after = plan.before, plan.after
     progress = _thread_safe(on_bytes)
     copied, rewritten, dropped = _inputs_by_handling(plan)
-    inputs: dict[str, str] = {}
     outputs: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = {name: pool.submit(files.sha256_file, before.source_dir / name, progress) for name in rewritten}
+    with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="sha256") as pool:
+        source = before.source_dir
+        reads = {name: pool.submit(files.sha256_file, source / name, progress) for name in copied + rewritten}
         for name in copied:
-            inputs[name] = outputs[name] = files.copy_file(before.source_dir / name, target / name, progress)
+            outputs[name] = files.copy_file(source / name, target / name, progress)
+        rewrites = {}
         for name in sorted(after.rewritten_files):
             rewrite_file(name, plan, target)
-            outputs[name] = files.sha256_file(target / name)
+            rewrites[name] = pool.submit(files.sha256_file, target / name, progress)
         if after.weights_file is not None:
             outputs.update(_write_adapter(plan, target, progress))
-        inputs.update({name: future.result() for name, future in pending.items()})
+        inputs = {name: future.result() for name, future in reads.items()}
+        outputs.update({name: future.result() for name, future in rewrites.items()})
+    for name in copied:
+        if inputs[name] != outputs[name]:
+            raise UnreadableInputError("changed while it was copied (sha256 of source and copy differ)", source / name)
     manifest = {
         "tool": "ckpt-migrate",
         "tool_version": __version__,
@@ -111,8 +124,9 @@ def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None)
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
     tensors = output_tensors(plan, reader)
     config_text = json.dumps(after.config, indent=2, sort_keys=True)
+    phase = reader.source_data_start
     return {
-        after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress),
+        after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress, phase),
         ADAPTER_CONFIG: files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8")),
     }
 
