@@ -13,8 +13,10 @@ from ckpt_migrate.core.errors import CkptMigrateError, OutputError, Verification
 from ckpt_migrate.core.migration import Migration
 from ckpt_migrate.core.plan import OptimizerPolicy, Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
+from ckpt_migrate.formats.adapter import BIN_WEIGHTS, SAFETENSORS_WEIGHTS
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import find_checkpoints
+from ckpt_migrate.formats.digests import Hashes
 from ckpt_migrate.planner import plan_checkpoint
 
 if TYPE_CHECKING:
@@ -116,7 +118,7 @@ def fix(
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
-    from ckpt_migrate.execute.publish import check_output_target, earlier_batch_output, write_and_publish
+    from ckpt_migrate.execute.publish import check_output_target
 
     options = _options(optimizer, target_transformers, target_peft)
     src = Path(src)
@@ -127,15 +129,56 @@ def fix(
         raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
     if out_path is not None:
         check_output_target(src, out_path, allow_earlier_batch=True)
-    report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, options))
+    hashes = Hashes() if not dry_run else None
+    try:
+        if hashes is not None:
+            _hash_ahead(src, options, hashes)
+        report = Report("fix", src, dry_run, out_path, _plan_all(src, base_model, options))
+        _write_all(report, out_path, base_model, verify, progress, hashes)
+    finally:
+        if hashes is not None:
+            hashes.close()
+    return report
+
+
+def _hash_ahead(src: Path, options: Options, hashes: Hashes) -> None:
+    """Start hashing (for the manifest) the big inputs a repair surely reads: the adapter weights, and
+    ``optimizer.pt`` when it is to be remapped. The hashes run while the checkpoints are planned; those of
+    checkpoints that are not written, or of files that end up dropped, are abandoned."""
+    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import OPTIMIZER_FILE
+
+    names = [SAFETENSORS_WEIGHTS, BIN_WEIGHTS] + [OPTIMIZER_FILE] * (options.optimizer is OptimizerPolicy.REMAP)
+    try:
+        relatives = find_checkpoints(src)
+    except CkptMigrateError:
+        return  # planning reports it
+    for relative in relatives:
+        for name in names:
+            if (src / relative / name).is_file():
+                hashes.start(src / relative / name)
+
+
+def _write_all(
+    report: Report,
+    out_path: Path | None,
+    base_model: str | Path | None,
+    verify: bool,
+    progress: bool | None,
+    hashes: Hashes | None,
+) -> None:
+    from ckpt_migrate.execute.publish import earlier_batch_output, write_and_publish
+
+    src, dry_run = report.source, report.dry_run
     single = len(report.checkpoints) == 1
     done = earlier_batch_output(src, out_path) if out_path is not None and not single else set()
     for result in report.checkpoints:
         if result.relative in done and result.status is Status.REPAIRABLE and result.plan is not None:
             result.status, result.output = Status.REPAIRED, out_path / result.relative
             result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
+        if hashes is not None and result.status is not Status.REPAIRABLE:
+            hashes.forget_under(result.source)
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
-        return report
+        return
 
     def verified(result: CheckpointResult, staged: Path) -> bool:
         verdict = _verify(staged, base_model, source=result.source)
@@ -148,10 +191,8 @@ def fix(
         result.status, result.error = Status.VERIFY_FAILED, message
         return False
 
-    write_and_publish(
-        report.checkpoints, out_path, single=single, check=verified if verify else None, progress=progress
-    )
-    return report
+    check = verified if verify else None
+    write_and_publish(report.checkpoints, out_path, single=single, check=check, progress=progress, hashes=hashes)
 
 
 def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None) -> VerifyResult:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ckpt_migrate import __version__
 from ckpt_migrate.core.errors import OutputError, UnreadableInputError
 from ckpt_migrate.core.migration import RewritingMigration
-from ckpt_migrate.core.plan import CheckpointPlan
+from ckpt_migrate.core.plan import CheckpointPlan, SourceKind
 from ckpt_migrate.execute.tensors import TensorReader, output_tensors
 from ckpt_migrate.formats import files
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, MANIFEST
-from ckpt_migrate.formats.files import OnBytes
+from ckpt_migrate.formats.digests import Hashes, OnBytes
 from ckpt_migrate.formats.safetensors import read_header, write_safetensors
 
 METADATA_KEY = "ckpt_migrate"
@@ -65,36 +66,64 @@ def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
     return update
 
 
-#: Threads hashing inputs (and rewritten outputs) while the main thread writes; sha256 releases the GIL.
-HASH_THREADS = 2
+def _import_torch_meanwhile(plan: CheckpointPlan) -> threading.Thread | None:
+    """When the plan needs torch (a fold, a rewritten pickle), start importing it (seconds) while the kernel
+    copies and the hashes run; whoever imports it next waits for this import instead of starting anew."""
+    folds = any(t.source.kind is SourceKind.FOLD for t in plan.after.tensors.values())
+    pickles = any(not name.endswith(".json") for name in plan.after.rewritten_files)
+    if "torch" in sys.modules or not (folds or pickles):
+        return None
+    thread = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
+    thread.start()
+    return thread
 
 
-def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None) -> dict[str, Any]:
+def write_checkpoint(
+    plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None, hashes: Hashes | None = None
+) -> dict[str, Any]:
     """Write the repaired checkpoint described by ``plan`` into the empty directory ``target``.
 
-    Files that are dropped are never read. Unchanged bytes are copied by the kernel, so the sha256
-    of the manifest needs reads of its own: every input is hashed on a pool thread from the start,
-    every output is hashed from the file itself while it is written (or, for a file a migration
-    rewrote, right after), all overlapping the copies and fsyncs. A copied file whose output
-    hash differs from its input hash changed while it was copied: nothing is published.
+    Files that are dropped are never read (a hash started ahead for one is abandoned). Unchanged bytes
+    are copied by the kernel, so the sha256 of the manifest needs reads of its own: inputs are hashed on
+    ``hashes``' threads (the caller may have started them while planning), outputs from the file itself
+    while it is written (or, for a file a migration rewrote, right after), all overlapping the copies and
+    fsyncs. A copied file whose output hash differs from its input hash changed while it was copied:
+    nothing is published.
     """
+    own = hashes is None
+    hashes = Hashes() if hashes is None else hashes
+    try:
+        return _write_checkpoint(plan, target, _thread_safe(on_bytes), hashes)
+    except BaseException:
+        hashes.forget_under(plan.before.source_dir)
+        hashes.forget_under(target)
+        raise
+    finally:
+        if own:
+            hashes.close()
+
+
+def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | None, hashes: Hashes) -> dict[str, Any]:
     before, after = plan.before, plan.after
-    progress = _thread_safe(on_bytes)
+    source = before.source_dir
     copied, rewritten, dropped = _inputs_by_handling(plan)
+    for name in dropped:
+        hashes.forget(source / name)
+    for name in copied + rewritten:
+        hashes.start(source / name, progress)
+    importing = _import_torch_meanwhile(plan)
     outputs: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="sha256") as pool:
-        source = before.source_dir
-        reads = {name: pool.submit(files.sha256_file, source / name, progress) for name in copied + rewritten}
-        for name in copied:
-            outputs[name] = files.copy_file(source / name, target / name, progress)
-        rewrites = {}
-        for name in sorted(after.rewritten_files):
-            rewrite_file(name, plan, target)
-            rewrites[name] = pool.submit(files.sha256_file, target / name, progress)
-        if after.weights_file is not None:
-            outputs.update(_write_adapter(plan, target, progress))
-        inputs = {name: future.result() for name, future in reads.items()}
-        outputs.update({name: future.result() for name, future in rewrites.items()})
+    for name in copied:
+        outputs[name] = files.copy_file(source / name, target / name, progress)
+    for name in sorted(after.rewritten_files):
+        rewrite_file(name, plan, target)
+        hashes.start(target / name, progress)
+    if after.weights_file is not None:
+        outputs.update(_write_adapter(plan, target, progress))
+    inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
+    outputs.update({name: hashes.result(target / name, progress) for name in after.rewritten_files})
+    if importing is not None:
+        importing.join()
     for name in copied:
         if inputs[name] != outputs[name]:
             raise UnreadableInputError("changed while it was copied (sha256 of source and copy differ)", source / name)

@@ -1,4 +1,4 @@
-"""Plain files: durable new files (exclusive create, fsync), byte-for-byte copies, sha256.
+"""Plain files: durable new files (exclusive create, fsync), byte-for-byte copies in the kernel, JSON.
 
 Every file the tool writes goes through :func:`new_file`, so none is ever overwritten and none is
 published before its bytes are on disk. Bytes that are copied unchanged never pass through Python:
@@ -13,15 +13,12 @@ import errno
 import hashlib
 import json
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ckpt_migrate.core.errors import UnreadableInputError
-
-COPY_CHUNK_BYTES = 8 * 1024 * 1024
-OnBytes = Callable[[int], None]
+from ckpt_migrate.formats.digests import CHUNK_BYTES, FollowingSha256, OnBytes, both
 
 
 @contextlib.contextmanager
@@ -38,19 +35,6 @@ def write_new(path: str | Path, data: bytes) -> str:
     with new_file(path) as handle:
         handle.write(data)
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, on_bytes: OnBytes | None = None) -> str:
-    """The sha256 of a file's bytes, read in chunks (hashlib releases the GIL: call it from threads)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(COPY_CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while got := handle.readinto(buffer):
-            digest.update(view[:got])
-            if on_bytes:
-                on_bytes(got)
-    return digest.hexdigest()
 
 
 #: Kernel copies are issued in pieces of this size (a multiple of any block size), so progress moves.
@@ -110,7 +94,7 @@ def copy_range(
                     methods.pop(0)
                     continue
             else:
-                buffer = buffer if buffer is not None else bytearray(COPY_CHUNK_BYTES)
+                buffer = buffer if buffer is not None else bytearray(CHUNK_BYTES)
                 got = os.preadv(src, [memoryview(buffer)[: min(want, len(buffer))]], at_src)
                 if got == 0:
                     raise UnreadableInputError("file shrank while copying", _fd_path(src))
@@ -133,76 +117,6 @@ def _fd_path(fd: int) -> Path | None:
         return Path(os.readlink(f"/proc/self/fd/{fd}"))
     except OSError:
         return None
-
-
-class FollowingSha256:
-    """The sha256 of a file that is being written front to back, computed while it is written.
-
-    A thread reads back (from the page cache) every byte the writer reports with :meth:`advance`,
-    so hashing overlaps the writing and the fsync; :meth:`hexdigest` waits for the last bytes.
-    What it hashes is what the file holds, not what the writer meant to write.
-    """
-
-    def __init__(self, path: Path, on_bytes: OnBytes | None = None):
-        self._path, self._on_bytes = path, on_bytes
-        self._written, self._closed, self._error = 0, False, None
-        self._changed = threading.Condition()
-        self._digest = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, name=f"sha256 {path.name}", daemon=True)
-        self._thread.start()
-
-    def advance(self, count: int) -> None:
-        """``count`` more bytes are written, right after the ones reported before."""
-        with self._changed:
-            self._written += count
-            self._changed.notify()
-
-    def close(self) -> None:
-        """No more bytes will come (also on failure: the thread then stops)."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify()
-
-    def hexdigest(self) -> str:
-        self.close()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._digest.hexdigest()
-
-    def _run(self) -> None:
-        buffer = bytearray(COPY_CHUNK_BYTES)
-        view, done = memoryview(buffer), 0
-        try:
-            with open(self._path, "rb", buffering=0) as handle:
-                while True:
-                    with self._changed:
-                        while self._written == done and not self._closed:
-                            self._changed.wait()
-                        written, closed = self._written, self._closed
-                    if written == done and closed:
-                        return
-                    while done < written:
-                        got = os.preadv(handle.fileno(), [view[: min(len(buffer), written - done)]], done)
-                        if got == 0:
-                            raise OSError(f"{self._path} is shorter than what was written to it")
-                        self._digest.update(view[:got])
-                        done += got
-                        if self._on_bytes:
-                            self._on_bytes(got)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller of hexdigest()
-            self._error = exc
-
-
-def both(*callbacks: OnBytes | None) -> OnBytes:
-    """One byte counter that reports to every given one."""
-    present = [c for c in callbacks if c is not None]
-
-    def report(count: int) -> None:
-        for callback in present:
-            callback(count)
-
-    return report
 
 
 def copy_file(source: Path, target: Path, on_bytes: OnBytes | None = None) -> str:

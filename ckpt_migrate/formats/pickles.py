@@ -10,7 +10,9 @@ left unread on the meta device, so a file's structure costs no memory, whatever 
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import pickletools
 import re
 import zipfile
@@ -137,11 +139,24 @@ class Skeleton:
 
 
 def load_skeleton(path: Path) -> Skeleton:
-    """Unpickle ``path``'s ``data.pkl`` with torch's weights-only unpickler, reading no tensor bytes."""
+    """Unpickle ``path``'s ``data.pkl`` with torch's weights-only unpickler, reading no tensor bytes.
+
+    The last few results are kept while their file is unchanged (same inode, size and modification
+    time): the planner and the writer of a remap read the same file. Do not modify what is returned.
+    """
+    path = Path(os.path.abspath(path))
+    try:
+        st = path.stat()
+    except OSError:
+        return _load_skeleton(path, None)
+    return _load_skeleton(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_skeleton(path: Path, identity: tuple[int, ...] | None) -> Skeleton:
     import torch
     from torch import _weights_only_unpickler
 
-    path = Path(path)
     data = _data_pkl(path)
     storages: dict[str, Any] = {}
 

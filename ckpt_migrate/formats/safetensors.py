@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.formats.digests import FollowingSha256, OnBytes, both
 from ckpt_migrate.formats.dtypes import DTYPES, STORAGE_RANK
-from ckpt_migrate.formats.files import BLOCK_BYTES, FollowingSha256, OnBytes, both, copy_range, new_file, pwrite_all
+from ckpt_migrate.formats.files import BLOCK_BYTES, copy_range, new_file, pwrite_all
 
 #: The header limit of safetensors itself (``MAX_HEADER_SIZE`` in its Rust crate): larger is refused there too.
 MAX_HEADER_BYTES = 100_000_000

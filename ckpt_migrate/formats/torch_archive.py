@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError
-from ckpt_migrate.formats.files import OnBytes, copy_range, new_file, pwrite_all
+from ckpt_migrate.formats.digests import OnBytes
+from ckpt_migrate.formats.files import copy_range, new_file, pwrite_all
 
 ALIGNMENT = 64
 #: Sizes and offsets from here on go to zip64 fields; the 32-bit field then holds ``_FULL``.
