@@ -113,13 +113,14 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
         hashes.start(source / name, progress)
     importing = _import_torch_meanwhile(plan)
     outputs: dict[str, str] = {}
-    for name in copied:
-        outputs[name] = files.copy_file(source / name, target / name, progress)
-    for name in sorted(after.rewritten_files):
-        rewrite_file(name, plan, target)
-        hashes.start(target / name, progress)
-    if after.weights_file is not None:
-        outputs.update(_write_adapter(plan, target, progress))
+    for _, kind, name in _largest_first(plan, copied):
+        if kind == "copy":
+            outputs[name] = files.copy_file(source / name, target / name, progress)
+        elif kind == "rewrite":
+            rewrite_file(name, plan, target)
+            hashes.start(target / name, progress)
+        else:
+            outputs.update(_write_adapter(plan, target, progress))
     inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
     outputs.update({name: hashes.result(target / name, progress) for name in after.rewritten_files})
     if importing is not None:
@@ -142,6 +143,18 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
     files.write_new(target / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     verify_written(plan, target)
     return manifest
+
+
+def _largest_first(plan: CheckpointPlan, copied: list[str]) -> list[tuple[int, str, str]]:
+    """(source size, kind, name) of every file to write, largest first: the big writes start while torch is
+    still being imported (the fold, at the adapter's end, waits for it), and the hash of a big rewritten
+    file (computed after it is written) overlaps the writes that follow."""
+    sizes = plan.before.files
+    jobs = [(sizes.get(name, 0), "rewrite", name) for name in sorted(plan.after.rewritten_files)]
+    jobs += [(sizes[name], "copy", name) for name in copied]
+    if plan.after.weights_file is not None:
+        jobs.append((sizes.get(plan.before.weights_file or "", 0), "adapter", plan.after.weights_file))
+    return sorted(jobs, key=lambda job: -job[0])
 
 
 def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None) -> dict[str, str]:

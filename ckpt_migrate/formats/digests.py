@@ -15,7 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-CHUNK_BYTES = 8 * 1024 * 1024
+#: Read size for hashing and for copies the kernel refuses: 1 MiB stays in the CPU cache between the read
+#: and sha256 (8 MiB measured 1.5-4x the system time for the same bytes).
+CHUNK_BYTES = 1024 * 1024
 OnBytes = Callable[[int], None]
 
 
