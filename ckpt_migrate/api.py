@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError, VerificationFailedError
 from ckpt_migrate.core.migration import Migration
-from ckpt_migrate.core.plan import OptimizerPolicy, Options, Status
+from ckpt_migrate.core.plan import Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import find_checkpoints
+from ckpt_migrate.formats.digests import Hashes
 from ckpt_migrate.formats.hub import resolve, resolve_cached
 from ckpt_migrate.planner import plan_checkpoint
 
@@ -35,24 +36,6 @@ def list_migrations() -> list[Migration]:
     from ckpt_migrate.migrations import MIGRATIONS
 
     return list(MIGRATIONS)
-
-
-def _version(name: str, value: str | None) -> str | None:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return None if value is None else str(Version(value))
-    except InvalidVersion:
-        raise ValueError(f"{name} {value!r} is not a version (e.g. 4.44.2)") from None
-
-
-def _options(optimizer: str, target_transformers: str | None, target_peft: str | None) -> Options:
-    """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
-    return Options(
-        optimizer=OptimizerPolicy(optimizer),
-        target_transformers=_version("target_transformers", target_transformers),
-        target_peft=_version("target_peft", target_peft),
-    )
 
 
 def _base_model(src: Path, relatives: list[str], base_model: str | Path | None, notes: list[str]) -> BaseModel | None:
@@ -107,7 +90,7 @@ def inspect(
     >>> inspect("run/checkpoint-500").exit_code  # doctest: +SKIP
     3
     """
-    options = _options(optimizer, target_transformers, target_peft)
+    options = Options.parse(optimizer, target_transformers, target_peft)
     src = resolve(src, what="SRC")
     report = Report("inspect", src, dry_run=True)
     report.checkpoints = _plan_all(src, base_model, options, report.notes)
@@ -139,9 +122,10 @@ def fix(
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
-    from ckpt_migrate.execute.publish import check_output_target, earlier_batch_output, write_and_publish
+    from ckpt_migrate.execute.publish import check_output_target
+    from ckpt_migrate.execute.write import hash_ahead
 
-    options = _options(optimizer, target_transformers, target_peft)
+    options = Options.parse(optimizer, target_transformers, target_peft)
     src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
@@ -150,16 +134,40 @@ def fix(
         raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
     if out_path is not None:
         check_output_target(src, out_path, allow_earlier_batch=True)
-    report = Report("fix", src, dry_run, out_path)
-    report.checkpoints = _plan_all(src, base_model, options, report.notes)
+    hashes = Hashes() if not dry_run else None
+    try:
+        if hashes is not None:
+            hash_ahead(src, options, hashes)
+        report = Report("fix", src, dry_run, out_path)
+        report.checkpoints = _plan_all(src, base_model, options, report.notes)
+        _write_all(report, out_path, base_model, verify, progress, hashes)
+    finally:
+        if hashes is not None:
+            hashes.close()
+    return report
+
+
+def _write_all(
+    report: Report,
+    out_path: Path | None,
+    base_model: str | Path | None,
+    verify: bool,
+    progress: bool | None,
+    hashes: Hashes | None,
+) -> None:
+    from ckpt_migrate.execute.publish import earlier_batch_output, write_and_publish
+
+    src, dry_run = report.source, report.dry_run
     single = len(report.checkpoints) == 1
     done = earlier_batch_output(src, out_path) if out_path is not None and not single else set()
     for result in report.checkpoints:
         if result.relative in done and result.status is Status.REPAIRABLE and result.plan is not None:
             result.status, result.output = Status.REPAIRED, out_path / result.relative
             result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
+        if hashes is not None and result.status is not Status.REPAIRABLE:
+            hashes.forget_under(result.source)
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
-        return report
+        return
 
     def verified(result: CheckpointResult, staged: Path) -> bool:
         verdict = _verify(staged, base_model, source=result.source)
@@ -172,10 +180,8 @@ def fix(
         result.status, result.error = Status.VERIFY_FAILED, message
         return False
 
-    write_and_publish(
-        report.checkpoints, out_path, single=single, check=verified if verify else None, progress=progress
-    )
-    return report
+    check = verified if verify else None
+    write_and_publish(report.checkpoints, out_path, single=single, check=check, progress=progress, hashes=hashes)
 
 
 def export(

@@ -159,12 +159,17 @@ def _check_against_saved(saved: dict[str, Any], predicted: list[list[TrainablePa
 
 
 def _load_optimizer(path: Path) -> dict[str, Any]:
-    from ckpt_migrate.formats.pickles import load_weights_only
+    """The optimizer state_dict, unpickled weights-only with its tensors on the meta device (nothing read)."""
+    return _skeleton(path).obj
 
-    saved = load_weights_only(path)
-    if not isinstance(saved, dict):
+
+def _skeleton(path: Path) -> Any:
+    from ckpt_migrate.formats.pickles import load_skeleton
+
+    skeleton = load_skeleton(path)
+    if not isinstance(skeleton.obj, dict):
         raise UnreadableInputError("expected an optimizer state_dict", path)
-    return saved
+    return skeleton
 
 
 def _plan_remap(before: CheckpointState, after: CheckpointState, context: Context) -> FileRewrite:
@@ -202,23 +207,55 @@ def _plan_remap(before: CheckpointState, after: CheckpointState, context: Contex
     )
 
 
-def write(rewrite: FileRewrite, source: Path, target: Path) -> None:
-    """The rebuilt optimizer state: same group hyperparameters, state moved by the mapping."""
-    import torch
-
-    from ckpt_migrate.formats.files import new_file
-
-    saved = _load_optimizer(source)
+def remapped(saved: dict[str, Any], mapping: tuple[tuple[int | None, ...], ...]) -> dict[str, Any]:
+    """The rebuilt state_dict: same group hyperparameters, each kept state under its new index (the same
+    tensor objects: nothing is copied), fresh positions without state."""
     state: dict[int, Any] = {}
     groups = []
     next_index = 0
-    for old_group, mapping in zip(saved["param_groups"], rewrite.payload.mapping, strict=True):
+    for old_group, group_mapping in zip(saved["param_groups"], mapping, strict=True):
         indices = []
-        for old in mapping:
+        for old in group_mapping:
             if old is not None and old in saved["state"]:
-                state[next_index] = {k: v.clone() if hasattr(v, "clone") else v for k, v in saved["state"][old].items()}
+                state[next_index] = dict(saved["state"][old])
             indices.append(next_index)
             next_index += 1
         groups.append({**{k: v for k, v in old_group.items() if k != "params"}, "params": indices})
-    with new_file(target) as handle:
-        torch.save({"state": state, "param_groups": groups}, handle)
+    return {"state": state, "param_groups": groups}
+
+
+def write(rewrite: FileRewrite, source: Path, target: Path) -> None:
+    """The rebuilt optimizer.pt, written structurally: a new ``data.pkl`` pickled as torch.save pickles,
+    the storage records of kept states copied byte for byte by the kernel, those of dropped states left
+    out. Memory does not grow with the optimizer. A weights-only ``torch.load`` of the result (memory-mapped:
+    every storage record is found, none is read) must give the planned structure."""
+    from ckpt_migrate.formats.pickles import load_weights_only
+    from ckpt_migrate.formats.torch_archive import write_archive
+
+    skeleton = _skeleton(source)
+    rebuilt = remapped(skeleton.obj, rewrite.payload.mapping)
+    write_archive(target, rebuilt, skeleton.storage_key, source)
+    if not _same_structure(load_weights_only(target), rebuilt):
+        raise UnreadableInputError("the rebuilt optimizer.pt does not reload as planned", target)
+
+
+def _same_structure(loaded: Any, planned: Any) -> bool:
+    """Equal containers and values; tensors equal in dtype, shape, stride and offset (bytes are copied)."""
+    if hasattr(planned, "untyped_storage"):
+        fields = ("dtype", "shape", "requires_grad")
+        return all(getattr(loaded, f, None) == getattr(planned, f) for f in fields) and (
+            loaded.stride() == planned.stride() and loaded.storage_offset() == planned.storage_offset()
+        )
+    if isinstance(planned, dict):
+        return (
+            isinstance(loaded, dict)
+            and list(loaded) == list(planned)
+            and all(_same_structure(loaded[k], v) for k, v in planned.items())
+        )
+    if isinstance(planned, list | tuple):
+        return (
+            type(loaded) is type(planned)
+            and len(loaded) == len(planned)
+            and all(_same_structure(a, b) for a, b in zip(loaded, planned, strict=True))
+        )
+    return type(loaded) is type(planned) and loaded == planned

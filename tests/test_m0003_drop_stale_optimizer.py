@@ -1,10 +1,18 @@
 """A repaired Trainer checkpoint resumes under the newest stack and under peft 0.12 / numpy 1;
-with ``--optimizer remap`` Adam moments and the learning-rate schedule continue."""
+with ``--optimizer remap`` Adam moments and the learning-rate schedule continue.
+
+The remap rewrites ``optimizer.pt`` record by record (storages copied by the kernel, never loaded):
+its result is the same, tensor for tensor, as loading the whole state with ``torch.load``, remapping
+it and saving it with ``torch.save``; it is a valid zip in PyTorch's own layout (torch finds every
+storage where it computes it should be, CRCs check out, zip64 beyond 4 GiB reads back)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +20,10 @@ from conftest import FIXTURES, load_case, old_python
 from resume_check import resume
 
 from ckpt_migrate import fix
+from ckpt_migrate.formats import torch_archive
+from ckpt_migrate.formats.pickles import load_skeleton
+from ckpt_migrate.formats.torch_archive import read_records, write_archive
+from ckpt_migrate.migrations import m0003_drop_stale_optimizer as m0003
 
 CASE = FIXTURES / "bert_resume"
 CHECKPOINT = "checkpoint-4"
@@ -91,3 +103,104 @@ def test_resume_with_peft_0_12_and_numpy_1(resumable, policy):
     assert result.returncode == 0, result.stderr[-2000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     check_remap(seen) if policy == "remap" else check_drop(seen)
+
+
+# ---------------------------------------------------------------- the structural rewrite
+
+
+def remap_payload():
+    report = fix(CASE / "run" / CHECKPOINT, dry_run=True, base_model=CASE / "base", optimizer="remap")
+    return report.checkpoints[0].plan.after.rewritten_files["optimizer.pt"]
+
+
+def torch_load_save_remap(source: Path, target: Path, mapping) -> None:
+    """The remap as it was before the structural rewrite: load everything, move the states, torch.save."""
+    saved = torch.load(source, map_location="cpu", weights_only=True)
+    state, groups, next_index = {}, [], 0
+    for old_group, group_mapping in zip(saved["param_groups"], mapping, strict=True):
+        indices = []
+        for old in group_mapping:
+            if old is not None and old in saved["state"]:
+                state[next_index] = {k: v.clone() if hasattr(v, "clone") else v for k, v in saved["state"][old].items()}
+            indices.append(next_index)
+            next_index += 1
+        groups.append({**{k: v for k, v in old_group.items() if k != "params"}, "params": indices})
+    torch.save({"state": state, "param_groups": groups}, target)
+
+
+def assert_same_state(ours: dict, theirs: dict) -> None:
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert list(ours["state"]) == list(theirs["state"])
+    for index, entry in theirs["state"].items():
+        assert list(ours["state"][index]) == list(entry), index
+        for key, value in entry.items():
+            mine = ours["state"][index][key]
+            if isinstance(value, torch.Tensor):
+                assert (mine.dtype, mine.shape, mine.stride()) == (value.dtype, value.shape, value.stride())
+                assert torch.equal(mine, value), (index, key)
+            else:
+                assert mine == value, (index, key)
+
+
+def test_structural_remap_equals_torch_load_and_save(tmp_path, resumable):
+    rewrite = remap_payload()
+    source = CASE / "run" / CHECKPOINT / "optimizer.pt"
+    reference = tmp_path / "reference.pt"
+    torch_load_save_remap(source, reference, rewrite.payload.mapping)
+    ours = resumable["remap"] / "optimizer.pt"
+    assert_same_state(torch.load(ours, weights_only=True), torch.load(reference, weights_only=True))
+    kept = dict(rewrite.listed)["kept"]
+    assert 0 < len(torch.load(ours, weights_only=True)["state"]) == len(kept)
+    assert ours.stat().st_size < source.stat().st_size  # the dropped states' records are left out
+
+
+def test_remapped_archive_is_a_valid_zip_in_torchs_layout(resumable):
+    path = resumable["remap"] / "optimizer.pt"
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None  # every record's CRC-32 matches its bytes
+    _, records = read_records(path)
+    meta = torch.load(path, map_location="meta", weights_only=True)  # torch computes storage offsets itself
+    skeleton = load_skeleton(path)
+    for entry, planned in zip(meta["state"].values(), skeleton.obj["state"].values(), strict=True):
+        for key, tensor in entry.items():
+            if isinstance(tensor, torch.Tensor):
+                record = records[f"data/{skeleton.storage_key[planned[key].untyped_storage()._cdata]}"]
+                assert tensor.untyped_storage()._checkpoint_offset == record.offset
+                assert record.offset % torch_archive.ALIGNMENT == 0
+
+
+def test_rewriting_everything_in_place_reproduces_torch_save_byte_for_byte(tmp_path):
+    saved = torch.load(CASE / "run" / CHECKPOINT / "optimizer.pt", weights_only=True)
+    source = tmp_path / "optimizer.pt"
+    torch.save(saved, source)
+    skeleton = load_skeleton(source)
+    write_archive(tmp_path / "rewritten.pt", skeleton.obj, skeleton.storage_key, source)
+    ours, theirs = (tmp_path / "rewritten.pt").read_bytes(), source.read_bytes()
+    _, records = read_records(source)
+    identity = records[".data/serialization_id"]  # a random id, new for every file
+    differing = [i for i in range(len(theirs)) if ours[i] != theirs[i]] if len(ours) == len(theirs) else None
+    assert differing is not None and differing[0] >= identity.offset
+    assert ours[: identity.offset] == theirs[: identity.offset]
+
+
+def test_zip64_records_read_back(tmp_path, monkeypatch, resumable):
+    """Beyond 4 GiB offsets and sizes move into zip64 fields; forced here at a 100-byte threshold."""
+    monkeypatch.setattr(torch_archive, "_MAX32", 100)
+    source = resumable["remap"] / "optimizer.pt"
+    skeleton = load_skeleton(source)
+    target = tmp_path / "zip64.pt"
+    write_archive(target, skeleton.obj, skeleton.storage_key, source)
+    with zipfile.ZipFile(target) as archive:
+        assert archive.testzip() is None
+        assert any(info.header_offset > 100 for info in archive.infolist())
+    assert_same_state(torch.load(target, weights_only=True), torch.load(source, weights_only=True))
+
+
+def test_a_state_without_its_storage_record_is_refused(tmp_path):
+    source = tmp_path / "optimizer.pt"
+    shutil.copy(CASE / "run" / CHECKPOINT / "optimizer.pt", source)
+    skeleton = load_skeleton(source)
+    some_key = next(iter(skeleton.storage_key))
+    broken = {**skeleton.storage_key, some_key: "no-such-record"}
+    with pytest.raises(m0003.UnreadableInputError, match="no record for storage"):
+        write_archive(tmp_path / "out.pt", skeleton.obj, broken, source)

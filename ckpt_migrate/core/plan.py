@@ -50,6 +50,24 @@ class Options:
     target_transformers: str | None = None
     target_peft: str | None = None
 
+    @classmethod
+    def parse(cls, optimizer: str, target_transformers: str | None, target_peft: str | None) -> Options:
+        """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
+        return cls(
+            OptimizerPolicy(optimizer),
+            _version("target_transformers", target_transformers),
+            _version("target_peft", target_peft),
+        )
+
+
+def _version(name: str, value: str | None) -> str | None:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return None if value is None else str(Version(value))
+    except InvalidVersion:
+        raise ValueError(f"{name} {value!r} is not a version (e.g. 4.44.2)") from None
+
 
 class SourceKind(str, Enum):
     ADAPTER = "adapter"  # a tensor of the input adapter, unchanged

@@ -17,6 +17,7 @@ from ckpt_migrate.core.errors import OutputError, UnreadableInputError, Unrecove
 from ckpt_migrate.core.plan import Status
 from ckpt_migrate.core.report import CheckpointResult
 from ckpt_migrate.formats.adapter import MANIFEST
+from ckpt_migrate.formats.digests import Hashes
 from ckpt_migrate.formats.files import fsync_directory, fsync_tree
 
 STAGING_MARK = ".ckpt-migrate-staging-"
@@ -143,12 +144,13 @@ def write_and_publish(
     single: bool,
     check: Callable[[CheckpointResult, Path], bool] | None = None,
     progress: bool | None = None,
+    hashes: Hashes | None = None,
 ) -> None:
     """Write every repairable checkpoint of ``results`` into one staging directory, then publish what succeeded.
 
     In a batch, a checkpoint that turns out unreadable while writing, or that ``check`` rejects, is
     left out and its result says why; output errors such as a full disk abort everything. A single
-    checkpoint's failure is raised.
+    checkpoint's failure is raised. ``hashes``: input hashes the caller started ahead (see ``write_checkpoint``).
     """
     from tqdm import tqdm
 
@@ -163,7 +165,7 @@ def write_and_publish(
             target = staging / result.relative
             target.mkdir(parents=True, exist_ok=True)
             try:
-                write_checkpoint(result.plan, target, bar.update)
+                write_checkpoint(result.plan, target, bar.update, hashes)
             except (UnreadableInputError, UnrecoverableError) as exc:
                 if single:
                     raise

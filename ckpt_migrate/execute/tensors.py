@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from ckpt_migrate.core.errors import OutputError
 from ckpt_migrate.core.plan import CheckpointPlan, PlannedTensor, SourceKind
 from ckpt_migrate.formats.adapter import SAFETENSORS_WEIGHTS, load_bin_tensors
 from ckpt_migrate.formats.dtypes import DTYPES, from_torch, to_torch
-from ckpt_migrate.formats.safetensors import CopyFrom, OutputTensor, SafetensorsHeader, read_header
+from ckpt_migrate.formats.safetensors import Computed, CopyFrom, OutputTensor, SafetensorsHeader, read_header
 
 
 def tensor_bytes(tensor: Any) -> bytes:
@@ -39,6 +39,11 @@ class TensorReader:
     def of(cls, plan: CheckpointPlan) -> TensorReader:
         """The reader of the adapter the plan was made from."""
         return cls(plan.before.source_dir / plan.before.weights_file)
+
+    @property
+    def source_data_start(self) -> int | None:
+        """Where the source adapter's tensor data starts (the new file keeps its block phase), if safetensors."""
+        return self._adapter.data_start if self._adapter is not None else None
 
     @property
     def source_metadata(self) -> dict[str, str]:
@@ -126,7 +131,7 @@ def output_tensors(
     for tensor in tensors:
         dtype = cast_to if cast_to and DTYPES[tensor.dtype].floating else tensor.dtype
         if tensor.source.kind in (SourceKind.FOLD, SourceKind.COMPUTED) or dtype != tensor.dtype:
-            data: bytes | CopyFrom | Callable[[], bytes] = partial(_computed_bytes, reader, tensor, dtype)
+            data: Computed | CopyFrom = partial(_computed_bytes, reader, tensor, dtype)
         else:
             data = reader.copy_source(tensor)
         outputs.append(OutputTensor(tensor.name, dtype, tensor.shape, data))

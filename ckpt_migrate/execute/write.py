@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ckpt_migrate import __version__
-from ckpt_migrate.core.errors import OutputError
+from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError
 from ckpt_migrate.core.migration import RewritingMigration
-from ckpt_migrate.core.plan import CheckpointPlan
+from ckpt_migrate.core.plan import CheckpointPlan, OptimizerPolicy, Options, SourceKind
 from ckpt_migrate.execute.tensors import TensorReader, output_tensors
 from ckpt_migrate.formats import files
-from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, MANIFEST
-from ckpt_migrate.formats.files import OnBytes
+from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, BIN_WEIGHTS, MANIFEST, SAFETENSORS_WEIGHTS
+from ckpt_migrate.formats.digests import Hashes, OnBytes
 from ckpt_migrate.formats.safetensors import read_header, write_safetensors
 
 METADATA_KEY = "ckpt_migrate"
@@ -44,11 +45,13 @@ def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], lis
 
 
 def bytes_to_process(plan: CheckpointPlan) -> int:
-    """Progress total: copied files once, rewritten inputs hashed, the new adapter weights written."""
+    """Progress total: every input read is hashed, every output written and hashed (the new adapter
+    and rewritten files counted at their source's size)."""
     copied, rewritten, _ = _inputs_by_handling(plan)
     files = plan.before.files
-    written = files[plan.before.weights_file] if plan.before.weights_file else 0
-    return sum(files[n] for n in copied) + sum(files[n] for n in rewritten) + written
+    weights = files[plan.before.weights_file] if plan.before.weights_file else 0
+    rewrites = sum(files.get(n, 0) for n in plan.after.rewritten_files)
+    return sum(files[n] for n in copied + rewritten) + 2 * sum(files[n] for n in copied) + 2 * weights + rewrites
 
 
 def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
@@ -63,28 +66,68 @@ def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
     return update
 
 
-def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None) -> dict[str, Any]:
+def _import_torch_meanwhile(plan: CheckpointPlan) -> threading.Thread | None:
+    """When the plan needs torch (a fold, a rewritten pickle), start importing it (seconds) while the kernel
+    copies and the hashes run; whoever imports it next waits for this import instead of starting anew."""
+    folds = any(t.source.kind in (SourceKind.FOLD, SourceKind.COMPUTED) for t in plan.after.tensors.values())
+    pickles = any(not name.endswith(".json") for name in plan.after.rewritten_files)
+    if "torch" in sys.modules or not (folds or pickles):
+        return None
+    thread = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
+    thread.start()
+    return thread
+
+
+def write_checkpoint(
+    plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None, hashes: Hashes | None = None
+) -> dict[str, Any]:
     """Write the repaired checkpoint described by ``plan`` into the empty directory ``target``.
 
-    Files that are dropped are never read. Inputs that are rewritten rather than copied are hashed
-    on a second thread while the output is written (hashlib releases the GIL), so the manifest's
-    sha256 of inputs costs no extra wall time on a multi-core machine.
+    Files that are dropped are never read (a hash started ahead for one is abandoned). Unchanged bytes
+    are copied by the kernel, so the sha256 of the manifest needs reads of its own: inputs are hashed on
+    ``hashes``' threads (the caller may have started them while planning), outputs from the file itself
+    while it is written (or, for a file a migration rewrote, right after), all overlapping the copies and
+    fsyncs. A copied file whose output hash differs from its input hash changed while it was copied:
+    nothing is published.
     """
+    own = hashes is None
+    hashes = Hashes() if hashes is None else hashes
+    try:
+        return _write_checkpoint(plan, target, _thread_safe(on_bytes), hashes)
+    except BaseException:
+        hashes.forget_under(plan.before.source_dir)
+        hashes.forget_under(target)
+        raise
+    finally:
+        if own:
+            hashes.close()
+
+
+def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | None, hashes: Hashes) -> dict[str, Any]:
     before, after = plan.before, plan.after
-    progress = _thread_safe(on_bytes)
+    source = before.source_dir
     copied, rewritten, dropped = _inputs_by_handling(plan)
-    inputs: dict[str, str] = {}
+    for name in dropped:
+        hashes.forget(source / name)
+    for name in copied + rewritten:
+        hashes.start(source / name, progress)
+    importing = _import_torch_meanwhile(plan)
     outputs: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = {name: pool.submit(files.sha256_file, before.source_dir / name, progress) for name in rewritten}
-        for name in copied:
-            inputs[name] = outputs[name] = files.copy_file(before.source_dir / name, target / name, progress)
-        for name in sorted(after.rewritten_files):
+    for _, kind, name in _largest_first(plan, copied):
+        if kind == "copy":
+            outputs[name] = files.copy_file(source / name, target / name, progress)
+        elif kind == "rewrite":
             rewrite_file(name, plan, target)
-            outputs[name] = files.sha256_file(target / name)
-        if after.weights_file is not None:
+            hashes.start(target / name, progress)
+        else:
             outputs.update(_write_adapter(plan, target, progress))
-        inputs.update({name: future.result() for name, future in pending.items()})
+    inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
+    outputs.update({name: hashes.result(target / name, progress) for name in after.rewritten_files})
+    if importing is not None:
+        importing.join()
+    for name in copied:
+        if inputs[name] != outputs[name]:
+            raise UnreadableInputError("changed while it was copied (sha256 of source and copy differ)", source / name)
     manifest = {
         "tool": "ckpt-migrate",
         "tool_version": __version__,
@@ -102,6 +145,18 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
     return manifest
 
 
+def _largest_first(plan: CheckpointPlan, copied: list[str]) -> list[tuple[int, str, str]]:
+    """(source size, kind, name) of every file to write, largest first: the big writes start while torch is
+    still being imported (the fold, at the adapter's end, waits for it), and the hash of a big rewritten
+    file (computed after it is written) overlaps the writes that follow."""
+    sizes = plan.before.files
+    jobs = [(sizes.get(name, 0), "rewrite", name) for name in sorted(plan.after.rewritten_files)]
+    jobs += [(sizes[name], "copy", name) for name in copied]
+    if plan.after.weights_file is not None:
+        jobs.append((sizes.get(plan.before.weights_file or "", 0), "adapter", plan.after.weights_file))
+    return sorted(jobs, key=lambda job: -job[0])
+
+
 def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None) -> dict[str, str]:
     """The new adapter weights (copied, folded) and config; their sha256 by file name."""
     after = plan.after
@@ -111,8 +166,9 @@ def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None)
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
     tensors = output_tensors(plan.after.tensors.values(), reader)
     config_text = json.dumps(after.config, indent=2, sort_keys=True)
+    phase = reader.source_data_start
     return {
-        after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress),
+        after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress, phase),
         ADAPTER_CONFIG: files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8")),
     }
 
@@ -132,3 +188,21 @@ def verify_written(plan: CheckpointPlan, target: Path) -> None:
         matches = written == planned and json.loads((target / ADAPTER_CONFIG).read_text()) == after.config
     if not matches:
         raise OutputError("written checkpoint does not match the plan; nothing was published", target)
+
+
+def hash_ahead(src: Path, options: Options, hashes: Hashes) -> None:
+    """Start hashing (for the manifest) the big inputs a repair surely reads: the adapter weights, and
+    ``optimizer.pt`` when it is to be remapped. The hashes run while the checkpoints are planned; those of
+    checkpoints that are not written, or of files that end up dropped, are abandoned."""
+    from ckpt_migrate.formats.checkpoint import find_checkpoints
+    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import OPTIMIZER_FILE
+
+    names = [SAFETENSORS_WEIGHTS, BIN_WEIGHTS] + [OPTIMIZER_FILE] * (options.optimizer is OptimizerPolicy.REMAP)
+    try:
+        relatives = find_checkpoints(src)
+    except CkptMigrateError:
+        return  # planning reports it
+    for relative in relatives:
+        for name in names:
+            if (src / relative / name).is_file():
+                hashes.start(src / relative / name)

@@ -2,15 +2,21 @@
 
 :func:`pickle_globals` walks the opcodes with :mod:`pickletools` (nothing is executed or imported), so
 a dry run can see what a pickle references and refuse foreign globals before anything loads it.
-:func:`load_weights_only` is the only place the tool unpickles: ``torch.load(weights_only=True)``,
-optionally with extra globals allowed by their exact names (``torch.serialization.safe_globals``).
+:func:`load_weights_only` and :func:`load_skeleton` are the only places the tool unpickles, both with
+torch's weights-only unpickler: ``torch.load(weights_only=True)``, optionally with extra globals allowed
+by their exact names (``torch.serialization.safe_globals``); or the same unpickler with every storage
+left unread on the meta device, so a file's structure costs no memory, whatever its size.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import os
 import pickletools
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +126,57 @@ def load_weights_only(path: Path, allowed: list[Any] | None = None) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - a hostile file can make the unpickler raise anything
         raise UnreadableInputError(f"refused to load pickle safely ({torch_load_problem(exc)})", path) from exc
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """A torch archive's object with every tensor on the meta device (no storage read), and for each
+    storage (by ``untyped_storage()._cdata``) the key of the ``data/<key>`` record holding its bytes."""
+
+    obj: Any
+    storage_key: dict[int, str]
+    storages: tuple[Any, ...]  # keeps the meta storages (and so their ``_cdata``) alive
+
+
+def load_skeleton(path: Path) -> Skeleton:
+    """Unpickle ``path``'s ``data.pkl`` with torch's weights-only unpickler, reading no tensor bytes.
+
+    The last few results are kept while their file is unchanged (same inode, size and modification
+    time): the planner and the writer of a remap read the same file. Do not modify what is returned.
+    """
+    path = Path(os.path.abspath(path))
+    try:
+        st = path.stat()
+    except OSError:
+        return _load_skeleton(path, None)
+    return _load_skeleton(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_skeleton(path: Path, identity: tuple[int, ...] | None) -> Skeleton:
+    import torch
+    from torch import _weights_only_unpickler
+
+    data = _data_pkl(path)
+    storages: dict[str, Any] = {}
+
+    def persistent_load(saved_id: Any) -> Any:
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
+            raise UnreadableInputError("a persistent id that is not a torch storage", path)
+        _, storage_type, key, _location, numel = saved_id
+        if key not in storages:
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            meta = torch.UntypedStorage(numel * torch._utils._element_size(dtype), device="meta")
+            storages[key] = torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+        return storages[key]
+
+    try:
+        unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8")
+        unpickler.persistent_load = persistent_load
+        obj = unpickler.load()
+    except UnreadableInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile file can make the unpickler raise anything
+        raise UnreadableInputError(f"refused to load pickle safely ({torch_load_problem(exc)})", path) from exc
+    keys = {storage._untyped_storage._cdata: key for key, storage in storages.items()}
+    return Skeleton(obj, keys, tuple(storages.values()))

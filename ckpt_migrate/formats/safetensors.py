@@ -2,7 +2,8 @@
 
 Why not the ``safetensors`` package: its public API gives no byte offsets (this is an offset index
 that a dry run reads without torch), and ``save_file`` needs every tensor in memory at once (this
-writer streams unchanged tensors from their source file, so memory does not grow with the file).
+writer has the kernel copy unchanged tensors from their source file, so memory does not grow with
+the file and their bytes never pass through Python).
 
 Example::
 
@@ -13,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.formats.digests import FollowingSha256, OnBytes, both
 from ckpt_migrate.formats.dtypes import DTYPES, STORAGE_RANK
-from ckpt_migrate.formats.files import COPY_CHUNK_BYTES, new_file
+from ckpt_migrate.formats.files import BLOCK_BYTES, copy_range, new_file, pwrite_all
 
 #: The header limit of safetensors itself (``MAX_HEADER_SIZE`` in its Rust crate): larger is refused there too.
 MAX_HEADER_BYTES = 100_000_000
@@ -173,6 +174,10 @@ class CopyFrom:
     length: int
 
 
+#: Computed bytes: given directly, or by a function called when the writer reaches the tensor.
+Computed = bytes | Callable[[], bytes]
+
+
 @dataclass(frozen=True)
 class OutputTensor:
     """A tensor to write: its header fields and where its bytes come from."""
@@ -180,15 +185,11 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    data: bytes | CopyFrom | Callable[[], bytes]  # a callable computes the bytes when the writer reaches them
+    data: Computed | CopyFrom
 
     @property
     def nbytes(self) -> int:
-        if isinstance(self.data, CopyFrom):
-            return self.data.length
-        if callable(self.data):
-            return math.prod(self.shape) * DTYPES[self.dtype].size
-        return len(self.data)
+        return math.prod(self.shape) * DTYPES[self.dtype].size
 
 
 def storage_order(tensors: Iterable[OutputTensor]) -> list[OutputTensor]:
@@ -196,16 +197,20 @@ def storage_order(tensors: Iterable[OutputTensor]) -> list[OutputTensor]:
     return sorted(tensors, key=lambda t: (-STORAGE_RANK[t.dtype], t.name))
 
 
-def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
-    """The 8-byte length prefix plus the JSON header, padded with spaces to 8-byte alignment."""
+def encode_header(tensors: list[OutputTensor], metadata: dict[str, str], data_phase: int | None = None) -> bytes:
+    """The 8-byte length prefix plus the JSON header, padded with spaces to 8-byte alignment.
+
+    With ``data_phase`` (a multiple of 8), more spaces make the data section start at that offset
+    modulo 4096: give the source file's, and every tensor copied at the same relative offset keeps
+    its block alignment, which lets a reflinking filesystem share the blocks instead of copying them.
+    """
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     for tensor in tensors:
-        expected = math.prod(tensor.shape) * DTYPES[tensor.dtype].size
-        if tensor.nbytes != expected:
-            raise ValueError(f"{tensor.name}: {tensor.nbytes} bytes for shape {tensor.shape} {tensor.dtype}")
+        if isinstance(tensor.data, CopyFrom) and tensor.data.length != tensor.nbytes:
+            raise ValueError(f"{tensor.name}: {tensor.data.length} bytes for shape {tensor.shape} {tensor.dtype}")
         header[tensor.name] = {
             "dtype": tensor.dtype,
             "shape": list(tensor.shape),
@@ -214,6 +219,8 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
+    if data_phase is not None and data_phase % 8 == 0:
+        encoded += b" " * ((data_phase - 8 - len(encoded)) % BLOCK_BYTES)
     return struct.pack("<Q", len(encoded)) + encoded
 
 
@@ -221,45 +228,54 @@ def write_safetensors(
     path: str | Path,
     tensors: Iterable[OutputTensor],
     metadata: dict[str, str],
-    on_bytes: Callable[[int], None] | None = None,
+    on_bytes: OnBytes | None = None,
+    data_phase: int | None = None,
 ) -> str:
-    """Write a safetensors file by streaming each tensor's bytes; fsync it; return its sha256.
+    """Write a safetensors file front to back, fsync it, and return its sha256.
 
-    Memory stays bounded by the largest computed tensor plus one copy chunk, whatever the file size.
+    Tensors that sit back to back in one source file are copied by one kernel copy
+    (:func:`~ckpt_migrate.formats.files.copy_range`: their bytes never enter Python); computed
+    tensors are produced when the writer reaches them. The sha256 is of the file as written, read
+    back while it is written (``on_bytes`` counts those bytes too). Memory stays bounded by the
+    largest computed tensor, whatever the file size. ``data_phase``: see :func:`encode_header`.
     """
+    path = Path(path)
     ordered = storage_order(tensors)
-    digest = hashlib.sha256()
-    buffer = bytearray(COPY_CHUNK_BYTES)
+    head = encode_header(ordered, metadata, data_phase)
     with new_file(path) as out:
-        head = encode_header(ordered, metadata)
-        out.write(head)
-        digest.update(head)
-        for tensor in ordered:
-            if isinstance(tensor.data, CopyFrom):
-                _copy_range(tensor.data, out, digest, buffer, on_bytes)
-                continue
-            data = tensor.data() if callable(tensor.data) else tensor.data  # computed one at a time
-            if len(data) != tensor.nbytes:
-                raise ValueError(f"{tensor.name}: {len(data)} bytes computed, the header says {tensor.nbytes}")
-            out.write(data)
-            digest.update(data)
-            if on_bytes:
-                on_bytes(len(data))
-            del data
+        digest = FollowingSha256(path, on_bytes)
+        wrote = both(on_bytes, digest.advance)
+        try:
+            fd = out.fileno()
+            pwrite_all(fd, head, 0)
+            digest.advance(len(head))
+            position = len(head)
+            for run in _runs(ordered):
+                if isinstance(run, CopyFrom):
+                    with open(run.path, "rb", buffering=0) as source:
+                        copy_range(source.fileno(), run.offset, fd, position, run.length, wrote)
+                    position += run.length
+                    continue
+                data = run.data if isinstance(run.data, bytes) else run.data()
+                if len(data) != run.nbytes:
+                    raise ValueError(f"{run.name}: {len(data)} bytes computed for shape {run.shape} {run.dtype}")
+                pwrite_all(fd, data, position)
+                position += len(data)
+                wrote(len(data))
+        finally:
+            digest.close()
     return digest.hexdigest()
 
 
-def _copy_range(source: CopyFrom, out, digest, buffer: bytearray, on_bytes) -> None:
-    view = memoryview(buffer)
-    remaining = source.length
-    with open(source.path, "rb") as handle:
-        handle.seek(source.offset)
-        while remaining:
-            got = handle.readinto(view[: min(remaining, len(buffer))])
-            if not got:
-                raise UnreadableInputError("file shrank while copying", source.path)
-            out.write(view[:got])
-            digest.update(view[:got])
-            remaining -= got
-            if on_bytes:
-                on_bytes(got)
+def _runs(ordered: list[OutputTensor]) -> list[CopyFrom | OutputTensor]:
+    """Consecutive tensors copied from consecutive bytes of one file merged into one range; the rest as they are."""
+    runs: list[CopyFrom | OutputTensor] = []
+    for tensor in ordered:
+        data = tensor.data
+        last = runs[-1] if runs else None
+        if isinstance(data, CopyFrom) and isinstance(last, CopyFrom):
+            if last.path == data.path and last.offset + last.length == data.offset:
+                runs[-1] = CopyFrom(last.path, last.offset, last.length + data.length)
+                continue
+        runs.append(data if isinstance(data, CopyFrom) else tensor)
+    return runs
