@@ -36,6 +36,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -119,6 +120,24 @@ def benchmark(
     return results, kept
 
 
+def hash_cost(path: Path) -> dict:
+    """What the manifest's sha256 costs per byte here: one warm read+sha256 of ``path`` (1 MiB reads, as the
+    tool does), timed in this process, CPU included."""
+    import hashlib
+    import resource
+
+    runner.settle(False, [path])
+    digest, buffer = hashlib.sha256(), bytearray(2**20)
+    view, before, started = memoryview(buffer), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with open(path, "rb", buffering=0) as handle:
+        while got := handle.readinto(buffer):
+            digest.update(view[:got])
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    size = path.stat().st_size
+    return {"bytes": size, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "load_avg": runner.load_average()}
+
+
 def scaling_check(full: Result, tiny: Result, full_bytes: int, tiny_bytes: int) -> dict:
     """Does the dry run get slower or bigger with the checkpoint? (Noise allowance: 0.05 s / 25 %, 5 MB / 10 %.)"""
     return {
@@ -157,6 +176,7 @@ def main() -> None:
     suites = [s for s in args.suites.split(",") if s]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    runner.byte_compile_tool()
     machine = runner.machine_info(work)
     synth.check_layout_matches_fixture()
     specs = {
@@ -200,8 +220,9 @@ def main() -> None:
             synth.adapter_bytes(tiny_spec),
         )
     remove(work / "runs")
+    hashing = hash_cost(next(iter(sources.values())) / synth.WEIGHTS)
     checks = report.verdicts(results)
-    print_report(machine, specs, sources, caches, args.repeat, results, checks, comparisons, scaling)
+    print_report(machine, specs, sources, caches, args.repeat, results, checks, comparisons, scaling, hashing)
     if args.json:
         payload = {
             "specs": {k: asdict(v) for k, v in specs.items()},
@@ -228,12 +249,13 @@ def main() -> None:
             "targets": checks,
             "comparisons": comparisons,
             "scaling": scaling,
+            "hash_cost": hashing,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         log(f"wrote {args.json}")
 
 
-def print_report(machine, specs, sources, caches, repeat, results, checks, comparisons, scaling) -> None:
+def print_report(machine, specs, sources, caches, repeat, results, checks, comparisons, scaling, hashing) -> None:
     spec = next(iter(specs.values()))
     print(f"## ckpt-migrate benchmark: {spec.blocks} layers, adapter {synth.adapter_bytes(spec) / 2**30:.2f} GiB")
     print()
@@ -269,6 +291,12 @@ def print_report(machine, specs, sources, caches, repeat, results, checks, compa
         verdict = "AS EXPECTED" if comparisons["remap"]["equal"] else "NOT AS EXPECTED"
         print(f"\nOutput check, remapped optimizer.pt vs its source: {verdict}\n")
         print(report.optimizer_comparison(comparisons["remap"]))
+    gib = hashing["bytes"] / 2**30
+    print(
+        f"\nCost of one sha256 pass here (warm read of the {gib:.2f} GiB adapter in 1 MiB reads + sha256, one thread, "
+        f"load {hashing['load_avg']:.2f}): {hashing['wall_s']:.2f} s wall, {hashing['cpu_s']:.2f} s CPU "
+        f"({gib / hashing['cpu_s']:.2f} GiB per CPU-second)"
+    )
     if scaling is not None:
         print("\nScaling check: dry run on the full and a tiny checkpoint, alternating, warm cache:\n")
         print(report.scaling_table(scaling))

@@ -73,10 +73,16 @@ def verdicts(suites: dict[str, dict[str, dict[str, Result]]]) -> list[dict]:
         "x",
         False,
     )
-    dry = [r.median_s for key, r in everywhere if key == "dry-run"]
-    add("dry run < 1.5 s (slowest median)", max(dry) if dry else None, TARGETS["dry_run_s"], "s", True)
-    helps = [r.median_s for key, r in everywhere if key == "help"]
-    add("--help < 0.5 s (slowest median)", max(helps) if helps else None, TARGETS["help_s"], "s", True)
+    for cache, by_name in suites.get("small", {}).items():
+        dry, helps = by_name.get("dry-run"), by_name.get("help")
+        add(f"dry run < 1.5 s, {cache}", dry.median_s if dry else None, TARGETS["dry_run_s"], "s", True)
+        add(
+            f"--help < 0.5 s, {cache} (not in the issue; kept from the earlier benchmark)",
+            helps.median_s if helps else None,
+            TARGETS["help_s"],
+            "s",
+            True,
+        )
     return out
 
 

@@ -159,6 +159,13 @@ def machine_info(work: Path) -> dict:
     }
 
 
+def byte_compile_tool() -> None:
+    """Compile the tool's modules to ``__pycache__`` once, as ``pip install`` does: an editable install run with
+    PYTHONDONTWRITEBYTECODE set would otherwise compile every module on every run (0.1-0.3 s each time)."""
+    for package in ("ckpt_migrate", "migrations"):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / package)], check=True)
+
+
 # --------------------------------------------------------------------------- one measured child
 
 
