@@ -65,7 +65,7 @@ def _plan_all(src: Path, base_model: str | Path | None, options: Options) -> lis
                 raise
             results.append(CheckpointResult(relative, directory, Status.UNREADABLE, error=str(exc)))
             continue
-        error = "; ".join(plan.after.unrecoverable) or None
+        error = "; ".join(plan.unrecoverable) or None
         results.append(CheckpointResult(relative, directory, plan.status, plan, error=error))
     return results
 
@@ -138,11 +138,16 @@ def fix(
         return report
 
     def verified(result: CheckpointResult, staged: Path) -> bool:
-        verdict = _verify(staged, base_model, source=result.source)
-        result.verification = verdict.to_dict()
-        if verdict.ok:
+        # every adapter of the checkpoint: the one at its top, and each in a subfolder ("adapters" in the record)
+        subfolders = [a.relative for a in result.plan.adapters] if result.plan else []
+        places = ([] if result.plan and result.plan.before.weights_file is None else ["."]) + subfolders
+        verdicts = {p: _verify(staged / p, base_model, source=result.source / p) for p in places}
+        reasons = [f"{p}: {r}" if p != "." else r for p, v in verdicts.items() for r in v.reasons]
+        top = verdicts[places[0]].to_dict()  # the top adapter's verdict (else the first subfolder's), "ok" for all
+        result.verification = {**top, "ok": not reasons, "adapters": {p: verdicts[p].to_dict() for p in subfolders}}
+        if not reasons:
             return True
-        message = "verification failed, not published: " + "; ".join(verdict.reasons)
+        message = "verification failed, not published: " + "; ".join(reasons)
         if single:
             raise VerificationFailedError(message, result.source)
         result.status, result.error = Status.VERIFY_FAILED, message

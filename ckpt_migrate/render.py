@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_migrate import __version__
-from ckpt_migrate.core.plan import Status
+from ckpt_migrate.core.plan import CheckpointPlan, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.verify.result import SEEDS, VerifyResult
 
@@ -54,17 +54,25 @@ class Section:
 # ------------------------------------------------------------------------------------ fix / inspect
 
 
+def _adapter_fields(plan: CheckpointPlan | None) -> dict[str, Any]:
+    """What a report says of one adapter: the one at the top of a checkpoint, or one in a subfolder."""
+    return {
+        "migrations": list(plan.migrations) if plan else [],
+        "tensors_added": [t.as_dict() for t in plan.tensors_added] if plan else [],
+        "tensors_removed": [t.as_dict(with_how=False) for t in plan.tensors_removed] if plan else [],
+        "config_changes": plan.config_changes if plan else {},
+    }
+
+
 def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
     plan = result.plan
     entry: dict[str, Any] = {
         "source": str(result.source),
         "output": str(result.output) if result.output else None,
         "status": result.status.value,
-        "migrations": list(plan.migrations) if plan else [],
+        **_adapter_fields(plan),
         "migrations_not_needed": list(plan.not_needed) if plan else [],
         "fails_on": list(plan.fails_on) if plan else [],
-        "tensors_added": [t.as_dict() for t in plan.tensors_added] if plan else [],
-        "tensors_removed": [t.as_dict(with_how=False) for t in plan.tensors_removed] if plan else [],
         "files_removed": [name for name, _, _ in plan.files_removed] if plan else [],
         "files_removed_detail": [
             {"name": name, "bytes": size, "reason": reason}
@@ -74,7 +82,10 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
             {"name": name, "reason": rewrite.reason, **{label: list(names) for label, names in rewrite.listed}}
             for name, rewrite in (plan.files_rewritten if plan else [])
         ],
-        "config_changes": plan.config_changes if plan else {},
+        # adapters in subfolders ("path": the subfolder, which peft names after the adapter)
+        "adapters": [{"path": a.relative, "status": a.status.value, **_adapter_fields(a)} for a in plan.adapters]
+        if plan
+        else [],
         "warnings": plan.warnings if plan else [],
         "errors": [result.error] if result.error else [],
     }
@@ -128,23 +139,12 @@ def report_sections(report: Report) -> list[Section]:
         if report.command == "inspect":
             blocks += [Line("fails on", line) for line in entry["fails_on"]]
         blocks += [Line("ERROR", error) for error in entry["errors"]]
-        if entry["config_changes"]:
-            changes = tuple(
-                (
-                    key,
-                    "(absent)" if c.get("added") else json.dumps(c["before"]),
-                    "(removed)" if c.get("removed") else json.dumps(c["after"]),
-                )
-                for key, c in entry["config_changes"].items()
-            )
-            blocks.append(Diff("adapter_config.json", changes))
-        removed, added = entry["tensors_removed"], entry["tensors_added"]
-        if removed:
-            rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"]) for t in removed)
-            blocks.append(Table(f"tensors removed ({len(removed)})", ("name", "shape", "dtype"), rows))
-        if added:
-            rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"], t["how"]) for t in added)
-            blocks.append(Table(f"tensors added ({len(added)})", ("name", "shape", "dtype", "how computed"), rows))
+        blocks += _adapter_blocks(entry, "")
+        for adapter in entry["adapters"]:
+            if adapter["status"] != Status.CLEAN:
+                text = f"{adapter['status']}: {', '.join(adapter['migrations'])}"
+                blocks.append(Line(f"adapter {adapter['path']} ({adapter['path']}/)", text))
+                blocks += _adapter_blocks(adapter, f"{adapter['path']}/")
         if entry["files_removed_detail"]:
             rows = tuple((f["name"], _size(f["bytes"]), f["reason"]) for f in entry["files_removed_detail"])
             blocks.append(Table("files dropped", ("file", "size", "why"), rows))
@@ -159,6 +159,30 @@ def report_sections(report: Report) -> list[Section]:
         )
         sections.append(Section("", [Table("summary", ("checkpoint", "status", "migrations"), rows)]))
     return sections
+
+
+def _adapter_blocks(entry: dict[str, Any], prefix: str) -> list[Line | Diff | Table]:
+    """The config diff and tensor tables of one adapter (``prefix``: its subfolder, "" at the top)."""
+    blocks: list[Line | Diff | Table] = []
+    if entry["config_changes"]:
+        changes = tuple(
+            (
+                key,
+                "(absent)" if c.get("added") else json.dumps(c["before"]),
+                "(removed)" if c.get("removed") else json.dumps(c["after"]),
+            )
+            for key, c in entry["config_changes"].items()
+        )
+        blocks.append(Diff(f"{prefix}adapter_config.json", changes))
+    removed, added = entry["tensors_removed"], entry["tensors_added"]
+    if removed:
+        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"]) for t in removed)
+        blocks.append(Table(f"{prefix}tensors removed ({len(removed)})", ("name", "shape", "dtype"), rows))
+    if added:
+        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"], t["how"]) for t in added)
+        headers = ("name", "shape", "dtype", "how computed")
+        blocks.append(Table(f"{prefix}tensors added ({len(added)})", headers, rows))
+    return blocks
 
 
 # ------------------------------------------------------------------------------------ verify

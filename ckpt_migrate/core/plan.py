@@ -182,6 +182,21 @@ class CheckpointPlan:
     after: CheckpointState
     not_needed: tuple[str, ...] = ()  # checked and not needed (or already applied)
     fails_on: tuple[str, ...] = ()  # where the unrepaired checkpoint fails: "<stacks>: <message>"
+    adapters: tuple[CheckpointPlan, ...] = ()  # adapters in subfolders (``relative``: the subfolder = adapter name)
+
+    def _with_adapters(self, field_name: str) -> list[str]:
+        own = list(getattr(self.after, field_name))
+        return own + [f"adapter {a.relative}: {line}" for a in self.adapters for line in getattr(a.after, field_name)]
+
+    @property
+    def rewritten_adapters(self) -> list[tuple[str, CheckpointPlan]]:
+        """The adapters written anew, by path prefix ("" at the top, "task_b/" in a subfolder).
+
+        An adapter is rewritten when a migration ran on it (at the top: on it or on the Trainer files beside it);
+        any other adapter of the checkpoint is copied byte for byte.
+        """
+        candidates = [("", self)] + [(f"{adapter.relative}/", adapter) for adapter in self.adapters]
+        return [(p, a) for p, a in candidates if a.after.weights_file and a.after.applied != a.before.applied]
 
     @property
     def tensors_removed(self) -> list[PlannedTensor]:
@@ -217,4 +232,10 @@ class CheckpointPlan:
 
     @property
     def warnings(self) -> list[str]:
-        return list(self.after.warnings)
+        """Every warning, those of subfolder adapters prefixed with their name."""
+        return self._with_adapters("warnings")
+
+    @property
+    def unrecoverable(self) -> list[str]:
+        """Why the checkpoint cannot be repaired (its own reasons and its subfolder adapters')."""
+        return self._with_adapters("unrecoverable")

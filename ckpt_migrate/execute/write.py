@@ -35,7 +35,7 @@ def rewrite_file(name: str, plan: CheckpointPlan, target: Path) -> None:
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
     """Source files split into (copied byte for byte, read to be rewritten, dropped unread)."""
     before, after = plan.before, plan.after
-    adapter = {ADAPTER_CONFIG, before.weights_file} if before.weights_file else set()
+    adapter = {p + name for p, a in plan.rewritten_adapters for name in (ADAPTER_CONFIG, a.before.weights_file)}
     read_to_rewrite = adapter | {MANIFEST} | set(after.rewritten_files)
     copied = [n for n in sorted(before.files) if n in after.files and n not in read_to_rewrite]
     rewritten = [n for n in sorted(before.files) if n in read_to_rewrite]
@@ -47,7 +47,7 @@ def bytes_to_process(plan: CheckpointPlan) -> int:
     """Progress total: copied files once, rewritten inputs hashed, the new adapter weights written."""
     copied, rewritten, _ = _inputs_by_handling(plan)
     files = plan.before.files
-    written = files[plan.before.weights_file] if plan.before.weights_file else 0
+    written = sum(files[p + a.before.weights_file] for p, a in plan.rewritten_adapters)
     return sum(files[n] for n in copied) + sum(files[n] for n in rewritten) + written
 
 
@@ -82,8 +82,9 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
         for name in sorted(after.rewritten_files):
             rewrite_file(name, plan, target)
             outputs[name] = files.sha256_file(target / name)
-        if after.weights_file is not None:
-            outputs.update(_write_adapter(plan, target, progress))
+        for prefix, adapter in plan.rewritten_adapters:
+            (target / prefix).mkdir(exist_ok=True)
+            outputs.update({prefix + n: d for n, d in _write_adapter(adapter, target / prefix, progress).items()})
         inputs.update({name: future.result() for name, future in pending.items()})
     manifest = {
         "tool": "ckpt-migrate",
@@ -95,8 +96,13 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
         "inputs_sha256": dict(sorted(inputs.items())),
         "inputs_not_read_bytes": {name: before.files[name] for name in dropped},
         "outputs_sha256": dict(sorted(outputs.items())),
-        "warnings": after.warnings,
+        "warnings": plan.warnings,
     }
+    if plan.adapters:
+        manifest["adapters"] = {
+            a.relative: {"migrations_applied": a.after.applied, "migrations_run": list(a.migrations)}
+            for a in plan.adapters
+        }
     files.write_new(target / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     verify_written(plan, target)
     return manifest
@@ -119,16 +125,16 @@ def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None)
 
 def verify_written(plan: CheckpointPlan, target: Path) -> None:
     """Re-read what was written and check it is what the plan said, before it is published."""
-    after = plan.after
-    expected = set(after.files) | set(after.rewritten_files) | {MANIFEST}
-    if after.weights_file is not None:
-        expected |= {after.weights_file, ADAPTER_CONFIG}
+    adapters = plan.rewritten_adapters
+    expected = set(plan.after.files) | set(plan.after.rewritten_files) | {MANIFEST}
+    expected |= {p + name for p, a in adapters for name in (a.after.weights_file, ADAPTER_CONFIG)}
     present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     matches = present == expected
-    if matches and after.weights_file is not None:
-        header = read_header(target / after.weights_file)
+    for prefix, adapter in adapters if matches else []:
+        header = read_header(target / prefix / adapter.after.weights_file)
         written = {name: (info.shape, info.dtype) for name, info in header.tensors.items()}
-        planned = {name: (t.shape, t.dtype) for name, t in after.tensors.items()}
-        matches = written == planned and json.loads((target / ADAPTER_CONFIG).read_text()) == after.config
+        planned = {name: (t.shape, t.dtype) for name, t in adapter.after.tensors.items()}
+        config = json.loads((target / prefix / ADAPTER_CONFIG).read_text())
+        matches = matches and written == planned and config == adapter.after.config
     if not matches:
         raise OutputError("written checkpoint does not match the plan; nothing was published", target)
