@@ -15,6 +15,7 @@ from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState, Options, Sta
 from ckpt_migrate.formats.adapter import BIN_WEIGHTS, SAFETENSORS_WEIGHTS
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import load_state, load_subfolder_adapters
+from ckpt_migrate.formats.trainer_files import classify
 
 RETRAIN_WARNING = (
     "retraining is preferred: this repair reproduces the trained model exactly, but a run resumed "
@@ -79,6 +80,12 @@ def plan_checkpoint(
     statuses = {_status(after, ran), *(a.status for a in subfolders)}
     status = next(s for s in (Status.UNRECOVERABLE, Status.REPAIRABLE, Status.CLEAN) if s in statuses)
     if status is Status.REPAIRABLE and after.trainable_parameters_changed:
+        unknown = [name for name in sorted(after.files) if classify(name) is None]
+        if unknown:
+            after.warn(
+                f"copied unexamined: {', '.join(unknown)}: files this tool does not know; any of them that holds "
+                "optimizer or model state of the trained parameters no longer matches the repaired ones"
+            )
         after.warn(RETRAIN_WARNING)
     fails_on = _failures(before) + [f"adapter {a.relative}: {line}" for a in subfolders for line in a.fails_on]
     return CheckpointPlan(

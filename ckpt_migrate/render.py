@@ -15,6 +15,7 @@ from typing import Any
 from ckpt_migrate import __version__
 from ckpt_migrate.core.plan import CheckpointPlan, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
+from ckpt_migrate.formats.trainer_files import file_verdicts
 from ckpt_migrate.verify.result import SEEDS, VerifyResult
 
 SCHEMA_VERSION = 1
@@ -86,6 +87,10 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
         "adapters": [{"path": a.relative, "status": a.status.value, **_adapter_fields(a)} for a in plan.adapters]
         if plan
         else [],
+        "files": [
+            {"name": name, "bytes": size, "verdict": verdict.value, "reason": why}
+            for name, size, verdict, why in (file_verdicts(plan) if plan else [])
+        ],
         "warnings": plan.warnings if plan else [],
         "errors": [result.error] if result.error else [],
     }
@@ -145,12 +150,12 @@ def report_sections(report: Report) -> list[Section]:
                 text = f"{adapter['status']}: {', '.join(adapter['migrations'])}"
                 blocks.append(Line(f"adapter {adapter['path']} ({adapter['path']}/)", text))
                 blocks += _adapter_blocks(adapter, f"{adapter['path']}/")
-        if entry["files_removed_detail"]:
-            rows = tuple((f["name"], _size(f["bytes"]), f["reason"]) for f in entry["files_removed_detail"])
-            blocks.append(Table("files dropped", ("file", "size", "why"), rows))
-        for rewritten in entry["files_rewritten"]:
-            blocks.append(Line("file rewritten", f"{rewritten['reason']}", code=(rewritten["name"],)))
-            blocks += [Line(f"  {k}", ", ".join(v)) for k, v in rewritten.items() if k not in ("name", "reason") and v]
+        written = entry["status"] in (Status.REPAIRABLE, Status.REPAIRED)
+        if written:  # every file: copied, rewritten, dropped or copied unexamined, and why
+            rows = tuple((f["name"], _size(f["bytes"]), f["verdict"], f["reason"]) for f in entry["files"])
+            blocks.append(Table("files", ("file", "size", "verdict", "why"), rows))
+        listed = [(f["name"], k, v) for f in entry["files_rewritten"] for k, v in f.items() if isinstance(v, list)]
+        blocks += [Line(f"{name} {label}", ", ".join(names)) for name, label, names in listed if names]
         blocks += [Line("WARNING", warning) for warning in entry["warnings"]]
         sections.append(section)
     if len(report.checkpoints) > 1:

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, HELDOUT, LAYOUTS, OLD_STACK, case_dirs, load_case, old_python, run_cli
+from conftest import FIXTURES, HELDOUT, LAYOUTS, OLD_STACK, case_dirs, load_case, old_python, run_cli, tree_digest
 from logits_check import adapter_errors
 from resume_check import resume
 
@@ -125,6 +125,43 @@ def test_repaired_checkpoints_are_clean_and_a_rerun_writes_nothing(repaired_layo
         assert all(a.status == "clean" for a in report.checkpoints[0].plan.adapters), name
     code, stdout, _ = run_cli("fix", repaired_layouts["llama_two_adapters"], "--out", tmp_path / "again")
     assert code == 0 and "clean" in stdout and not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("case_dir", REPAIRABLE, ids=lambda p: p.name)
+def test_dry_run_predicts_every_file_and_every_adapter(tmp_path, case_dir):
+    src = case_dir / "run" / "checkpoint-2"
+    before = tree_digest(src)
+    code, dry, _ = run_cli("fix", src, "--dry-run", "--format", "json")
+    assert code == 0
+    out = tmp_path / "fixed"
+    code, real, _ = run_cli("fix", src, "--out", out, "--format", "json", "--quiet")
+    assert code == 0 and tree_digest(src) == before
+    strip = [
+        {k: v for k, v in json.loads(r)["checkpoints"][0].items() if k not in ("status", "output")} for r in (dry, real)
+    ]
+    assert strip[0] == strip[1]
+    entry = strip[1]
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    verdicts = {f["name"]: f["verdict"] for f in entry["files"]}
+    assert set(verdicts) == {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    for name, verdict in verdicts.items():
+        if verdict in ("copied", "copied unexamined"):
+            assert (out / name).read_bytes() == (src / name).read_bytes(), name
+        assert (name in written) == (verdict != "dropped"), name
+    assert written == {n for n, v in verdicts.items() if v != "dropped"} | {"ckpt_migrate_manifest.json"}
+    for adapter in [entry, *entry["adapters"]]:
+        where = "" if adapter is entry else adapter["path"] + "/"
+        if not (src / where / "adapter_model.safetensors").exists():
+            continue
+        removed = {t["name"] for t in adapter["tensors_removed"]}
+        predicted = {
+            n: (list(i.shape), i.dtype)
+            for n, i in read_header(src / where / "adapter_model.safetensors").tensors.items()
+            if n not in removed
+        }
+        predicted.update({t["name"]: (t["shape"], t["dtype"]) for t in adapter["tensors_added"]})
+        output = read_header(out / where / "adapter_model.safetensors").tensors
+        assert {n: (list(i.shape), i.dtype) for n, i in output.items()} == predicted, where
 
 
 def test_fix_verify_checks_every_adapter(tmp_path):
