@@ -43,12 +43,15 @@ def _version(name: str, value: str | None) -> str | None:
         raise ValueError(f"{name} {value!r} is not a version (e.g. 4.44.2)") from None
 
 
-def _options(optimizer: str, target_transformers: str | None, target_peft: str | None) -> Options:
+def _options(
+    optimizer: str, target_transformers: str | None, target_peft: str | None, allow_lossy: bool = False
+) -> Options:
     """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
     return Options(
         optimizer=OptimizerPolicy(optimizer),
         target_transformers=_version("target_transformers", target_transformers),
         target_peft=_version("target_peft", target_peft),
+        allow_lossy=allow_lossy,
     )
 
 
@@ -77,6 +80,7 @@ def inspect(
     optimizer: str = "drop",
     target_transformers: str | None = None,
     target_peft: str | None = None,
+    allow_lossy: bool = False,
 ) -> Report:
     """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
 
@@ -87,7 +91,7 @@ def inspect(
     3
     """
     src = Path(src)
-    options = _options(optimizer, target_transformers, target_peft)
+    options = _options(optimizer, target_transformers, target_peft, allow_lossy)
     return Report("inspect", src, dry_run=True, checkpoints=_plan_all(src, base_model, options))
 
 
@@ -102,6 +106,7 @@ def fix(
     target_transformers: str | None = None,
     target_peft: str | None = None,
     verify: bool = False,
+    allow_lossy: bool = False,
 ) -> Report:
     """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
 
@@ -111,14 +116,15 @@ def fix(
     ``"remap"`` it onto the repaired parameters (needs ``base_model`` for the parameter order).
     ``target_transformers`` / ``target_peft``: the releases that will resume the checkpoint
     (default: the installed ones). ``verify`` runs :func:`verify` on each staged checkpoint against its
-    source and publishes only those that pass (needs ``base_model``).
+    source and publishes only those that pass (needs ``base_model``). ``allow_lossy``: write the best repair of a
+    checkpoint that lost trained values (refused by default), recording the loss in the report and the manifest.
 
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
     from ckpt_migrate.execute.publish import check_output_target, earlier_batch_output, write_and_publish
 
-    options = _options(optimizer, target_transformers, target_peft)
+    options = _options(optimizer, target_transformers, target_peft, allow_lossy)
     src = Path(src)
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:

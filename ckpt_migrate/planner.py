@@ -21,6 +21,10 @@ RETRAIN_WARNING = (
     "retraining is preferred: this repair reproduces the trained model exactly, but a run resumed "
     "from it is not identical to an uninterrupted one"
 )
+LOSSY_RETRAIN_WARNING = (
+    "retraining is preferred: this repair is lossy, it does NOT reproduce the trained model (see the losses), "
+    "and a run resumed from it is not identical to an uninterrupted one"
+)
 
 
 def _run(
@@ -86,7 +90,8 @@ def plan_checkpoint(
                 f"copied unexamined: {', '.join(unknown)}: files this tool does not know; any of them that holds "
                 "optimizer or model state of the trained parameters no longer matches the repaired ones"
             )
-        after.warn(RETRAIN_WARNING)
+        lossy = after.losses or any(a.after.losses for a in subfolders)
+        after.warn(LOSSY_RETRAIN_WARNING if lossy else RETRAIN_WARNING)
     fails_on = _failures(before) + [f"adapter {a.relative}: {line}" for a in subfolders for line in a.fails_on]
     return CheckpointPlan(
         directory,

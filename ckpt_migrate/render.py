@@ -92,6 +92,7 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
             for name, size, verdict, why in (file_verdicts(plan) if plan else [])
         ],
         "warnings": plan.warnings if plan else [],
+        "losses": plan.losses if plan else [],
         "errors": [result.error] if result.error else [],
     }
     if result.verification is not None:
@@ -156,7 +157,8 @@ def report_sections(report: Report) -> list[Section]:
             blocks.append(Table("files", ("file", "size", "verdict", "why"), rows))
         listed = [(f["name"], k, v) for f in entry["files_rewritten"] for k, v in f.items() if isinstance(v, list)]
         blocks += [Line(f"{name} {label}", ", ".join(names)) for name, label, names in listed if names]
-        blocks += [Line("WARNING", warning) for warning in entry["warnings"]]
+        lossy = ["LOSSY: this output does not reproduce the trained model: " + "; ".join(entry["losses"])]
+        blocks += [Line("WARNING", w) for w in entry["warnings"] + (lossy if entry["losses"] and written else [])]
         sections.append(section)
     if len(report.checkpoints) > 1:
         rows = tuple(

@@ -229,7 +229,7 @@ def _adapter_is_clean(plan: CheckpointPlan) -> bool:
     """The tool leaves the adapter as it is: nothing refused, nothing lost, no tensor or config change."""
     after = plan.after
     return not (
-        after.unrecoverable or plan.tensors_added or plan.tensors_removed or plan.config_changes
+        after.unrecoverable or after.losses or plan.tensors_added or plan.tensors_removed or plan.config_changes
     )
 
 

@@ -44,11 +44,13 @@ class Options:
     """The user's choices that planning depends on.
 
     ``target_transformers`` / ``target_peft``: the releases that will load the checkpoint (None: the installed ones).
+    ``allow_lossy``: write the best repair of a checkpoint that lost trained values, recording the loss.
     """
 
     optimizer: OptimizerPolicy = OptimizerPolicy.DROP
     target_transformers: str | None = None
     target_peft: str | None = None
+    allow_lossy: bool = False
 
 
 class SourceKind(str, Enum):
@@ -138,6 +140,7 @@ class CheckpointState:
     trainable_parameters_changed: bool = False
     warnings: list[str] = field(default_factory=list)
     unrecoverable: list[str] = field(default_factory=list)
+    losses: list[str] = field(default_factory=list)  # trained values the output does not have (--allow-lossy)
     dropped_files: dict[str, str] = field(default_factory=dict)
     rewritten_files: dict[str, FileRewrite] = field(default_factory=dict)
 
@@ -239,3 +242,8 @@ class CheckpointPlan:
     def unrecoverable(self) -> list[str]:
         """Why the checkpoint cannot be repaired (its own reasons and its subfolder adapters')."""
         return self._with_adapters("unrecoverable")
+
+    @property
+    def losses(self) -> list[str]:
+        """Trained values the output does not have (only with ``allow_lossy``)."""
+        return self._with_adapters("losses")

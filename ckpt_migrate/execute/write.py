@@ -97,6 +97,7 @@ def write_checkpoint(plan: CheckpointPlan, target: Path, on_bytes: OnBytes | Non
         "inputs_not_read_bytes": {name: before.files[name] for name in dropped},
         "outputs_sha256": dict(sorted(outputs.items())),
         "warnings": plan.warnings,
+        "losses": plan.losses,
     }
     if plan.adapters:
         manifest["adapters"] = {
