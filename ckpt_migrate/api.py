@@ -69,7 +69,7 @@ def _plan_all(src: Path, base_model: str | Path | None, options: Options, notes:
                 raise
             results.append(CheckpointResult(relative, directory, Status.UNREADABLE, error=str(exc)))
             continue
-        error = "; ".join(plan.after.unrecoverable) or None
+        error = "; ".join(plan.unrecoverable) or None
         results.append(CheckpointResult(relative, directory, plan.status, plan, error=error))
     return results
 
@@ -81,6 +81,7 @@ def inspect(
     optimizer: str = "drop",
     target_transformers: str | None = None,
     target_peft: str | None = None,
+    allow_lossy: bool = False,
 ) -> Report:
     """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
 
@@ -90,7 +91,7 @@ def inspect(
     >>> inspect("run/checkpoint-500").exit_code  # doctest: +SKIP
     3
     """
-    options = Options.parse(optimizer, target_transformers, target_peft)
+    options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
     src = resolve(src, what="SRC")
     report = Report("inspect", src, dry_run=True)
     report.checkpoints = _plan_all(src, base_model, options, report.notes)
@@ -108,6 +109,7 @@ def fix(
     target_transformers: str | None = None,
     target_peft: str | None = None,
     verify: bool = False,
+    allow_lossy: bool = False,
 ) -> Report:
     """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
 
@@ -117,7 +119,8 @@ def fix(
     ``"remap"`` it onto the repaired parameters (needs ``base_model`` for the parameter order).
     ``target_transformers`` / ``target_peft``: the releases that will resume the checkpoint
     (default: the installed ones). ``verify`` runs :func:`verify` on each staged checkpoint against its
-    source and publishes only those that pass (needs ``base_model``).
+    source and publishes only those that pass (needs ``base_model``). ``allow_lossy``: write the best repair of a
+    checkpoint that lost trained values (refused by default), recording the loss in the report and the manifest.
 
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
@@ -125,7 +128,7 @@ def fix(
     from ckpt_migrate.execute.publish import check_output_target
     from ckpt_migrate.execute.write import hash_ahead
 
-    options = Options.parse(optimizer, target_transformers, target_peft)
+    options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
     src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
@@ -170,11 +173,16 @@ def _write_all(
         return
 
     def verified(result: CheckpointResult, staged: Path) -> bool:
-        verdict = _verify(staged, base_model, source=result.source)
-        result.verification = verdict.to_dict()
-        if verdict.ok:
+        # every adapter of the checkpoint: the one at its top, and each in a subfolder ("adapters" in the record)
+        subfolders = [a.relative for a in result.plan.adapters] if result.plan else []
+        places = ([] if result.plan and result.plan.before.weights_file is None else ["."]) + subfolders
+        verdicts = {p: _verify(staged / p, base_model, source=result.source / p) for p in places}
+        reasons = [f"{p}: {r}" if p != "." else r for p, v in verdicts.items() for r in v.reasons]
+        top = verdicts[places[0]].to_dict()  # the top adapter's verdict (else the first subfolder's), "ok" for all
+        result.verification = {**top, "ok": not reasons, "adapters": {p: verdicts[p].to_dict() for p in subfolders}}
+        if not reasons:
             return True
-        message = "verification failed, not published: " + "; ".join(verdict.reasons)
+        message = "verification failed, not published: " + "; ".join(reasons)
         if single:
             raise VerificationFailedError(message, result.source)
         result.status, result.error = Status.VERIFY_FAILED, message
@@ -228,7 +236,7 @@ def export(
     result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
     report.checkpoints = [result]
     if repair.status is Status.UNRECOVERABLE:
-        raise UnrecoverableError("; ".join(repair.after.unrecoverable), result.source)
+        raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
     report.export = plan_export(repair, base, dtype, max_shard_bytes)
     if dry_run or out_path is None:
         return report

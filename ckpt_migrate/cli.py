@@ -63,6 +63,12 @@ TARGET_PEFT = click.option(
     help="The peft release that will load the adapter (default: the installed one); adapter_config.json keys it "
     "does not know are dropped when that keeps the model, else the checkpoint is refused (exit 4).",
 )
+ALLOW_LOSSY = click.option(
+    "--allow-lossy",
+    is_flag=True,
+    help="Write the best repair of a checkpoint that lost trained values (e.g. bias='lora_only' biases peft never "
+    "saved), recording the loss; refused (exit 4) without it.",
+)
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
@@ -120,6 +126,7 @@ def main() -> None:
 @OPTIMIZER
 @TARGET_TRANSFORMERS
 @TARGET_PEFT
+@ALLOW_LOSSY
 @click.option(
     "--verify",
     is_flag=True,
@@ -136,6 +143,7 @@ def fix(
     optimizer: str,
     target_transformers: str | None,
     target_peft: str | None,
+    allow_lossy: bool,
     verify: bool,
     quiet: bool,
     debug: bool,
@@ -161,6 +169,7 @@ def fix(
             target_transformers=target_transformers,
             target_peft=target_peft,
             verify=verify,
+            allow_lossy=allow_lossy,
         )
         code = _emit(report, fmt)
         for result in report.checkpoints:
@@ -179,6 +188,7 @@ def fix(
 @OPTIMIZER
 @TARGET_TRANSFORMERS
 @TARGET_PEFT
+@ALLOW_LOSSY
 @DEBUG
 def inspect(
     src: str,
@@ -187,6 +197,7 @@ def inspect(
     optimizer: str,
     target_transformers: str | None,
     target_peft: str | None,
+    allow_lossy: bool,
     debug: bool,
 ) -> None:
     """Say what SRC is, what is wrong with it, and the repair plan (reads headers only)."""
@@ -200,6 +211,7 @@ def inspect(
             optimizer=optimizer,
             target_transformers=target_transformers,
             target_peft=target_peft,
+            allow_lossy=allow_lossy,
         )
         return _emit(report, fmt)
 

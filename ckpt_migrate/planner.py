@@ -1,50 +1,122 @@
-"""Run the migration index over one checkpoint to build its plan (no tensor data is read)."""
+"""Run the migration index over one checkpoint to build its plan (no tensor data is read).
+
+A checkpoint is planned as a whole: the adapter at its top (if any) with the Trainer files, and every adapter in
+a subfolder (peft saves each adapter but "default" in a subfolder named after it). The subfolder adapters are
+planned first; if any of their trainable parameters changed, so did the checkpoint's, for the Trainer files.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ckpt_migrate.core.heads import heads_carrying_tuner_tensors
 from ckpt_migrate.core.migration import Context, ExplainingMigration
-from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
+from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState, Options, Status
 from ckpt_migrate.formats.adapter import BIN_WEIGHTS, SAFETENSORS_WEIGHTS
 from ckpt_migrate.formats.base_model import BaseModel
-from ckpt_migrate.formats.checkpoint import load_state
+from ckpt_migrate.formats.checkpoint import load_state, load_subfolder_adapters
+from ckpt_migrate.formats.trainer_files import classify
 
 RETRAIN_WARNING = (
     "retraining is preferred: this repair reproduces the trained model exactly, but a run resumed "
     "from it is not identical to an uninterrupted one"
 )
+LOSSY_RETRAIN_WARNING = (
+    "retraining is preferred: this repair is lossy, it does NOT reproduce the trained model (see the losses), "
+    "and a run resumed from it is not identical to an uninterrupted one"
+)
 
 
-def plan_checkpoint(
-    directory: Path, relative: str = ".", base_model: BaseModel | None = None, options: Options | None = None
-) -> CheckpointPlan:
-    """Detect what is wrong with one checkpoint and plan its repair, migration by migration."""
+def _run(
+    before: CheckpointState, context: Context, changed_elsewhere: bool = False
+) -> tuple[CheckpointState, list[str]]:
+    """Plan one adapter (with the files beside it): the state as it will be written and the migrations that ran.
+
+    ``changed_elsewhere``: the trainable parameters of another adapter of the checkpoint changed.
+    """
     from ckpt_migrate.migrations import MIGRATIONS
 
-    before = load_state(directory)
     after = before.clone()
-    context = Context(source=before, base_model=base_model, options=options or Options())
-    fails_on = tuple(line for m in MIGRATIONS if isinstance(m, ExplainingMigration) for line in m.failures(before))
+    after.trainable_parameters_changed = changed_elsewhere
     ran: list[str] = []
-
-    def finish(status: Status) -> CheckpointPlan:
-        not_needed = tuple(m.ID for m in MIGRATIONS if m.ID not in ran)
-        return CheckpointPlan(directory, relative, status, tuple(ran), before, after, not_needed, fails_on)
-
     for migration in MIGRATIONS:
         if migration.ID in after.applied or not migration.detect(after, context):
             continue
         migration.plan(after, context)
         ran.append(migration.ID)
         if after.unrecoverable:
-            return finish(Status.UNRECOVERABLE)
-    if not ran:
-        return finish(Status.CLEAN)
-    after.applied = before.applied + ran
-    if after.weights_file == BIN_WEIGHTS:
-        after.drop_file(BIN_WEIGHTS, f"rewritten as {SAFETENSORS_WEIGHTS}")
-        after.weights_file = SAFETENSORS_WEIGHTS
-    if after.trainable_parameters_changed:
-        after.warn(RETRAIN_WARNING)
-    return finish(Status.REPAIRABLE)
+            return after, ran
+    for head, names in sorted(heads_carrying_tuner_tensors(after).items()):  # never call such a head clean
+        after.unrecoverable.append(
+            f"head {head!r} still carries tuner tensors in a layout this tool does not recognise "
+            f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); peft cannot load it as trained"
+        )
+    if ran and not after.unrecoverable:
+        after.applied = before.applied + ran
+        if after.weights_file == BIN_WEIGHTS:
+            after.drop_file(BIN_WEIGHTS, f"rewritten as {SAFETENSORS_WEIGHTS}")
+            after.weights_file = SAFETENSORS_WEIGHTS
+    return after, ran
+
+
+def _status(after: CheckpointState, ran: list[str]) -> Status:
+    return Status.UNRECOVERABLE if after.unrecoverable else Status.REPAIRABLE if ran else Status.CLEAN
+
+
+def plan_checkpoint(
+    directory: Path, relative: str = ".", base_model: BaseModel | None = None, options: Options | None = None
+) -> CheckpointPlan:
+    """Detect what is wrong with one checkpoint (every adapter in it) and plan its repair, migration by migration."""
+    from ckpt_migrate.migrations import MIGRATIONS
+
+    options = options or Options()
+    subfolders: list[CheckpointPlan] = []
+    for name, sub_before in load_subfolder_adapters(directory).items():
+        sub_after, sub_ran = _run(sub_before, Context(source=sub_before, base_model=base_model, options=options))
+        subfolders.append(_plan(sub_before, sub_after, sub_ran, directory / name, name))
+    before = load_state(directory)
+    changed = any(a.after.trainable_parameters_changed for a in subfolders)
+    after, ran = _run(before, Context(source=before, base_model=base_model, options=options), changed)
+    for sub in subfolders:  # a subfolder's dropped file (its .bin, rewritten as safetensors) is the checkpoint's too
+        for file, why in sub.after.dropped_files.items():
+            after.drop_file(f"{sub.relative}/{file}", why)
+    ran_anywhere = set(ran).union(*(a.migrations for a in subfolders))
+    statuses = {_status(after, ran), *(a.status for a in subfolders)}
+    status = next(s for s in (Status.UNRECOVERABLE, Status.REPAIRABLE, Status.CLEAN) if s in statuses)
+    if status is Status.REPAIRABLE and after.trainable_parameters_changed:
+        unknown = [name for name in sorted(after.files) if classify(name) is None]
+        if unknown:
+            after.warn(
+                f"copied unexamined: {', '.join(unknown)}: files this tool does not know; any of them that holds "
+                "optimizer or model state of the trained parameters no longer matches the repaired ones"
+            )
+        lossy = after.losses or any(a.after.losses for a in subfolders)
+        after.warn(LOSSY_RETRAIN_WARNING if lossy else RETRAIN_WARNING)
+    fails_on = _failures(before) + [f"adapter {a.relative}: {line}" for a in subfolders for line in a.fails_on]
+    return CheckpointPlan(
+        directory,
+        relative,
+        status,
+        tuple(m.ID for m in MIGRATIONS if m.ID in ran_anywhere),
+        before,
+        after,
+        tuple(m.ID for m in MIGRATIONS if m.ID not in ran_anywhere),
+        tuple(fails_on),
+        tuple(subfolders),
+    )
+
+
+def _plan(
+    before: CheckpointState, after: CheckpointState, ran: list[str], directory: Path, name: str
+) -> CheckpointPlan:
+    from ckpt_migrate.migrations import MIGRATIONS
+
+    not_needed = tuple(m.ID for m in MIGRATIONS if m.ID not in ran)
+    failures = tuple(_failures(before))
+    return CheckpointPlan(directory, name, _status(after, ran), tuple(ran), before, after, not_needed, failures)
+
+
+def _failures(state: CheckpointState) -> list[str]:
+    from ckpt_migrate.migrations import MIGRATIONS
+
+    return [line for m in MIGRATIONS if isinstance(m, ExplainingMigration) for line in m.failures(state)]

@@ -12,8 +12,9 @@ import math
 from typing import Any
 
 from ckpt_migrate import __version__
-from ckpt_migrate.core.plan import Status
+from ckpt_migrate.core.plan import CheckpointPlan, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
+from ckpt_migrate.formats.trainer_files import file_verdicts
 from ckpt_migrate.render_sections import Diff, Line, Section, Table, draw_markdown, draw_text
 from ckpt_migrate.verify.result import SEEDS, VerifyResult
 
@@ -23,17 +24,25 @@ SCHEMA_VERSION = 1
 # ------------------------------------------------------------------------------------ fix / inspect
 
 
+def _adapter_fields(plan: CheckpointPlan | None) -> dict[str, Any]:
+    """What a report says of one adapter: the one at the top of a checkpoint, or one in a subfolder."""
+    return {
+        "migrations": list(plan.migrations) if plan else [],
+        "tensors_added": [t.as_dict() for t in plan.tensors_added] if plan else [],
+        "tensors_removed": [t.as_dict(with_how=False) for t in plan.tensors_removed] if plan else [],
+        "config_changes": plan.config_changes if plan else {},
+    }
+
+
 def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
     plan = result.plan
     entry: dict[str, Any] = {
         "source": str(result.source),
         "output": str(result.output) if result.output else None,
         "status": result.status.value,
-        "migrations": list(plan.migrations) if plan else [],
+        **_adapter_fields(plan),
         "migrations_not_needed": list(plan.not_needed) if plan else [],
         "fails_on": list(plan.fails_on) if plan else [],
-        "tensors_added": [t.as_dict() for t in plan.tensors_added] if plan else [],
-        "tensors_removed": [t.as_dict(with_how=False) for t in plan.tensors_removed] if plan else [],
         "files_removed": [name for name, _, _ in plan.files_removed] if plan else [],
         "files_removed_detail": [
             {"name": name, "bytes": size, "reason": reason}
@@ -43,8 +52,16 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
             {"name": name, "reason": rewrite.reason, **{label: list(names) for label, names in rewrite.listed}}
             for name, rewrite in (plan.files_rewritten if plan else [])
         ],
-        "config_changes": plan.config_changes if plan else {},
+        # adapters in subfolders ("path": the subfolder, which peft names after the adapter)
+        "adapters": [{"path": a.relative, "status": a.status.value, **_adapter_fields(a)} for a in plan.adapters]
+        if plan
+        else [],
+        "files": [
+            {"name": name, "bytes": size, "verdict": verdict.value, "reason": why}
+            for name, size, verdict, why in (file_verdicts(plan) if plan else [])
+        ],
         "warnings": plan.warnings if plan else [],
+        "losses": plan.losses if plan else [],
         "errors": [result.error] if result.error else [],
     }
     if result.verification is not None:
@@ -99,46 +116,62 @@ def _status_text(report: Report, entry: dict[str, Any]) -> str:
     return status
 
 
-def _config_diff(changes: dict[str, dict[str, Any]]) -> Diff:
-    def shown(change: dict[str, Any], side: str) -> str:
-        gone = change.get("added") if side == "before" else change.get("removed")
-        return ("(absent)" if side == "before" else "(removed)") if gone else json.dumps(change[side])
-
-    rows = tuple((key, shown(c, "before"), shown(c, "after")) for key, c in changes.items())
-    return Diff("adapter_config.json", rows)
+def _adapter_blocks(entry: dict[str, Any], prefix: str) -> list[Line | Diff | Table]:
+    """The config diff and tensor tables of one adapter (``prefix``: its subfolder, "" at the top)."""
+    blocks: list[Line | Diff | Table] = []
+    if entry["config_changes"]:
+        changes = tuple(
+            (
+                key,
+                "(absent)" if c.get("added") else json.dumps(c["before"]),
+                "(removed)" if c.get("removed") else json.dumps(c["after"]),
+            )
+            for key, c in entry["config_changes"].items()
+        )
+        blocks.append(Diff(f"{prefix}adapter_config.json", changes))
+    removed, added = entry["tensors_removed"], entry["tensors_added"]
+    if removed:
+        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"]) for t in removed)
+        blocks.append(Table(f"{prefix}tensors removed ({len(removed)})", ("name", "shape", "dtype"), rows))
+    if added:
+        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"], t["how"]) for t in added)
+        headers = ("name", "shape", "dtype", "how computed")
+        blocks.append(Table(f"{prefix}tensors added ({len(added)})", headers, rows))
+    return blocks
 
 
 def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
     entry = checkpoint_dict(result)
-    in_memory = report.command == "export"  # the repair feeds the export; no checkpoint files are written
-    status = f"{entry['status']} (repaired in memory)" if in_memory else _status_text(report, entry)
-    blocks: list[Line | Diff | Table] = []
+    if report.command == "export":  # the repair feeds the export in memory: no checkpoint files are written
+        blocks: list[Line | Diff | Table] = [Line("migrations", code=tuple(entry["migrations"]))]
+        blocks += [
+            b for b in _adapter_blocks(entry, "") if isinstance(b, Table) and b.title.startswith("tensors added")
+        ]
+        return Section(f"{result.source}: {entry['status']} (repaired in memory)", blocks)
+    section = Section(f"{result.source}: {_status_text(report, entry)}")
+    blocks = section.blocks
     if entry["migrations"]:
         blocks.append(Line("migrations", code=tuple(entry["migrations"])))
-    if entry["migrations_not_needed"] and not in_memory:
+    if entry["migrations_not_needed"]:
         blocks.append(Line("not needed", code=tuple(entry["migrations_not_needed"])))
     if report.command == "inspect":
         blocks += [Line("fails on", line) for line in entry["fails_on"]]
     blocks += [Line("ERROR", error) for error in entry["errors"]]
-    if entry["config_changes"] and not in_memory:
-        blocks.append(_config_diff(entry["config_changes"]))
-    removed, added = entry["tensors_removed"], entry["tensors_added"]
-    if removed and not in_memory:
-        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"]) for t in removed)
-        blocks.append(Table(f"tensors removed ({len(removed)})", ("name", "shape", "dtype"), rows))
-    if added:
-        rows = tuple((t["name"], str(tuple(t["shape"])), t["dtype"], t["how"]) for t in added)
-        blocks.append(Table(f"tensors added ({len(added)})", ("name", "shape", "dtype", "how computed"), rows))
-    if in_memory:
-        return Section(f"{result.source}: {status}", blocks)
-    if entry["files_removed_detail"]:
-        rows = tuple((f["name"], _size(f["bytes"]), f["reason"]) for f in entry["files_removed_detail"])
-        blocks.append(Table("files dropped", ("file", "size", "why"), rows))
-    for rewritten in entry["files_rewritten"]:
-        blocks.append(Line("file rewritten", f"{rewritten['reason']}", code=(rewritten["name"],)))
-        blocks += [Line(f"  {k}", ", ".join(v)) for k, v in rewritten.items() if k not in ("name", "reason") and v]
-    blocks += [Line("WARNING", warning) for warning in entry["warnings"]]
-    return Section(f"{result.source}: {status}", blocks)
+    blocks += _adapter_blocks(entry, "")
+    for adapter in entry["adapters"]:
+        if adapter["status"] != Status.CLEAN:
+            text = f"{adapter['status']}: {', '.join(adapter['migrations'])}"
+            blocks.append(Line(f"adapter {adapter['path']} ({adapter['path']}/)", text))
+            blocks += _adapter_blocks(adapter, f"{adapter['path']}/")
+    written = entry["status"] in (Status.REPAIRABLE, Status.REPAIRED)
+    if written:  # every file: copied, rewritten, dropped or copied unexamined, and why
+        rows = tuple((f["name"], _size(f["bytes"]), f["verdict"], f["reason"]) for f in entry["files"])
+        blocks.append(Table("files", ("file", "size", "verdict", "why"), rows))
+    listed = [(f["name"], k, v) for f in entry["files_rewritten"] for k, v in f.items() if isinstance(v, list)]
+    blocks += [Line(f"{name} {label}", ", ".join(names)) for name, label, names in listed if names]
+    lossy = ["LOSSY: this output does not reproduce the trained model: " + "; ".join(entry["losses"])]
+    blocks += [Line("WARNING", w) for w in entry["warnings"] + (lossy if entry["losses"] and written else [])]
+    return section
 
 
 def _export_section(report: Report) -> Section:

@@ -5,6 +5,12 @@ LoRA into the head, then wrapped the LoRA-wrapped head in a ModulesToSaveWrapper
 saved as ``<head>.base_layer.*`` plus ``<head>.lora_A/B``; ``original_module`` and ``modules_to_save``
 LoRA duplicates ride along. The effective weight is folded exactly: ``W + s * B @ A`` (DoRA: rescaled
 rows), written as ``<head>.weight`` the way current peft saves a modules_to_save module.
+
+A second adapter's file (``task_b/``, added with ``add_adapter``) holds its own head copy: ``<head>.base_layer.*``,
+trained, and the LoRA that copy inherited from the first adapter, saved under that adapter's name
+(``<head>.lora_A.default.weight``). peft's ``set_adapter`` makes every LoRA layer, those inside head copies too,
+run the active adapter only, so that LoRA never computed anything for task_b: it is dropped and the copy's base
+layer becomes ``<head>.weight`` as it is.
 """
 
 from __future__ import annotations

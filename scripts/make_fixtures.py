@@ -20,6 +20,7 @@ It MUST be run with peft 0.12.0 / transformers 4.44.2 (it asserts this)::
     .venv-peft012/bin/python scripts/make_fixtures.py                 # all cases -> tests/fixtures/
     .venv-peft012/bin/python scripts/make_fixtures.py llama_score     # only the named case(s)
     .venv-peft012/bin/python scripts/make_fixtures.py --heldout       # held-out cases -> tests/heldout/
+    .venv-peft012/bin/python scripts/make_fixtures.py --layouts       # other layouts -> tests/fixtures_layouts/
     .venv-peft012/bin/python scripts/make_fixtures.py --out /tmp/fx   # write elsewhere
     .venv-peft012/bin/python scripts/make_fixtures.py --list          # list case names
 
@@ -73,6 +74,7 @@ if os.environ.get("PYTHONHASHSEED") != "0":
     os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, PYTHONHASHSEED="0"))
 
 import inspect  # noqa: E402
+import re  # noqa: E402
 
 import accelerate  # noqa: E402
 import numpy  # noqa: E402
@@ -203,6 +205,12 @@ DEBERTA_V2 = dict(
     pad_token_id=0,
 )
 
+#: Keys only the --layouts cases set (absent from every other case, so those build exactly as before):
+#: adapter_name (get_peft_model's), second_adapter ({"name", "lora"}: added with add_adapter and trained in a
+#: second phase), adam_epsilon, lossy_bias (bias="lora_only": also record the logits with the unsaved biases
+#: put back), builder ("accelerate": a plain accelerate loop with Accelerator.save_state instead of Trainer).
+LAYOUT_KEYS = {"adapter_name", "second_adapter", "adam_epsilon", "lossy_bias", "builder"}
+
 SEQ = "AutoModelForSequenceClassification"
 TOK = "AutoModelForTokenClassification"
 AUTO_CLASSES = {SEQ: AutoModelForSequenceClassification, TOK: AutoModelForTokenClassification}
@@ -230,7 +238,7 @@ def case(
     weight_decay=0.0,
     **old_stack,
 ):
-    assert set(old_stack) <= {"stack", "keep_checkpoints"}, old_stack
+    assert set(old_stack) <= {"stack", "keep_checkpoints"} | LAYOUT_KEYS, old_stack
     return dict(
         **old_stack,
         lr_scheduler_type=lr_scheduler_type,
@@ -509,6 +517,71 @@ OLD_STACK_CASES = {
     ),
 }
 
+# Layouts beyond one default adapter written by Trainer (--layouts, default out tests/fixtures_layouts/), all
+# written by peft 0.12.0 / transformers 4.44.2 like tests/fixtures. case.json of these cases also has "adapters"
+# (adapter name -> its directory inside a checkpoint) and "active_adapter"; reference.safetensors also holds
+# logits/<checkpoint>/<adapter> for every adapter (the trained model after set_adapter(adapter)).
+TASK_B = dict(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=16, lora_dropout=0.0)
+LAYOUT_CASES = {
+    "llama_named_adapter": case(
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        adapter_name="task_a",
+        notes="get_peft_model(..., adapter_name='task_a'): Trainer's checkpoint holds the adapter in task_a/ and the "
+        "optimizer/scheduler/rng/trainer state beside it",
+    ),
+    "llama_two_adapters": case(
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        second_adapter={"name": "task_b", "lora": TASK_B},
+        notes="default (all-linear, head double wrapped) trained first; then add_adapter('task_b', q/v + score in "
+        "modules_to_save), set_adapter('task_b') and a second Trainer run: its checkpoint holds default at the top "
+        "and task_b/, whose head copy carries default's LoRA (keys score.lora_A.default.weight)",
+    ),
+    "llama_two_named_adapters": case(
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        adapter_name="task_a",
+        second_adapter={"name": "task_b", "lora": TASK_B},
+        notes="as llama_two_adapters with the first adapter named task_a: both adapters in subfolders, task_b's "
+        "head copy carries task_a's LoRA (keys score.lora_A.task_a.weight)",
+    ),
+    "bert_lora_only_bias": case(
+        "bert",
+        BERT,
+        lora=seq_cls_all_linear(bias="lora_only"),
+        heads=["classifier"],
+        lr=2e-2,
+        lossy_bias=True,
+        notes="bias='lora_only': peft 0.12 trains the biases of every LoRA-wrapped Linear but saves none of them "
+        "(it looks for <m>.bias, the tensor is <m>.base_layer.bias; huggingface/peft#3306). reference also holds "
+        "logits_unsaved_biases_reset/<checkpoint>: the trained model with those biases put back to their initial "
+        "values, which is the best any repair can give",
+    ),
+    "llama_fp16": case(
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        dtype="float16",
+        autocast_adapter_dtype=False,
+        adam_epsilon=1e-4,
+        notes="model and adapter in float16 (model in half precision on CPU; adam_epsilon raised from 1e-8, which "
+        "underflows in float16)",
+    ),
+    "llama_accelerate_state": case(
+        "llama",
+        LLAMA,
+        lora=seq_cls_all_linear(),
+        builder="accelerate",
+        notes="no Trainer: a plain accelerate loop (Accelerator(cpu=True), AdamW, constant LambdaLR) whose checkpoint "
+        "is accelerator.save_state(dir) (model.safetensors = the whole PeftModel state, optimizer.bin, scheduler.bin, "
+        "random_states_0.pkl) plus peft_model.save_pretrained(dir)",
+    ),
+}
+
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
@@ -589,7 +662,7 @@ def head_lora_modules(peft_model, heads):
     for name, mod in inner.named_modules():
         if not isinstance(mod, BaseTunerLayer):
             continue
-        clean = name.replace(".original_module", "").replace(".modules_to_save.default", "")
+        clean = re.sub(r"\.modules_to_save\.[^.]+", "", name.replace(".original_module", ""))
         if any(clean == h or clean.startswith(h + ".") for h in heads) and clean not in out:
             out.append(clean)
     return out
@@ -598,6 +671,11 @@ def head_lora_modules(peft_model, heads):
 def is_head_key(key, heads):
     k = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
     return any(k == h or k.startswith(h + ".") for h in heads)
+
+
+def adapter_dir(ckpt_dir, adapter="default"):
+    """Where peft's save_pretrained puts an adapter: the directory itself for "default", else a subfolder."""
+    return ckpt_dir if adapter == "default" else os.path.join(ckpt_dir, adapter)
 
 
 def adapter_file(ckpt_dir):
@@ -628,6 +706,8 @@ def _training_arguments(**kwargs):
 
 
 def _train(spec, peft_model, train_ids, labels, cb):
+    if spec.get("builder") == "accelerate":
+        return _train_accelerate(spec, peft_model, train_ids, labels, cb)
     args = _training_arguments(
         output_dir="run",
         logging_dir=os.path.join("run", "logs"),
@@ -650,9 +730,84 @@ def _train(spec, peft_model, train_ids, labels, cb):
         remove_unused_columns=False,
         disable_tqdm=True,
         **{EVAL_STRATEGY: "no"},
+        **({"adam_epsilon": spec["adam_epsilon"]} if "adam_epsilon" in spec else {}),
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=TinyDataset(train_ids, labels), callbacks=[cb])
     trainer.train()
+
+
+def _train_accelerate(spec, peft_model, train_ids, labels, cb):
+    """A plain accelerate loop; every save_steps: accelerator.save_state(run/checkpoint-N) + save_pretrained."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=spec["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    loader = torch.utils.data.DataLoader(
+        TinyDataset(train_ids, labels),
+        batch_size=TRAIN_BATCH,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(SEED),
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
+    model.train()
+    step = 0
+    while step < spec["max_steps"]:
+        for batch in loader:
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            if step % spec["save_steps"] == 0:
+                out = os.path.join("run", f"checkpoint-{step}")
+                accelerator.save_state(out)
+                accelerator.unwrap_model(model).save_pretrained(out)
+                cb.logits[f"checkpoint-{step}"] = logits_of(model, cb.input_ids)
+            if step >= spec["max_steps"]:
+                break
+
+
+class AdapterRefCallback(RefCallback):
+    """Also the logits of every adapter at each save (on a copy: set_adapter changes what is trainable)."""
+
+    def __init__(self, input_ids, adapters):
+        super().__init__(input_ids)
+        self.adapters = adapters
+        self.adapter_logits = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        super().on_save(args, state, control, model=model, **kwargs)
+        self.adapter_logits[f"checkpoint-{state.global_step}"] = adapter_logits(model, self.adapters, self.input_ids)
+
+
+def adapter_logits(peft_model, adapters, input_ids):
+    logits = {}
+    for adapter in adapters:
+        twin = copy.deepcopy(peft_model)
+        twin.set_adapter(adapter)
+        logits[adapter] = logits_of(twin, input_ids)
+    return logits
+
+
+@torch.no_grad()
+def unsaved_biases_reset_logits(peft_model, base_dir, input_ids):
+    """(logits of the trained model with the biases bias='lora_only' trained but peft 0.12 never saved put back to
+    their initial values, {bias name: max |trained - initial|})."""
+    base = load_file(os.path.join(base_dir, "model.safetensors"))
+    twin = copy.deepcopy(peft_model)
+    moved = {}
+    for name, module in twin.base_model.model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or "original_module" in name or "modules_to_save" in name:
+            continue
+        bias = module.get_base_layer().bias
+        if bias is None or not bias.requires_grad or f"{name}.bias" not in base:
+            continue
+        initial = base[f"{name}.bias"].to(bias.dtype)
+        moved[f"{name}.bias"] = (bias - initial).abs().max().item()
+        bias.copy_(initial)
+    return logits_of(twin, input_ids), moved
 
 
 # ----------------------------------------------------------------------------
@@ -708,21 +863,26 @@ def build_case(name, spec, out_root):
     if "autocast_adapter_dtype" not in inspect.signature(get_peft_model).parameters:  # peft < 0.12
         assert spec["autocast_adapter_dtype"] and spec["dtype"] == "float32", "this peft cannot keep bf16 adapters"
         get_peft_model_kwargs = {}
+    if "adapter_name" in spec:
+        get_peft_model_kwargs["adapter_name"] = spec["adapter_name"]
+    first = spec.get("adapter_name", "default")
+    adapters = [first] + ([spec["second_adapter"]["name"]] if "second_adapter" in spec else [])
+    layout = bool(LAYOUT_KEYS & set(spec))
     peft_model = get_peft_model(model, lora_config, **get_peft_model_kwargs)
     peft_model.print_trainable_parameters()
-    mts = peft_model.peft_config["default"].modules_to_save
+    mts = peft_model.peft_config[first].modules_to_save
     if mts is None and "stack" in spec:  # peft < 0.11 keeps the SEQ_CLS defaults on the PeftModel, not the config
         mts = list(getattr(peft_model, "modules_to_save", None) or []) or None
     hlm = head_lora_modules(peft_model, spec["heads"])
     head_lora_params = {}
     for n_, m_ in peft_model.base_model.model.named_modules():
         if isinstance(m_, BaseTunerLayer) and hasattr(m_, "scaling") and "original_module" not in n_:
-            clean = n_.replace(".modules_to_save.default", "")
+            clean = n_.replace(f".modules_to_save.{first}", "")
             if clean in hlm:
                 head_lora_params[clean] = {
-                    "r": m_.r["default"],
-                    "scaling": m_.scaling["default"],
-                    "lora_alpha": m_.lora_alpha["default"],
+                    "r": m_.r[first],
+                    "scaling": m_.scaling[first],
+                    "lora_alpha": m_.lora_alpha[first],
                 }
     print(f"  modules_to_save={mts}  head LoRA modules={hlm}  head LoRA r/scaling={head_lora_params}")
     if spec["shape"] == "clean":
@@ -731,11 +891,18 @@ def build_case(name, spec, out_root):
         assert hlm, "expected the head to be LoRA-wrapped (that's the bug being reproduced)"
 
     # --- train with the real Trainer
-    cb = RefCallback(ref_ids)
+    cb = AdapterRefCallback(ref_ids, adapters) if layout else RefCallback(ref_ids)
     # run the Trainer from inside the case dir so that paths stored in training_args.bin are relative ("run")
     cwd = os.getcwd()
     os.chdir(case_dir)
     try:
+        if "second_adapter" in spec:  # first train the first adapter (its checkpoints are not kept), then the second
+            _train(spec, peft_model, train_ids, labels, TrainerCallback())
+            shutil.rmtree("run")
+            second = spec["second_adapter"]
+            peft_model.add_adapter(second["name"], LoraConfig(**copy.deepcopy(second["lora"])))
+            peft_model.set_adapter(second["name"])
+            peft_model.print_trainable_parameters()
         _train(spec, peft_model, train_ids, labels, cb)
     finally:
         os.chdir(cwd)
@@ -749,7 +916,7 @@ def build_case(name, spec, out_root):
     assert checkpoints == sorted(cb.logits, key=lambda s: int(s.split("-")[1])), (checkpoints, cb.logits.keys())
 
     # --- sanity: the head really moved
-    tol = 1e-2 if spec["dtype"] == "bfloat16" else 1e-4
+    tol = {"bfloat16": 1e-2, "float16": 1e-2}.get(spec["dtype"], 1e-4)
     final_logits = logits_of(peft_model, ref_ids)
     assert torch.equal(final_logits, cb.logits[checkpoints[-1]]), "final logits != logits captured at last save"
     reset_logits = head_reset_logits(peft_model, spec["heads"], ref_ids)
@@ -767,7 +934,11 @@ def build_case(name, spec, out_root):
     head_ranks = {}
     head_dtypes = {}
     for ck in checkpoints:
-        ckdir = os.path.join(run_dir, ck)
+        for adapter in adapters[:-1]:
+            extra = load_adapter(adapter_dir(os.path.join(run_dir, ck), adapter))
+            print(f"  {ck} adapter {adapter}: {len(extra)} tensors; head keys:")
+            print("\n".join(f"    {k}" for k in sorted(extra) if is_head_key(k, spec["heads"])))
+        ckdir = adapter_dir(os.path.join(run_dir, ck), adapters[-1])
         sd = load_adapter(ckdir)
         print(f"  {ck}/{os.path.basename(adapter_file(ckdir))}: {len(sd)} tensors; head keys:")
         hk = {}
@@ -781,12 +952,27 @@ def build_case(name, spec, out_root):
                 if k.endswith("lora_A.weight") and ck == checkpoints[-1]:
                     head_ranks[k] = t.shape[0]
         head_keys[ck] = hk
-    saved_cfg = json.load(open(os.path.join(run_dir, checkpoints[-1], "adapter_config.json")))
+    last_adapter_dir = adapter_dir(os.path.join(run_dir, checkpoints[-1]), adapters[-1])
+    saved_cfg = json.load(open(os.path.join(last_adapter_dir, "adapter_config.json")))
 
     # --- reference.safetensors
     ref = {"input_ids": ref_ids.contiguous(), "attention_mask": torch.ones_like(ref_ids)}
     for ck in checkpoints:
         ref[f"logits/{ck}"] = cb.logits[ck].float().contiguous()
+    if layout:
+        for ck in checkpoints:
+            # the accelerate builder captures no per-adapter logits: computed at the end (it saves once)
+            logits = cb.adapter_logits.get(ck) or adapter_logits(peft_model, adapters, ref_ids)
+            assert torch.equal(logits[adapters[-1]], cb.logits[ck]), "active adapter's logits differ from the model's"
+            ref.update({f"logits/{ck}/{adapter}": value.float().contiguous() for adapter, value in logits.items()})
+    lost = {}
+    if spec.get("lossy_bias"):
+        assert len(checkpoints) == 1, "the unsaved biases are measured on the final model only"
+        reset, lost = unsaved_biases_reset_logits(peft_model, base_dir, ref_ids)
+        loss = (reset - final_logits).abs().max().item()
+        print(f"  unsaved lora_only biases: {len(lost)}; max|trained - trained with them reset| = {loss:.4g}")
+        assert lost and loss > 20 * tol, "the unsaved biases did not move the logits measurably"
+        ref[f"logits_unsaved_biases_reset/{checkpoints[-1]}"] = reset.float().contiguous()
     save_file(ref, os.path.join(case_dir, "reference.safetensors"), metadata={"format": "pt"})
 
     # --- case.json
@@ -825,7 +1011,17 @@ def build_case(name, spec, out_root):
         ),
         "tolerance": tol,
         "checkpoints": checkpoints,
-        "adapter_file": os.path.basename(adapter_file(os.path.join(run_dir, checkpoints[-1]))),
+        "adapter_file": os.path.basename(adapter_file(last_adapter_dir)),
+        **(
+            {
+                "adapters": {adapter: os.path.relpath(adapter_dir(".", adapter)) for adapter in adapters},
+                "active_adapter": adapters[-1],
+                "builder": spec.get("builder", "trainer"),
+            }
+            if layout
+            else {}
+        ),
+        **({"unsaved_biases_max_change": lost} if lost else {}),
         "notes": spec["notes"],
         "sanity": {
             "max_abs_diff_trained_vs_init_model": diff_vs_init,
@@ -971,22 +1167,29 @@ def main(argv=None):
         "releases are installed",
     )
     ap.add_argument(
+        "--layouts",
+        action="store_true",
+        help="build the cases of other layouts (named/several adapters, lossy bias, fp16, accelerate state; default "
+        "out: tests/fixtures_layouts)",
+    )
+    ap.add_argument(
         "--out",
         default=None,
         help="output dir (default tests/fixtures; tests/heldout with --heldout; tests/fixtures_old_stack with "
-        "--old-stack)",
+        "--old-stack; tests/fixtures_layouts with --layouts)",
     )
     ap.add_argument("--list", action="store_true", help="list case names and exit")
     a = ap.parse_args(argv)
 
-    if a.heldout and a.old_stack:
-        ap.error("--heldout and --old-stack exclude each other")
-    table = OLD_STACK_CASES if a.old_stack else HELDOUT_CASES if a.heldout else CASES
+    if a.heldout + a.old_stack + a.layouts > 1:
+        ap.error("--heldout, --old-stack and --layouts exclude each other")
+    table = OLD_STACK_CASES if a.old_stack else HELDOUT_CASES if a.heldout else LAYOUT_CASES if a.layouts else CASES
     if a.list:
         for n, s in table.items():
             print(f"{n:28s} {s['notes']}")
         return 0
     default_out = "fixtures_old_stack" if a.old_stack else "heldout" if a.heldout else "fixtures"
+    default_out = "fixtures_layouts" if a.layouts else default_out
     out = os.path.abspath(a.out or os.path.join(REPO_ROOT, "tests", default_out))
     names = a.cases or list(table)
     unknown = [n for n in names if n not in table]

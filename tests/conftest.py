@@ -16,6 +16,7 @@ TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 HELDOUT = TESTS / "heldout"
 OLD_STACK = TESTS / "fixtures_old_stack"  # written by peft 0.8.2-0.11.1 / transformers 4.38-4.44
+LAYOUTS = TESTS / "fixtures_layouts"  # peft 0.12: named/several adapters, lossy bias, fp16, accelerate save_state
 sys.path.insert(0, str(TESTS))
 
 

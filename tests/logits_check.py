@@ -4,6 +4,7 @@ random, and compare its logits with the trained model's reference logits.
 Runs in-process in the test venv, or as a script in another venv (peft 0.12)::
 
     python tests/logits_check.py CASE_DIR ADAPTER_DIR CHECKPOINT_NAME [...]  # prints {adapter: error}
+    python tests/logits_check.py --adapters CASE_DIR CHECKPOINT_DIR CHECKPOINT_NAME [...]  # see adapter_errors
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import sys
 from pathlib import Path
 
 
-def max_logit_error(case_dir: str | Path, adapter_dir: str | Path, checkpoint: str) -> float:
+def _base_with_random_head(case_dir: Path):
     import torch
     import transformers
-    from peft import PeftModel
-    from safetensors.torch import load_file
 
-    case_dir = Path(case_dir)
     case = json.loads((case_dir / "case.json").read_text())
     dtype = getattr(torch, case["dtype"])
     auto_class = getattr(transformers, case["auto_class"])
@@ -29,15 +27,74 @@ def max_logit_error(case_dir: str | Path, adapter_dir: str | Path, checkpoint: s
         for head in case["heads"]:
             for param in base.get_submodule(head).parameters():
                 param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    reference = load_file(case_dir / "reference.safetensors")
+    return base
+
+
+def _logits(model, reference):
+    import torch
+
     with torch.no_grad():
-        logits = model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits
-    return (logits.float() - reference[f"logits/{checkpoint}"]).abs().max().item()
+        return model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits.float()
+
+
+def max_logit_error(
+    case_dir: str | Path, adapter_dir: str | Path, checkpoint: str, reference_key: str | None = None
+) -> float:
+    """``reference_key``: which reference logits to compare with (default ``logits/<checkpoint>``)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    case_dir = Path(case_dir)
+    model = PeftModel.from_pretrained(_base_with_random_head(case_dir), str(adapter_dir)).eval()
+    reference = load_file(case_dir / "reference.safetensors")
+    return (_logits(model, reference) - reference[reference_key or f"logits/{checkpoint}"]).abs().max().item()
+
+
+def adapter_errors(
+    case_dir: str | Path, checkpoint_dir: str | Path, checkpoint: str
+) -> dict[str, dict[str, float | None]]:
+    """Every adapter of a checkpoint (case.json "adapters": name -> directory; else the one at the top), loaded as
+    people do, against its trained logits (``logits/<checkpoint>/<adapter>``, else ``logits/<checkpoint>``):
+    ``{adapter: {"alone": error, "together": error}}``, the error None where peft failed to load it.
+
+    alone: ``PeftModel.from_pretrained(base, DIR/<dir>, adapter_name=<adapter>)``; together: the first adapter so,
+    the others with ``load_adapter(DIR/<dir>, adapter_name=...)``, then ``set_adapter(<adapter>)``.
+    """
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    case_dir, checkpoint_dir = Path(case_dir), Path(checkpoint_dir)
+    adapters = json.loads((case_dir / "case.json").read_text()).get("adapters") or {"default": "."}
+    reference = load_file(case_dir / "reference.safetensors")
+
+    def error(model, name: str) -> float:
+        expected = reference.get(f"logits/{checkpoint}/{name}", reference.get(f"logits/{checkpoint}"))
+        return (_logits(model.eval(), reference) - expected).abs().max().item()
+
+    errors: dict[str, dict[str, float | None]] = {name: {"alone": None, "together": None} for name in adapters}
+    for name, where in adapters.items():
+        try:
+            model = PeftModel.from_pretrained(_base_with_random_head(case_dir), str(checkpoint_dir / where), name)
+            errors[name]["alone"] = error(model, name)
+        except Exception:  # noqa: BLE001 -- peft refusing the adapter is a result
+            pass
+    (first, first_dir), *others = adapters.items()
+    try:
+        together = PeftModel.from_pretrained(_base_with_random_head(case_dir), str(checkpoint_dir / first_dir), first)
+        for name, where in others:
+            together.load_adapter(str(checkpoint_dir / where), adapter_name=name)
+        for name in adapters:
+            together.set_adapter(name)
+            errors[name]["together"] = error(together, name)
+    except Exception:  # noqa: BLE001
+        pass
+    return errors
 
 
 if __name__ == "__main__":
     # Arguments come in triples, so one interpreter start checks many checkpoints.
     args = sys.argv[1:]
+    check = adapter_errors if args[:1] == ["--adapters"] else max_logit_error
+    args = args[1:] if check is adapter_errors else args
     triples = [args[i : i + 3] for i in range(0, len(args), 3)]
-    print(json.dumps({adapter: max_logit_error(case, adapter, name) for case, adapter, name in triples}))
+    print(json.dumps({adapter: check(case, adapter, name) for case, adapter, name in triples}))

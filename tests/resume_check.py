@@ -16,7 +16,8 @@ from pathlib import Path
 def resume(case_dir: str | Path, checkpoint_dir: str | Path, extra_steps: int | None = None) -> dict:
     """Resume for the case's remaining steps, or, with ``extra_steps``, that many more steps then a save.
 
-    A checkpoint without an adapter (a full fine-tune) is loaded as the model itself.
+    A checkpoint without an adapter (a full fine-tune) is loaded as the model itself; a case with "adapters" loads
+    each of them (as people do: from_pretrained, then load_adapter) and trains the case's active adapter.
     """
     import torch
     import transformers
@@ -28,7 +29,16 @@ def resume(case_dir: str | Path, checkpoint_dir: str | Path, extra_steps: int | 
     case = json.loads((case_dir / "case.json").read_text())
     training = case["training"]
     auto_class = getattr(transformers, case["auto_class"])
-    if (checkpoint_dir / "adapter_config.json").exists():
+    adapters = case.get("adapters")  # several or named adapters (tests/fixtures_layouts): name -> directory
+    if adapters:
+        active = case["active_adapter"]
+        (first, where), *others = adapters.items()
+        base = auto_class.from_pretrained(case_dir / "base")
+        model = PeftModel.from_pretrained(base, str(checkpoint_dir / where), first, is_trainable=first == active)
+        for name, where in others:
+            model.load_adapter(str(checkpoint_dir / where), name, is_trainable=name == active)
+        model.set_adapter(active)
+    elif (checkpoint_dir / "adapter_config.json").exists():
         model = PeftModel.from_pretrained(
             auto_class.from_pretrained(case_dir / "base"), str(checkpoint_dir), is_trainable=True
         )

@@ -20,7 +20,7 @@ Exit codes:
   {EXIT_OK}    success: healthy, repaired, or (dry run) repairable
   {EXIT_USAGE}    bad command line
   {EXIT_REPAIRABLE}    inspect only: the checkpoint is broken and repairable
-  {EXIT_UNRECOVERABLE}    unrecoverable: the trained head cannot be reconstructed
+  {EXIT_UNRECOVERABLE}    unrecoverable or lossy: the trained model cannot be reconstructed (see --allow-lossy)
   {EXIT_UNREADABLE}    unreadable or invalid input (bad JSON, corrupt safetensors, ...)
   {EXIT_OUTPUT}    output refused or failed (non-empty --out, disk full, ...)
   {EXIT_PARTIAL}    batch: some checkpoints succeeded, others failed

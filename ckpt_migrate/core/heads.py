@@ -9,12 +9,15 @@ from __future__ import annotations
 from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.peft_layout import (
     PREFIX,
+    WRAPPER_SEGMENTS,
+    head_root,
     lora_scale,
     modules_to_save_matches,
     parse_lora_key,
     pattern_applies,
     rank_and_alpha,
     rewrite_target_modules,
+    strip_prefix,
     wrapper_root,
 )
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
@@ -32,16 +35,38 @@ def wrapped_heads(state: CheckpointState) -> set[str]:
 
 
 def lora_modules(state: CheckpointState, under: str | None = None) -> dict[str, dict[str, str]]:
-    """LoRA modules outside any modules_to_save wrapper: module path -> {kind: tensor name}."""
+    """The adapter's own LoRA modules outside any modules_to_save wrapper: module path -> {kind: tensor name}.
+
+    LoRA whose key names another adapter (``score.lora_A.default.weight`` in ``task_b/``: the LoRA a head copy
+    inherited) is not the adapter's own: it computes nothing while this adapter is the active one.
+    """
     modules: dict[str, dict[str, str]] = {}
     for name in state.tensors:
         parsed = parse_lora_key(name)
-        if parsed is None or wrapper_root(parsed.module) is not None:
+        if parsed is None or parsed.adapter is not None or wrapper_root(parsed.module) is not None:
             continue
         if under is not None and not (parsed.module == under or parsed.module.startswith(under + ".")):
             continue
         modules.setdefault(parsed.module, {})[parsed.kind] = name
     return modules
+
+
+def heads_carrying_tuner_tensors(state: CheckpointState) -> dict[str, list[str]]:
+    """Heads that still carry tuner tensors (LoRA of any adapter, a ``base_layer``, a wrapper's copies): head -> names.
+
+    A head saved the way peft loads it holds plain parameters only (``score.weight``), so any of these means a
+    layout peft cannot load as trained, whichever adapter the tensors belong to.
+    """
+    found: dict[str, list[str]] = {}
+    for name in sorted(state.tensors):
+        inner = strip_prefix(name)
+        head = head_root(inner) if inner is not None else None
+        if head is None:
+            continue
+        parts = set(inner.split("."))
+        if parse_lora_key(name) or parts & {"base_layer", *WRAPPER_SEGMENTS}:
+            found.setdefault(head, []).append(name)
+    return found
 
 
 def plan_fold(

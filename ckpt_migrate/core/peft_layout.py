@@ -16,13 +16,19 @@ WRAPPER_SEGMENTS = ("original_module", "modules_to_save")
 HEAD_NAMES = frozenset(
     {"score", "classifier", "classification_head", "qa_outputs", "pre_classifier", "sequence_summary", "qa_classifier"}
 )
-_LORA_KEY = re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(LORA_KINDS)})(?:\.weight)?$")
+#: A LoRA tensor; peft strips the saved adapter's own name from keys, another adapter's name stays (``.default``).
+_LORA_KEY = re.compile(
+    rf"^(?P<module>.+)\.(?P<kind>{'|'.join(LORA_KINDS)})(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$"
+)
 
 
 @dataclass(frozen=True)
 class LoraTensor:
+    """``adapter``: None for the LoRA of the saved adapter itself, else the other adapter named in the key."""
+
     module: str
     kind: str
+    adapter: str | None = None
 
 
 def strip_prefix(name: str) -> str | None:
@@ -36,10 +42,13 @@ def short_name(name: str) -> str:
 
 
 def parse_lora_key(name: str) -> LoraTensor | None:
-    """``base_model.model.score.lora_A.weight`` -> ``LoraTensor("score", "lora_A")``."""
+    """``base_model.model.score.lora_A.weight`` -> ``LoraTensor("score", "lora_A")``.
+
+    ``score.lora_A.default.weight`` (in the file of another adapter) -> ``LoraTensor("score", "lora_A", "default")``.
+    """
     inner = strip_prefix(name)
     match = _LORA_KEY.match(inner) if inner is not None else None
-    return LoraTensor(match["module"], match["kind"]) if match else None
+    return LoraTensor(match["module"], match["kind"], match["adapter"]) if match else None
 
 
 def wrapper_root(module: str) -> str | None:

@@ -44,19 +44,24 @@ class Options:
     """The user's choices that planning depends on.
 
     ``target_transformers`` / ``target_peft``: the releases that will load the checkpoint (None: the installed ones).
+    ``allow_lossy``: write the best repair of a checkpoint that lost trained values, recording the loss.
     """
 
     optimizer: OptimizerPolicy = OptimizerPolicy.DROP
     target_transformers: str | None = None
     target_peft: str | None = None
+    allow_lossy: bool = False
 
     @classmethod
-    def parse(cls, optimizer: str, target_transformers: str | None, target_peft: str | None) -> Options:
+    def parse(
+        cls, optimizer: str, target_transformers: str | None, target_peft: str | None, allow_lossy: bool = False
+    ) -> Options:
         """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
         return cls(
             OptimizerPolicy(optimizer),
             _version("target_transformers", target_transformers),
             _version("target_peft", target_peft),
+            allow_lossy,
         )
 
 
@@ -156,6 +161,7 @@ class CheckpointState:
     trainable_parameters_changed: bool = False
     warnings: list[str] = field(default_factory=list)
     unrecoverable: list[str] = field(default_factory=list)
+    losses: list[str] = field(default_factory=list)  # trained values the output does not have (--allow-lossy)
     dropped_files: dict[str, str] = field(default_factory=dict)
     rewritten_files: dict[str, FileRewrite] = field(default_factory=dict)
 
@@ -200,6 +206,21 @@ class CheckpointPlan:
     after: CheckpointState
     not_needed: tuple[str, ...] = ()  # checked and not needed (or already applied)
     fails_on: tuple[str, ...] = ()  # where the unrepaired checkpoint fails: "<stacks>: <message>"
+    adapters: tuple[CheckpointPlan, ...] = ()  # adapters in subfolders (``relative``: the subfolder = adapter name)
+
+    def _with_adapters(self, field_name: str) -> list[str]:
+        own = list(getattr(self.after, field_name))
+        return own + [f"adapter {a.relative}: {line}" for a in self.adapters for line in getattr(a.after, field_name)]
+
+    @property
+    def rewritten_adapters(self) -> list[tuple[str, CheckpointPlan]]:
+        """The adapters written anew, by path prefix ("" at the top, "task_b/" in a subfolder).
+
+        An adapter is rewritten when a migration ran on it (at the top: on it or on the Trainer files beside it);
+        any other adapter of the checkpoint is copied byte for byte.
+        """
+        candidates = [("", self)] + [(f"{adapter.relative}/", adapter) for adapter in self.adapters]
+        return [(p, a) for p, a in candidates if a.after.weights_file and a.after.applied != a.before.applied]
 
     @property
     def tensors_removed(self) -> list[PlannedTensor]:
@@ -235,4 +256,15 @@ class CheckpointPlan:
 
     @property
     def warnings(self) -> list[str]:
-        return list(self.after.warnings)
+        """Every warning, those of subfolder adapters prefixed with their name."""
+        return self._with_adapters("warnings")
+
+    @property
+    def unrecoverable(self) -> list[str]:
+        """Why the checkpoint cannot be repaired (its own reasons and its subfolder adapters')."""
+        return self._with_adapters("unrecoverable")
+
+    @property
+    def losses(self) -> list[str]:
+        """Trained values the output does not have (only with ``allow_lossy``)."""
+        return self._with_adapters("losses")

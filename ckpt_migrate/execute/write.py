@@ -36,7 +36,7 @@ def rewrite_file(name: str, plan: CheckpointPlan, target: Path) -> None:
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
     """Source files split into (copied byte for byte, read to be rewritten, dropped unread)."""
     before, after = plan.before, plan.after
-    adapter = {ADAPTER_CONFIG, before.weights_file} if before.weights_file else set()
+    adapter = {p + name for p, a in plan.rewritten_adapters for name in (ADAPTER_CONFIG, a.before.weights_file)}
     read_to_rewrite = adapter | {MANIFEST} | set(after.rewritten_files)
     copied = [n for n in sorted(before.files) if n in after.files and n not in read_to_rewrite]
     rewritten = [n for n in sorted(before.files) if n in read_to_rewrite]
@@ -49,7 +49,7 @@ def bytes_to_process(plan: CheckpointPlan) -> int:
     and rewritten files counted at their source's size)."""
     copied, rewritten, _ = _inputs_by_handling(plan)
     files = plan.before.files
-    weights = files[plan.before.weights_file] if plan.before.weights_file else 0
+    weights = sum(files[p + a.before.weights_file] for p, a in plan.rewritten_adapters)
     rewrites = sum(files.get(n, 0) for n in plan.after.rewritten_files)
     return sum(files[n] for n in copied + rewritten) + 2 * sum(files[n] for n in copied) + 2 * weights + rewrites
 
@@ -119,8 +119,10 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
         elif kind == "rewrite":
             rewrite_file(name, plan, target)
             hashes.start(target / name, progress)
-        else:
-            outputs.update(_write_adapter(plan, target, progress))
+        else:  # an adapter, at the top ("") or in a subfolder ("task_b/")
+            adapter = dict(plan.rewritten_adapters)[name]
+            (target / name).mkdir(exist_ok=True)
+            outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, progress).items()})
     inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
     outputs.update({name: hashes.result(target / name, progress) for name in after.rewritten_files})
     if importing is not None:
@@ -152,8 +154,8 @@ def _largest_first(plan: CheckpointPlan, copied: list[str]) -> list[tuple[int, s
     sizes = plan.before.files
     jobs = [(sizes.get(name, 0), "rewrite", name) for name in sorted(plan.after.rewritten_files)]
     jobs += [(sizes[name], "copy", name) for name in copied]
-    if plan.after.weights_file is not None:
-        jobs.append((sizes.get(plan.before.weights_file or "", 0), "adapter", plan.after.weights_file))
+    for prefix, adapter in plan.rewritten_adapters:
+        jobs.append((sizes.get(prefix + (adapter.before.weights_file or ""), 0), "adapter", prefix))
     return sorted(jobs, key=lambda job: -job[0])
 
 
@@ -175,17 +177,17 @@ def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None)
 
 def verify_written(plan: CheckpointPlan, target: Path) -> None:
     """Re-read what was written and check it is what the plan said, before it is published."""
-    after = plan.after
-    expected = set(after.files) | set(after.rewritten_files) | {MANIFEST}
-    if after.weights_file is not None:
-        expected |= {after.weights_file, ADAPTER_CONFIG}
+    adapters = plan.rewritten_adapters
+    expected = set(plan.after.files) | set(plan.after.rewritten_files) | {MANIFEST}
+    expected |= {p + name for p, a in adapters for name in (a.after.weights_file, ADAPTER_CONFIG)}
     present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     matches = present == expected
-    if matches and after.weights_file is not None:
-        header = read_header(target / after.weights_file)
+    for prefix, adapter in adapters if matches else []:
+        header = read_header(target / prefix / adapter.after.weights_file)
         written = {name: (info.shape, info.dtype) for name, info in header.tensors.items()}
-        planned = {name: (t.shape, t.dtype) for name, t in after.tensors.items()}
-        matches = written == planned and json.loads((target / ADAPTER_CONFIG).read_text()) == after.config
+        planned = {name: (t.shape, t.dtype) for name, t in adapter.after.tensors.items()}
+        config = json.loads((target / prefix / ADAPTER_CONFIG).read_text())
+        matches = matches and written == planned and config == adapter.after.config
     if not matches:
         raise OutputError("written checkpoint does not match the plan; nothing was published", target)
 

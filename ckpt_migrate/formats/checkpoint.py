@@ -11,6 +11,7 @@ from ckpt_migrate.core.plan import CheckpointState
 from ckpt_migrate.formats.adapter import (
     ADAPTER_CONFIG,
     BIN_WEIGHTS,
+    MANIFEST,
     SAFETENSORS_WEIGHTS,
     adapter_tensors,
     read_adapter_config,
@@ -25,7 +26,24 @@ CHECKPOINT_MARKERS = (ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, BIN_WEIGHTS, TRAINER_
 
 
 def _is_checkpoint(directory: Path) -> bool:
-    return any((directory / name).exists() for name in CHECKPOINT_MARKERS)
+    return any((directory / name).exists() for name in CHECKPOINT_MARKERS) or bool(adapter_subdirs(directory))
+
+
+def adapter_subdirs(directory: Path) -> list[str]:
+    """Subfolders holding an adapter: peft's save_pretrained puts every adapter but "default" in a subfolder named
+    after it (a second adapter, or the only one when named: ``get_peft_model(..., adapter_name="task_a")``).
+
+    ``checkpoint-N`` subfolders are separate checkpoints, not adapters.
+    """
+    found = []
+    for child in sorted(directory.iterdir()):
+        if child.is_dir() and not child.is_symlink() and not _CHECKPOINT_DIR.match(child.name):
+            try:
+                if any((child / name).is_file() for name in (ADAPTER_CONFIG, SAFETENSORS_WEIGHTS, BIN_WEIGHTS)):
+                    found.append(child.name)
+            except OSError:  # an unreadable subfolder: listing the checkpoint's files refuses it, naming it
+                continue
+    return found
 
 
 def find_checkpoints(src: Path) -> list[str]:
@@ -92,17 +110,43 @@ def list_files(directory: Path) -> dict[str, int]:
 def load_state(directory: Path) -> CheckpointState:
     """Model one checkpoint from its adapter config, weight headers and file list.
 
-    A Trainer checkpoint without an adapter (a full fine-tune) has no config, no tensors and
-    ``weights_file`` None: its model files are files like any other.
+    A Trainer checkpoint without an adapter at its top (a full fine-tune, or adapters only in subfolders) has no
+    config, no tensors and ``weights_file`` None: its model files are files like any other. ``files`` lists the
+    files of adapter subfolders too (``task_b/adapter_model.safetensors``); :func:`load_subfolder_adapters` reads
+    those adapters.
     """
     files = list_files(directory)
     manifest = read_manifest(directory)
     applied = list(manifest.get("migrations_applied", [])) if manifest else []
     has_weights = SAFETENSORS_WEIGHTS in files or BIN_WEIGHTS in files
     if ADAPTER_CONFIG not in files:
-        if has_weights or TRAINER_STATE not in files:
+        if has_weights or (TRAINER_STATE not in files and not adapter_subdirs(directory)):
             raise UnreadableInputError("missing", directory / ADAPTER_CONFIG)
         return CheckpointState(directory, config={}, tensors={}, files=files, weights_file=None, applied=applied)
+    return _adapter_state(directory, files, applied)
+
+
+def load_subfolder_adapters(directory: Path) -> dict[str, CheckpointState]:
+    """The adapters in subfolders of a checkpoint, by subfolder (= adapter) name; each lists only its own files."""
+    manifest = read_manifest(directory) or {}
+    recorded = manifest.get("adapters") if isinstance(manifest.get("adapters"), dict) else {}
+    adapters = {}
+    for name in adapter_subdirs(directory):
+        subfolder = directory / name
+        files = list_files(subfolder)
+        if ADAPTER_CONFIG not in files:
+            raise UnreadableInputError("missing", subfolder / ADAPTER_CONFIG)
+        entry = recorded.get(name)
+        applied = entry.get("migrations_applied", []) if isinstance(entry, dict) else []
+        if not isinstance(applied, list) or not all(isinstance(a, str) for a in applied):
+            message = f"adapters.{name}.migrations_applied must be a list of migration ids"
+            raise UnreadableInputError(message, directory / MANIFEST)
+        adapters[name] = _adapter_state(subfolder, files, list(applied))
+    return adapters
+
+
+def _adapter_state(directory: Path, files: dict[str, int], applied: list[str]) -> CheckpointState:
+    has_weights = SAFETENSORS_WEIGHTS in files or BIN_WEIGHTS in files
     if not has_weights:
         raise UnreadableInputError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", directory)
     weights_file = SAFETENSORS_WEIGHTS if SAFETENSORS_WEIGHTS in files else BIN_WEIGHTS
