@@ -21,7 +21,7 @@ def load_repaired(plan: CheckpointPlan, base: BaseModel, auto_class_name: str, i
     from ckpt_migrate.execute.tensors import TensorReader, value
 
     if plan.status is Status.UNRECOVERABLE:
-        raise UnrecoverableError("; ".join(plan.after.unrecoverable), plan.source)
+        raise UnrecoverableError("; ".join(plan.unrecoverable), plan.source)
     if not plan.after.config:
         raise UnreadableInputError("no adapter here: load the checkpoint with transformers directly", plan.source)
     reader = TensorReader.of(plan)
