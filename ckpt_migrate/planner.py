@@ -19,7 +19,11 @@ RETRAIN_WARNING = (
 def plan_checkpoint(
     directory: Path, relative: str = ".", base_model: BaseModel | None = None, options: Options | None = None
 ) -> CheckpointPlan:
-    """Detect what is wrong with one checkpoint and plan its repair, migration by migration."""
+    """Detect what is wrong with one checkpoint and plan its repair, migration by migration.
+
+    Migrations run in number order; one that a later one makes necessary (0003 drops the optimizer
+    state once 0007 changed the trainable parameters) runs in a further pass, until none is left.
+    """
     from ckpt_migrate.migrations import MIGRATIONS
 
     before = load_state(directory)
@@ -32,13 +36,18 @@ def plan_checkpoint(
         not_needed = tuple(m.ID for m in MIGRATIONS if m.ID not in ran)
         return CheckpointPlan(directory, relative, status, tuple(ran), before, after, not_needed, fails_on)
 
-    for migration in MIGRATIONS:
-        if migration.ID in after.applied or not migration.detect(after, context):
-            continue
+    pending = list(MIGRATIONS)
+    while pending:
+        needed = [m for m in pending if m.ID not in after.applied and m.detect(after, context)]
+        if not needed:
+            break
+        migration = needed[0]
         migration.plan(after, context)
         ran.append(migration.ID)
+        pending = [m for m in pending if m is not migration and m.ID not in after.applied]
         if after.unrecoverable:
             return finish(Status.UNRECOVERABLE)
+    ran.sort(key=[m.ID for m in MIGRATIONS].index)
     if not ran:
         return finish(Status.CLEAN)
     after.applied = before.applied + ran
