@@ -70,7 +70,7 @@ TUNERS: dict[str, Tuner] = {
                 MathChange(
                     "0.14.0",
                     "rank_dropout_scale",
-                    "peft >= 0.14 multiplies the LoKr delta kron(w1, w2) by alpha/r; earlier releases ignore alpha",
+                    "peft >= 0.14 multiplies the LoKr delta kron(w1, w2) by alpha/r, which earlier releases ignore",
                     moot=_lokr_unscaled,
                 ),
             ),
@@ -90,8 +90,8 @@ TUNERS: dict[str, Tuner] = {
                 MathChange(
                     "0.14.0",
                     "oft_block_size",
-                    "OFT was reparametrised in peft 0.14 (oft_r rotating the output became oft_R rotating the input); "
-                    "peft >= 0.14 refuses adapters of earlier releases",
+                    "OFT was reparametrised in peft 0.14 (oft_r, rotating the output, became oft_R, rotating the "
+                    "input; peft >= 0.14 refuses adapters of earlier releases)",
                 ),
             ),
         ),
@@ -150,10 +150,13 @@ def math_differs(tuner: Tuner, config: dict[str, Any], release: Version) -> str 
     """Why the layer code of peft ``release`` computes something else than the producer of ``config`` did, if so."""
     for change in tuner.changes:
         newer_producer = change.marker in config
-        newer_release = release >= Version(change.release)
-        if newer_producer != newer_release and not (change.moot and change.moot(config)):
-            producer = f">= {change.release}" if newer_producer else f"< {change.release}"
-            return f"{change.what}: written by peft {producer}, so peft {release} computes another model"
+        if newer_producer != (release >= Version(change.release)) and not (change.moot and change.moot(config)):
+            side, has = (">=", "has") if newer_producer else ("<", "has no")
+            return (
+                f"this {tuner.name} adapter was written by peft {side} {change.release} (its config {has} "
+                f"{change.marker!r}) and {change.what}, so peft {release} computes another model than the trained one; "
+                f"repair it with peft {side} {change.release} installed and load it with such a release"
+            )
     return None
 
 
