@@ -39,11 +39,17 @@ def _run(
     after = before.clone()
     after.trainable_parameters_changed = changed_elsewhere
     ran: list[str] = []
-    for migration in MIGRATIONS:
-        if migration.ID in after.applied or not migration.detect(after, context):
-            continue
+    # Number order; a migration that a later one makes necessary (0003 drops the optimizer state once 0007
+    # changed the trainable parameters) runs in a further pass, until none is left.
+    pending = list(MIGRATIONS)
+    while pending:
+        needed = [m for m in pending if m.ID not in after.applied and m.detect(after, context)]
+        if not needed:
+            break
+        migration = needed[0]
         migration.plan(after, context)
         ran.append(migration.ID)
+        pending = [m for m in pending if m is not migration and m.ID not in after.applied]
         if after.unrecoverable:
             return after, ran
     for head, names in sorted(heads_carrying_tuner_tensors(after).items()):  # never call such a head clean

@@ -16,10 +16,16 @@ layer becomes ``<head>.weight`` as it is.
 from __future__ import annotations
 
 from ckpt_migrate.core.errors import UnreadableInputError
-from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold, wrapped_heads
+from ckpt_migrate.core.heads import (
+    lora_modules,
+    move_heads_to_modules_to_save,
+    plan_fold,
+    replant_head,
+    wrapped_heads,
+)
 from ckpt_migrate.core.migration import Context
-from ckpt_migrate.core.peft_layout import PREFIX, parse_lora_key, strip_prefix
-from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
+from ckpt_migrate.core.peft_layout import PREFIX, parse_lora_key
+from ckpt_migrate.core.plan import CheckpointState, PlannedTensor
 
 ID = "0001_fold_double_wrapped_head"
 SUMMARY = "Fold a head wrapped by both LoRA and modules_to_save into a plain modules_to_save head"
@@ -45,25 +51,8 @@ def plan(state: CheckpointState, context: Context) -> None:
                     state.source_dir / state.weights_file,
                 )
             new_tensors.append(plan_fold(state, module, parts, state.tensors[weight_name]))
-        for name in sorted(state.tensors):
-            inner = strip_prefix(name) or ""
-            if not inner.startswith(head + "."):
-                continue
-            tensor = state.tensors[name]
-            state.remove_tensor(name)
-            parts = inner.split(".")
-            if parse_lora_key(name) or any(p in ("original_module", "modules_to_save") for p in parts):
-                continue
-            if "base_layer" not in parts:
-                new_tensors.append(tensor)
-                continue
-            index = parts.index("base_layer")
-            if ".".join(parts[:index]) in folded and parts[index + 1 :] == ["weight"]:
-                continue
-            del parts[index]
-            new_tensors.append(
-                PlannedTensor(PREFIX + ".".join(parts), tensor.shape, tensor.dtype, Source(SourceKind.ADAPTER, name))
-            )
+        computed = {f"{module}.weight" for module in folded}
+        new_tensors += replant_head(state, head, computed, lambda name: parse_lora_key(name) is not None)
         for tensor in new_tensors:
             state.add_tensor(tensor)
     move_heads_to_modules_to_save(state, heads, head_modules)

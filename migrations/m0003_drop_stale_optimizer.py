@@ -174,6 +174,8 @@ def _skeleton(path: Path) -> Any:
 
 def _plan_remap(before: CheckpointState, after: CheckpointState, context: Context) -> FileRewrite:
     """Prove the old and new parameter layouts and describe the rebuilt optimizer state."""
+    if before.config.get("peft_type") != "LORA":
+        raise RemapProofFailed(f"the parameter layout of {before.config.get('peft_type')} adapters is not modelled")
     if context.base_model is None:
         raise RemapProofFailed("the parameter order comes from the base model's config: pass --base-model DIR")
     try:

@@ -87,8 +87,13 @@ def _neutral(key: str, value: Any) -> bool:
     return key in METADATA_ONLY or value == default or (value in _EMPTY and default in _EMPTY)
 
 
+def _is_lora_config(config: dict[str, Any]) -> bool:
+    """The table is LoraConfig's: other peft methods' configs have other keys (their own migrations judge them)."""
+    return config.get("peft_type") == "LORA"
+
+
 def detect(state: CheckpointState, context: Context) -> bool:
-    return bool(state.config) and bool(TABLE.unknown_to(target_peft(context), state.config)[0])
+    return _is_lora_config(state.config) and bool(TABLE.unknown_to(target_peft(context), state.config)[0])
 
 
 def plan(state: CheckpointState, context: Context) -> None:
@@ -115,6 +120,8 @@ def plan(state: CheckpointState, context: Context) -> None:
 
 
 def failures(state: CheckpointState) -> list[str]:
+    if not _is_lora_config(state.config):
+        return []
     newer = sorted((Version(KEY_INTRODUCED[k][0]), k) for k in state.config if k in KEY_INTRODUCED)
     if not newer:
         return []

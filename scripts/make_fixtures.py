@@ -21,6 +21,7 @@ It MUST be run with peft 0.12.0 / transformers 4.44.2 (it asserts this)::
     .venv-peft012/bin/python scripts/make_fixtures.py llama_score     # only the named case(s)
     .venv-peft012/bin/python scripts/make_fixtures.py --heldout       # held-out cases -> tests/heldout/
     .venv-peft012/bin/python scripts/make_fixtures.py --layouts       # other layouts -> tests/fixtures_layouts/
+    .venv-peft012/bin/python scripts/make_fixtures.py --tuners        # other tuners -> tests/fixtures_tuners/
     .venv-peft012/bin/python scripts/make_fixtures.py --out /tmp/fx   # write elsewhere
     .venv-peft012/bin/python scripts/make_fixtures.py --list          # list case names
 
@@ -58,6 +59,13 @@ Linear modules inside the heads that got LoRA), modules_to_save (what peft put
 into modules_to_save), lora_config (kwargs passed to LoraConfig), num_labels,
 peft_version, transformers_version, tolerance, checkpoints, sanity (numbers
 showing the head really moved during training).
+
+``--tuners`` cases use another peft method (LoHa, LoKr, AdaLoRA, IA3, VeRA, BOFT, HRA, FourierFT, LN
+Tuning, OFT, Poly: every tuner of peft 0.12 that accepts ``all-linear``): their case.json has ``tuner``
+(the peft config class), ``tuner_config`` (its kwargs) and ``saved_peft_type`` instead of
+``lora_config``; ``head_lora_modules`` lists the head modules carrying the tuner, and
+``sanity.head_lora_layer_params`` the tuner layer's own hyperparameters (r, alpha, scaling, ...).
+Poly's router needs ``task_ids``: training alternates tasks 0/1, the reference logits are task 0's.
 """
 
 from __future__ import annotations
@@ -87,7 +95,7 @@ import transformers  # noqa: E402
 BUGGY_STACK = {"peft": "0.12.0", "transformers": "4.44.2"}
 INSTALLED_STACK = {"peft": peft.__version__, "transformers": transformers.__version__}
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from peft.utils.other import ModulesToSaveWrapper  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -236,11 +244,13 @@ def case(
     lr_scheduler_type="constant",
     warmup_steps=0,
     weight_decay=0.0,
+    tuner="LoraConfig",
     **old_stack,
 ):
     assert set(old_stack) <= {"stack", "keep_checkpoints"} | LAYOUT_KEYS, old_stack
     return dict(
         **old_stack,
+        tuner=tuner,
         lr_scheduler_type=lr_scheduler_type,
         warmup_steps=warmup_steps,
         weight_decay=weight_decay,
@@ -425,6 +435,118 @@ HELDOUT_CASES = {
     ),
 }
 
+
+def seq_cls_tuner(**extra):
+    return dict(task_type="SEQ_CLS", target_modules=ALL_LINEAR, **extra)
+
+
+# Other tuners of peft 0.12 (--tuners, default out tests/fixtures_tuners/): every one of them accepts
+# target_modules="all-linear" and double-wraps the head like LoRA (huggingface/peft#2027).
+TUNER_CASES = {
+    "loha_llama_score": case(
+        "llama",
+        LLAMA,
+        tuner="LoHaConfig",
+        lora=seq_cls_tuner(r=4, alpha=8),
+        notes="LoHa: score.hada_w1_a/b, hada_w2_a/b (+ modules_to_save/original_module copies)",
+    ),
+    "lokr_bert_classifier": case(
+        "bert",
+        BERT,
+        tuner="LoKrConfig",
+        lora=seq_cls_tuner(r=4, alpha=4),
+        heads=["classifier"],
+        notes="LoKr with alpha == r: peft <= 0.13 computes kron(w1, w2), peft >= 0.14 (alpha/r) * kron(w1, w2): "
+        "the same here",
+    ),
+    "lokr_llama_scaled": case(
+        "llama",
+        LLAMA,
+        tuner="LoKrConfig",
+        lora=seq_cls_tuner(r=4, alpha=8),
+        notes="LoKr with alpha != r: peft 0.12 ignores alpha, peft >= 0.14 scales the delta by alpha/r (body, head): "
+        "no repair reproduces it on peft >= 0.14 (refused there)",
+    ),
+    "adalora_roberta_nested": case(
+        "roberta",
+        ROBERTA,
+        tuner="AdaLoraConfig",
+        lora=seq_cls_tuner(init_r=4, target_r=2, lora_alpha=8, tinit=0, tfinal=1, deltaT=1, total_step=4),
+        heads=["classifier"],
+        max_steps=4,
+        save_steps=2,
+        notes="AdaLoRA trained by a plain Trainer (peft 0.12's update_and_allocate cannot run on a double-wrapped "
+        "head: the frozen original_module copy has no grad, TypeError in update_ipt), so rank_pattern stays null; "
+        "nested head classifier.dense + classifier.out_proj; lora_A/B/E and the trained copy's ranknum",
+    ),
+    "ia3_bert_token_cls": case(
+        "bert",
+        BERT,
+        auto_class=TOK,
+        tuner="IA3Config",
+        lora=dict(task_type="TOKEN_CLS", target_modules=ALL_LINEAR),
+        heads=["classifier"],
+        num_labels=5,
+        lr=2e-2,
+        notes="IA3 token classification: classifier is not a feedforward module, so ia3_l scales its output, bias "
+        "included",
+    ),
+    "vera_llama_score": case(
+        "llama",
+        LLAMA,
+        tuner="VeraConfig",
+        lora=seq_cls_tuner(r=4),
+        lr=2e-2,
+        notes="VeRA: score.vera_lambda_b/d, the head copy's own vera_A/vera_B and the shared base_model.vera_A/B",
+    ),
+    "boft_bert_classifier": case(
+        "bert",
+        BERT,
+        tuner="BOFTConfig",
+        lora=seq_cls_tuner(boft_block_size=4),
+        heads=["classifier"],
+        notes="BOFT: classifier.boft_R, boft_s and the boft_P permutation buffer",
+    ),
+    "hra_llama_score": case(
+        "llama",
+        LLAMA,
+        tuner="HRAConfig",
+        lora=seq_cls_tuner(r=4),
+        notes="HRA: score.hra_u (Householder reflections of the input space)",
+    ),
+    "fourierft_bert_classifier": case(
+        "bert",
+        BERT,
+        tuner="FourierFTConfig",
+        lora=seq_cls_tuner(n_frequency=16, scaling=10.0),
+        heads=["classifier"],
+        notes="FourierFT: classifier.fourierft_spectrum; the spectrum's locations come from random_loc_seed",
+    ),
+    "ln_tuning_llama_score": case(
+        "llama",
+        LLAMA,
+        tuner="LNTuningConfig",
+        lora=dict(task_type="SEQ_CLS", target_modules=ALL_LINEAR),
+        notes="LN Tuning on all-linear: every Linear gets a trainable copy (ln_tuning_layers), the head included",
+    ),
+    "oft_bert_classifier": case(
+        "bert",
+        BERT,
+        tuner="OFTConfig",
+        lora=seq_cls_tuner(r=4),
+        heads=["classifier"],
+        notes="OFT of peft <= 0.13 (oft_r): peft >= 0.14 refuses such adapters (OFT was reparametrised)",
+    ),
+    "poly_llama_score": case(
+        "llama",
+        LLAMA,
+        tuner="PolyConfig",
+        lora=seq_cls_tuner(r=4, n_tasks=2, n_skills=2),
+        notes="Poly: the router mixes LoRA skills per example by task_ids (training: tasks 0/1 alternating; "
+        "reference logits: task 0): a head with no single weight",
+    ),
+}
+
 # Cases written by OTHER releases (--old-stack, default out tests/fixtures_old_stack/). "stack" names the
 # peft/transformers versions that must write the case; peft=None means a full fine-tune without peft.
 PEFT082 = {"peft": "0.8.2", "transformers": "4.38.2"}
@@ -596,9 +718,10 @@ def make_ids(gen, n, vocab, eos_at_end, eos_id=2):
 
 
 class TinyDataset(torch.utils.data.Dataset):
-    def __init__(self, input_ids, labels):
+    def __init__(self, input_ids, labels, task_ids=None):
         self.input_ids = input_ids
         self.labels = labels
+        self.task_ids = task_ids
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -608,14 +731,15 @@ class TinyDataset(torch.utils.data.Dataset):
             "input_ids": self.input_ids[i],
             "attention_mask": torch.ones_like(self.input_ids[i]),
             "labels": self.labels[i],
+            **({} if self.task_ids is None else {"task_ids": self.task_ids[i]}),
         }
 
 
 @torch.no_grad()
-def logits_of(model, input_ids):
+def logits_of(model, input_ids, **extra):
     was_training = model.training
     model.eval()
-    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.float().clone()
+    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **extra).logits.float().clone()
     if was_training:
         model.train()
     return out
@@ -629,7 +753,7 @@ def get_module(model, path):
 
 
 @torch.no_grad()
-def head_reset_logits(peft_model, heads, input_ids):
+def head_reset_logits(peft_model, heads, input_ids, **extra):
     """Logits of the trained model with the head(s) put back to their init state.
 
     Done on a deep copy: ModulesToSaveWrappers fall back to original_module (never trained) and
@@ -642,16 +766,17 @@ def head_reset_logits(peft_model, heads, input_ids):
         for sub in mod.modules():
             if isinstance(sub, (ModulesToSaveWrapper, BaseTunerLayer)):
                 sub._disable_adapters = True
-    return logits_of(m, input_ids)
+    return logits_of(m, input_ids, **extra)
 
 
 class RefCallback(TrainerCallback):
-    def __init__(self, input_ids):
+    def __init__(self, input_ids, **extra):
         self.input_ids = input_ids
+        self.extra = extra  # Poly: the task_ids its router needs
         self.logits = {}
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self.logits[f"checkpoint-{state.global_step}"] = logits_of(model, self.input_ids)
+        self.logits[f"checkpoint-{state.global_step}"] = logits_of(model, self.input_ids, **self.extra)
 
 
 def head_lora_modules(peft_model, heads):
@@ -666,6 +791,19 @@ def head_lora_modules(peft_model, heads):
         if any(clean == h or clean.startswith(h + ".") for h in heads) and clean not in out:
             out.append(clean)
     return out
+
+
+def tuner_layer_params(layer):
+    """The per-adapter hyperparameters a non-LoRA tuner layer holds (r, alpha, scaling, ...), JSON-ready."""
+    params = {}
+    for name in getattr(layer, "other_param_names", ()):
+        value = getattr(layer, name, None)
+        value = value["default"] if hasattr(value, "keys") and "default" in value.keys() else None
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float, str)):
+            params[name] = value
+    return params
 
 
 def is_head_key(key, heads):
@@ -705,7 +843,7 @@ def _training_arguments(**kwargs):
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
 
 
-def _train(spec, peft_model, train_ids, labels, cb):
+def _train(spec, peft_model, train_ids, labels, cb, task_ids=None):
     if spec.get("builder") == "accelerate":
         return _train_accelerate(spec, peft_model, train_ids, labels, cb)
     args = _training_arguments(
@@ -732,7 +870,8 @@ def _train(spec, peft_model, train_ids, labels, cb):
         **{EVAL_STRATEGY: "no"},
         **({"adam_epsilon": spec["adam_epsilon"]} if "adam_epsilon" in spec else {}),
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=TinyDataset(train_ids, labels), callbacks=[cb])
+    dataset = TinyDataset(train_ids, labels, task_ids)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, callbacks=[cb])
     trainer.train()
 
 
@@ -858,7 +997,8 @@ def build_case(name, spec, out_root):
 
     # --- peft model
     lora_kwargs = copy.deepcopy(spec["lora"])
-    lora_config = LoraConfig(**copy.deepcopy(lora_kwargs))
+    is_lora = spec["tuner"] == "LoraConfig"
+    lora_config = getattr(peft, spec["tuner"])(**copy.deepcopy(lora_kwargs))
     get_peft_model_kwargs = {"autocast_adapter_dtype": spec["autocast_adapter_dtype"]}
     if "autocast_adapter_dtype" not in inspect.signature(get_peft_model).parameters:  # peft < 0.12
         assert spec["autocast_adapter_dtype"] and spec["dtype"] == "float32", "this peft cannot keep bf16 adapters"
@@ -879,19 +1019,21 @@ def build_case(name, spec, out_root):
         if isinstance(m_, BaseTunerLayer) and hasattr(m_, "scaling") and "original_module" not in n_:
             clean = n_.replace(f".modules_to_save.{first}", "")
             if clean in hlm:
-                head_lora_params[clean] = {
-                    "r": m_.r[first],
-                    "scaling": m_.scaling[first],
-                    "lora_alpha": m_.lora_alpha[first],
-                }
+                head_lora_params[clean] = (
+                    {"r": m_.r[first], "scaling": m_.scaling[first], "lora_alpha": m_.lora_alpha[first]}
+                    if is_lora
+                    else tuner_layer_params(m_)
+                )
     print(f"  modules_to_save={mts}  head LoRA modules={hlm}  head LoRA r/scaling={head_lora_params}")
     if spec["shape"] == "clean":
         assert not hlm and set(spec["heads"]) <= set(mts or []), (hlm, mts)
     else:
         assert hlm, "expected the head to be LoRA-wrapped (that's the bug being reproduced)"
 
-    # --- train with the real Trainer
-    cb = AdapterRefCallback(ref_ids, adapters) if layout else RefCallback(ref_ids)
+    # --- train with the real Trainer (Poly routes every example by its task id: task 0 for the reference)
+    poly_tasks = lora_kwargs.get("n_tasks") if spec["tuner"] == "PolyConfig" else None
+    extra = {"task_ids": torch.zeros(REF_BATCH, dtype=torch.int64)} if poly_tasks else {}
+    cb = AdapterRefCallback(ref_ids, adapters) if layout else RefCallback(ref_ids, **extra)
     # run the Trainer from inside the case dir so that paths stored in training_args.bin are relative ("run")
     cwd = os.getcwd()
     os.chdir(case_dir)
@@ -900,10 +1042,10 @@ def build_case(name, spec, out_root):
             _train(spec, peft_model, train_ids, labels, TrainerCallback())
             shutil.rmtree("run")
             second = spec["second_adapter"]
-            peft_model.add_adapter(second["name"], LoraConfig(**copy.deepcopy(second["lora"])))
+            peft_model.add_adapter(second["name"], peft.LoraConfig(**copy.deepcopy(second["lora"])))
             peft_model.set_adapter(second["name"])
             peft_model.print_trainable_parameters()
-        _train(spec, peft_model, train_ids, labels, cb)
+        _train(spec, peft_model, train_ids, labels, cb, torch.arange(N_TRAIN) % poly_tasks if poly_tasks else None)
     finally:
         os.chdir(cwd)
 
@@ -917,9 +1059,9 @@ def build_case(name, spec, out_root):
 
     # --- sanity: the head really moved
     tol = {"bfloat16": 1e-2, "float16": 1e-2}.get(spec["dtype"], 1e-4)
-    final_logits = logits_of(peft_model, ref_ids)
+    final_logits = logits_of(peft_model, ref_ids, **extra)
     assert torch.equal(final_logits, cb.logits[checkpoints[-1]]), "final logits != logits captured at last save"
-    reset_logits = head_reset_logits(peft_model, spec["heads"], ref_ids)
+    reset_logits = head_reset_logits(peft_model, spec["heads"], ref_ids, **extra)
     diff_vs_init = (final_logits - init_logits).abs().max().item()
     diff_vs_head_reset = (final_logits - reset_logits).abs().max().item()
     print(
@@ -986,7 +1128,8 @@ def build_case(name, spec, out_root):
         "head_lora_modules": hlm,
         "modules_to_save": mts,
         "num_labels": spec["num_labels"],
-        "lora_config": lora_kwargs,
+        **({"lora_config": lora_kwargs} if is_lora else {"tuner": spec["tuner"], "tuner_config": lora_kwargs}),
+        **({} if is_lora else {"saved_peft_type": saved_cfg.get("peft_type")}),
         "get_peft_model_kwargs": get_peft_model_kwargs,
         "training": {
             "max_steps": spec["max_steps"],
@@ -1176,20 +1319,24 @@ def main(argv=None):
         "--out",
         default=None,
         help="output dir (default tests/fixtures; tests/heldout with --heldout; tests/fixtures_old_stack with "
-        "--old-stack; tests/fixtures_layouts with --layouts)",
+        "--old-stack; tests/fixtures_layouts with --layouts; tests/fixtures_tuners with --tuners)",
+    )
+    ap.add_argument(
+        "--tuners", action="store_true", help="build the non-LoRA tuner cases (default out: tests/fixtures_tuners)"
     )
     ap.add_argument("--list", action="store_true", help="list case names and exit")
     a = ap.parse_args(argv)
 
-    if a.heldout + a.old_stack + a.layouts > 1:
-        ap.error("--heldout, --old-stack and --layouts exclude each other")
-    table = OLD_STACK_CASES if a.old_stack else HELDOUT_CASES if a.heldout else LAYOUT_CASES if a.layouts else CASES
+    if a.heldout + a.old_stack + a.layouts + a.tuners > 1:
+        ap.error("--heldout, --old-stack, --layouts and --tuners exclude each other")
+    table = OLD_STACK_CASES if a.old_stack else HELDOUT_CASES if a.heldout else CASES
+    table = LAYOUT_CASES if a.layouts else TUNER_CASES if a.tuners else table
     if a.list:
         for n, s in table.items():
             print(f"{n:28s} {s['notes']}")
         return 0
     default_out = "fixtures_old_stack" if a.old_stack else "heldout" if a.heldout else "fixtures"
-    default_out = "fixtures_layouts" if a.layouts else default_out
+    default_out = "fixtures_layouts" if a.layouts else "fixtures_tuners" if a.tuners else default_out
     out = os.path.abspath(a.out or os.path.join(REPO_ROOT, "tests", default_out))
     names = a.cases or list(table)
     unknown = [n for n in names if n not in table]

@@ -17,6 +17,7 @@ FIXTURES = TESTS / "fixtures"
 HELDOUT = TESTS / "heldout"
 OLD_STACK = TESTS / "fixtures_old_stack"  # written by peft 0.8.2-0.11.1 / transformers 4.38-4.44
 LAYOUTS = TESTS / "fixtures_layouts"  # peft 0.12: named/several adapters, lossy bias, fp16, accelerate save_state
+TUNER_FIXTURES = TESTS / "fixtures_tuners"  # non-LoRA tuners, written by peft 0.12.0 (migration 0007)
 sys.path.insert(0, str(TESTS))
 
 

@@ -49,7 +49,7 @@ CONFIG_CASES = {
     "not_utf8": (_config_text(b'{"peft_type": "\xff"}'), "cannot read"),
     "not_an_object": (_config_text(b'["LORA", 4]'), "expected a JSON object"),
     "integer_too_long_to_parse": (_config_text(b'{"r": ' + b"4" * 5000 + b"}"), "invalid JSON"),
-    "peft_type_ia3": (_config(lambda c: c.update(peft_type="IA3")), "only LoRA adapters"),
+    "peft_type_ia3": (_config(lambda c: c.update(peft_type="IA3")), "holds LORA tensors and none of its own"),
     "peft_type_missing": (_config(lambda c: c.pop("peft_type")), "peft_type is None"),
     "r_missing": (_config(lambda c: c.pop("r")), "missing required field 'r'"),
     "r_string": (_config(lambda c: c.update(r="4")), "field 'r'"),

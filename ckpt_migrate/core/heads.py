@@ -1,10 +1,12 @@
-"""Planning shared by the head migrations (0001, 0002): find LoRA modules, plan a fold, edit the config.
+"""Planning shared by the head migrations (0001, 0002, 0007): find LoRA modules, plan a fold, edit the config.
 
 A fold is planned here as data (:class:`~ckpt_migrate.core.plan.Source` of kind ``FOLD``); the
 executor computes it (:func:`ckpt_migrate.execute.tensors.fold`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.peft_layout import (
@@ -23,9 +25,16 @@ from ckpt_migrate.core.peft_layout import (
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 
 
+def is_lora(state: CheckpointState) -> bool:
+    """LoRA tensor names mean LoRA only in a LoRA adapter (AdaLoRA's ``lora_A`` is another tuner's)."""
+    return state.config.get("peft_type", "LORA") == "LORA"
+
+
 def wrapped_heads(state: CheckpointState) -> set[str]:
     """Modules a peft ModulesToSaveWrapper wrapped while they carried LoRA (their LoRA has copies inside it)."""
-    heads = set()
+    heads: set[str] = set()
+    if not is_lora(state):
+        return heads
     for name in state.tensors:
         parsed = parse_lora_key(name)
         root = wrapper_root(parsed.module) if parsed else None
@@ -41,6 +50,8 @@ def lora_modules(state: CheckpointState, under: str | None = None) -> dict[str, 
     inherited) is not the adapter's own: it computes nothing while this adapter is the active one.
     """
     modules: dict[str, dict[str, str]] = {}
+    if not is_lora(state):
+        return modules
     for name in state.tensors:
         parsed = parse_lora_key(name)
         if parsed is None or parsed.adapter is not None or wrapper_root(parsed.module) is not None:
@@ -131,17 +142,56 @@ def plan_fold(
     return PlannedTensor(f"{PREFIX}{module}.weight", weight.shape, weight.dtype, source)
 
 
-def move_heads_to_modules_to_save(state: CheckpointState, heads: set[str], head_modules: set[str]) -> None:
-    """Config edits: heads in modules_to_save, out of target_modules and rank/alpha patterns."""
+def replant_head(
+    state: CheckpointState, head: str, computed: set[str], is_tuner_tensor: Callable[[str], bool]
+) -> list[PlannedTensor]:
+    """Remove every tensor of ``head``; return those its plain module keeps, to be added back.
+
+    Tuner tensors and wrapper copies go; ``<m>.base_layer.<p>`` becomes ``<m>.<p>`` (unless ``<m>.<p>``
+    is in ``computed``, planned by a fold); parameters of modules without a tuner are kept as they are.
+    """
+    kept = []
+    for name in sorted(state.tensors):
+        inner = strip_prefix(name) or ""
+        if not inner.startswith(head + "."):
+            continue
+        tensor = state.tensors[name]
+        state.remove_tensor(name)
+        parts = inner.split(".")
+        if is_tuner_tensor(name) or any(p in WRAPPER_SEGMENTS for p in parts):
+            continue
+        if "base_layer" not in parts:
+            kept.append(tensor)
+            continue
+        del parts[parts.index("base_layer")]
+        if ".".join(parts) in computed:
+            continue
+        kept.append(
+            PlannedTensor(PREFIX + ".".join(parts), tensor.shape, tensor.dtype, Source(SourceKind.ADAPTER, name))
+        )
+    return kept
+
+
+def move_heads_to_modules_to_save(
+    state: CheckpointState,
+    heads: set[str],
+    head_modules: set[str],
+    body: set[str] | None = None,
+    patterns: tuple[str, ...] = ("rank_pattern", "alpha_pattern"),
+) -> None:
+    """Config edits: heads in modules_to_save, out of target_modules and of the per-module ``patterns``.
+
+    ``body``: the modules that keep their tuner layers (default: the LoRA modules outside heads).
+    """
     config = state.config
     modules_to_save = list(config.get("modules_to_save") or [])
     for head in sorted(heads):
         if not modules_to_save_matches(modules_to_save, head):
             modules_to_save.append(head)
     config["modules_to_save"] = modules_to_save
-    body = set(lora_modules(state))
+    body = set(lora_modules(state)) if body is None else body
     config["target_modules"] = rewrite_target_modules(config.get("target_modules"), body, head_modules | heads)
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key in patterns:
         patterns = config.get(key)
         if patterns:
             config[key] = {

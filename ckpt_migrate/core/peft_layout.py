@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError
@@ -49,6 +50,21 @@ def parse_lora_key(name: str) -> LoraTensor | None:
     inner = strip_prefix(name)
     match = _LORA_KEY.match(inner) if inner is not None else None
     return LoraTensor(match["module"], match["kind"], match["adapter"]) if match else None
+
+
+@lru_cache(maxsize=64)
+def _module_key(kinds: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(map(re.escape, kinds))})$")
+
+
+def parse_module_key(name: str, kinds: tuple[str, ...]) -> LoraTensor | None:
+    """``base_model.model.score.hada_w1_a`` -> ``LoraTensor("score", "hada_w1_a")`` for one of a tuner's ``kinds``.
+
+    A kind is everything after the module path, dots included (``ln_tuning_layers.weight``).
+    """
+    inner = strip_prefix(name)
+    match = _module_key(kinds).match(inner) if inner is not None else None
+    return LoraTensor(match["module"], match["kind"]) if match else None
 
 
 def wrapper_root(module: str) -> str | None:
@@ -99,6 +115,37 @@ def rank_and_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
     else:
         rank_key, alpha_key = find(list(rank_pattern)), find(list(alpha_pattern))
     return rank_pattern.get(rank_key, config["r"]), alpha_pattern.get(alpha_key, config["lora_alpha"])
+
+
+def lycoris_rank_and_alpha(config: dict[str, Any], module: str, alpha_key: str) -> tuple[int, float] | None:
+    r"""The ``r`` and alpha peft's LyCORIS tuners (LoHa, LoKr) used for ``module``; None when the release is unknown.
+
+    peft <= 0.14 takes the first key of rank_pattern then alpha_pattern matching ``(.*\.)?{key}$`` (else the
+    module's last name) and looks it up in both dicts; >= 0.15 looks each dict up separately with
+    ``(.*\.)?({key})$`` (else the full name). Configs without ``exclude_modules`` are from <= 0.13; with
+    ``peft_version`` from >= 0.18; between, both rules must agree.
+    """
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+
+    def lookup(legacy: bool) -> tuple[int, float]:
+        if legacy:
+            keys = [k for k in [*rank_pattern, *alpha_pattern] if re.match(rf"(.*\.)?{k}$", module)]
+            rank_key = alpha_key_ = keys[0] if keys else module.rsplit(".", 1)[-1]
+        else:
+            rank_key = next((k for k in rank_pattern if re.match(rf"(.*\.)?({k})$", module)), module)
+            alpha_key_ = next((k for k in alpha_pattern if re.match(rf"(.*\.)?({k})$", module)), module)
+        return rank_pattern.get(rank_key, config["r"]), alpha_pattern.get(alpha_key_, config[alpha_key])
+
+    try:
+        if "exclude_modules" not in config:
+            return lookup(legacy=True)
+        if "peft_version" in config:
+            return lookup(legacy=False)
+        legacy, current = lookup(legacy=True), lookup(legacy=False)
+    except re.error as exc:
+        raise UnreadableInputError(f"rank_pattern/alpha_pattern key is not a valid regex ({exc})") from exc
+    return legacy if legacy == current else None
 
 
 def lora_scale(config: dict[str, Any], module: str) -> float:

@@ -44,32 +44,87 @@ def _optional(check):
     return lambda v: v is None or check(v)
 
 
-_CONFIG_CHECKS = {
-    "r": _is_positive_int,
-    "lora_alpha": _is_number,
-    "target_modules": _optional(lambda v: (isinstance(v, str) and _is_regex(v)) or _is_str_list(v)),
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _pattern(check):
+    """A dict from module-name regexes to values passing ``check`` (rank_pattern, alpha_pattern, ...)."""
+    return _optional(lambda v: isinstance(v, dict) and all(map(_is_regex, v)) and all(map(check, v.values())))
+
+
+_TARGETS = _optional(lambda v: (isinstance(v, str) and _is_regex(v)) or _is_str_list(v))
+#: Fields every adapter's repair may read.
+_COMMON_CHECKS = {
+    "target_modules": _TARGETS,
     "modules_to_save": _optional(_is_str_list),
-    "rank_pattern": _optional(
-        lambda v: isinstance(v, dict) and all(map(_is_regex, v)) and all(map(_is_positive_int, v.values()))
+    "fan_in_fan_out": _optional(_is_bool),
+}
+_LYCORIS_CHECKS = {
+    "r": _is_positive_int,
+    "alpha": _is_number,
+    "rank_pattern": _pattern(_is_positive_int),
+    "alpha_pattern": _pattern(_is_number),
+}
+#: peft_type -> (required fields, checks of the fields the repair of that tuner relies on).
+_TYPE_CHECKS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "LORA": (
+        ("r", "lora_alpha"),
+        {
+            "r": _is_positive_int,
+            "lora_alpha": _is_number,
+            "rank_pattern": _pattern(_is_positive_int),
+            "alpha_pattern": _pattern(_is_number),
+            "use_rslora": _optional(_is_bool),
+            "use_dora": _optional(_is_bool),
+        },
     ),
-    "alpha_pattern": _optional(
-        lambda v: isinstance(v, dict) and all(map(_is_regex, v)) and all(map(_is_number, v.values()))
+    "LOHA": (("r", "alpha"), _LYCORIS_CHECKS),
+    "LOKR": (("r", "alpha"), _LYCORIS_CHECKS),
+    "ADALORA": (
+        ("init_r", "lora_alpha"),
+        {
+            "init_r": _is_positive_int,
+            "lora_alpha": _is_number,
+            "rank_pattern": _optional(
+                lambda v: isinstance(v, dict) and all(isinstance(m, list) and all(map(_is_bool, m)) for m in v.values())
+            ),
+            "total_step": _optional(_is_count),
+            "tinit": _is_count,
+            "tfinal": _is_count,
+        },
     ),
-    "use_rslora": _optional(lambda v: isinstance(v, bool)),
-    "use_dora": _optional(lambda v: isinstance(v, bool)),
-    "fan_in_fan_out": _optional(lambda v: isinstance(v, bool)),
+    "IA3": ((), {"feedforward_modules": _TARGETS}),
+    "VERA": (("r",), {"r": _is_positive_int, "save_projection": _is_bool}),
+    "BOFT": ((), {k: _is_count for k in ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor")}),
+    "HRA": (("r",), {"r": _is_positive_int, "apply_GS": _is_bool}),
+    "FOURIERFT": (
+        ("n_frequency",),
+        {"n_frequency": _is_positive_int, "scaling": _is_number, "n_frequency_pattern": _pattern(_is_positive_int)},
+    ),
+    "OFT": (("r",), {"r": _is_count}),
 }
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
-    """Read ``adapter_config.json`` and check the fields a repair depends on."""
+    """Read ``adapter_config.json`` and check the fields a repair depends on.
+
+    Any peft method is read (a migration refuses, with the reason, what it cannot repair); the fields
+    the repair of a known tuner relies on must be present and valid.
+    """
     config = read_json_object(path)
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise UnreadableInputError(f"peft_type is {peft_type!r}; only LoRA adapters are supported", path)
-    for key, valid in _CONFIG_CHECKS.items():
-        if key in ("r", "lora_alpha") and key not in config:
+    if not isinstance(peft_type, str) or not peft_type.strip():
+        raise UnreadableInputError(f"peft_type is {peft_type!r}; expected the name of a peft method", path)
+    required, checks = _TYPE_CHECKS.get(peft_type, ((), {}))
+    for key in required:
+        if key not in config:
             raise UnreadableInputError(f"missing required field {key!r}", path)
+    for key, valid in {**_COMMON_CHECKS, **checks}.items():
         if key in config and not valid(config[key]):
             raise UnreadableInputError(f"field {key!r} has an invalid value {config[key]!r}", path)
     return config

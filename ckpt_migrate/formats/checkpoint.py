@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.plan import CheckpointState
+from ckpt_migrate.core.tuners import foreign_tuner
 from ckpt_migrate.formats.adapter import (
     ADAPTER_CONFIG,
     BIN_WEIGHTS,
@@ -150,10 +151,18 @@ def _adapter_state(directory: Path, files: dict[str, int], applied: list[str]) -
     if not has_weights:
         raise UnreadableInputError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", directory)
     weights_file = SAFETENSORS_WEIGHTS if SAFETENSORS_WEIGHTS in files else BIN_WEIGHTS
+    config = read_adapter_config(directory / ADAPTER_CONFIG)
+    tensors = adapter_tensors(directory, weights_file)
+    other = foreign_tuner(config, tensors)
+    if other is not None:
+        raise UnreadableInputError(
+            f"peft_type is {config['peft_type']!r} but {weights_file} holds {other} tensors and none of its own",
+            directory / ADAPTER_CONFIG,
+        )
     return CheckpointState(
         source_dir=directory,
-        config=read_adapter_config(directory / ADAPTER_CONFIG),
-        tensors=adapter_tensors(directory, weights_file),
+        config=config,
+        tensors=tensors,
         files=files,
         weights_file=weights_file,
         applied=applied,
