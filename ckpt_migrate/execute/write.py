@@ -140,8 +140,14 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
         "inputs_sha256": dict(sorted(inputs.items())),
         "inputs_not_read_bytes": {name: before.files[name] for name in dropped},
         "outputs_sha256": dict(sorted(outputs.items())),
-        "warnings": after.warnings,
+        "warnings": plan.warnings,
+        "losses": plan.losses,
     }
+    if plan.adapters:
+        manifest["adapters"] = {
+            a.relative: {"migrations_applied": a.after.applied, "migrations_run": list(a.migrations)}
+            for a in plan.adapters
+        }
     files.write_new(target / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     verify_written(plan, target)
     return manifest
