@@ -270,3 +270,22 @@ def test_not_detected_on_its_own_output(fixed):
     for name in SUPPORTED:
         for checkpoint in load_case(CASES[name])["checkpoints"]:
             assert plan_checkpoint(fixed[name] / checkpoint).status == "clean", (name, checkpoint)
+
+
+@pytest.mark.parametrize("name", ["boft_bert_classifier", "ia3_bert_token_cls", "adalora_roberta_nested"])
+def test_fix_verify_passes_and_repair_on_load_reproduces_the_trained_logits(tmp_path, name):
+    """BOFT's boft_P, saved by peft 0.12, is a buffer newer peft derives itself: equal, so not an unused tensor."""
+    import torch
+    from safetensors.torch import load_file
+
+    import ckpt_migrate
+
+    case = CASES[name]
+    report = ckpt_migrate.fix(case / "run", tmp_path / "out", base_model=case / "base", verify=True, progress=False)
+    assert report.exit_code == 0, report.checkpoints[0].verification
+    assert all(c.verification["ok"] for c in report.checkpoints)
+    model = ckpt_migrate.load(case / "base", case / "run" / "checkpoint-2")
+    reference = load_file(case / "reference.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits
+    assert (logits - reference["logits/checkpoint-2"]).abs().max().item() <= load_case(case)["tolerance"]

@@ -19,6 +19,7 @@ def load_repaired(plan: CheckpointPlan, base: BaseModel, auto_class_name: str, i
     from peft.utils import set_peft_model_state_dict
 
     from ckpt_migrate.execute.tensors import TensorReader, value
+    from ckpt_migrate.execute.tuner_merge import derived_buffer
 
     if plan.status is Status.UNRECOVERABLE:
         raise UnrecoverableError("; ".join(plan.unrecoverable), plan.source)
@@ -31,8 +32,8 @@ def load_repaired(plan: CheckpointPlan, base: BaseModel, auto_class_name: str, i
     config.inference_mode = not is_trainable
     peft_model = peft.get_peft_model(model, config)
     loaded = set_peft_model_state_dict(peft_model, tensors)
-    if loaded.unexpected_keys:
-        raise UnreadableInputError(
-            f"peft did not use adapter tensors {sorted(loaded.unexpected_keys)[:4]}", plan.source
-        )
+    # Buffers this peft derives rather than loads (BOFT's boft_P since peft 0.13) are used when equal.
+    unused = [k for k in loaded.unexpected_keys if not derived_buffer(peft_model, k, tensors.get(k))]
+    if unused:
+        raise UnreadableInputError(f"peft did not use adapter tensors {sorted(unused)[:4]}", plan.source)
     return peft_model if is_trainable else peft_model.eval()

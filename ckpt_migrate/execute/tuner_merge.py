@@ -58,6 +58,26 @@ def _config(peft_type: str, values: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in values.items() if k in fields})
 
 
+def derived_buffer(model: Any, name: str, saved: Any) -> bool:
+    """Whether ``name`` is a buffer the installed peft derives and does not save (BOFT's boft_P since peft 0.13),
+    holding exactly the ``saved`` value."""
+    import torch
+
+    module_name, _, buffer = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return False
+    own = module._buffers.get(buffer)
+    return (
+        buffer in getattr(module, "_non_persistent_buffers_set", ())
+        and isinstance(own, torch.Tensor)
+        and isinstance(saved, torch.Tensor)
+        and own.shape == saved.shape
+        and torch.equal(own.to(saved.dtype), saved.to(own.device))
+    )
+
+
 def _load(layer: Any, fold: TunerFold, read: TensorSource) -> None:
     """Every tensor of the trained copy into the layer; every adapter tensor of the layer from the checkpoint."""
     import torch
@@ -79,8 +99,7 @@ def _load(layer: Any, fold: TunerFold, read: TensorSource) -> None:
             state[kind] = value
         elif isinstance(getattr(layer, kind, None), torch.Tensor):
             # A buffer the installed peft derives itself (BOFT's permutation): it must be what was saved.
-            own = getattr(layer, kind)
-            if own.shape != value.shape or not torch.equal(own.to(torch.float64), value):
+            if not derived_buffer(layer, kind, value):
                 raise UnrecoverableError(f"{fold.module}.{kind}: the installed peft derives another value")
         else:
             raise UnrecoverableError(f"{fold.module}.{kind}: the installed peft's layer has no such tensor")

@@ -51,6 +51,8 @@ def _key_check(model: Any, checkpoint: Path, result: VerifyResult) -> None:
     """Unused and missing adapter tensors, as peft's own loading sees them."""
     from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
+    from ckpt_migrate.execute.tuner_merge import derived_buffer
+
     adapter = "default"
     weights = load_peft_weights(str(checkpoint), device="cpu")
     try:
@@ -58,14 +60,27 @@ def _key_check(model: Any, checkpoint: Path, result: VerifyResult) -> None:
     except Exception as exc:  # noqa: BLE001 - from_pretrained just did the same; report, do not crash
         result.reasons.append(f"reloading the adapter tensors failed: {describe_exception(exc)}")
         return
+    derived = []
     for key in loaded.unexpected_keys:
         name = _adapter_name_free(key, adapter)
+        if name in weights and derived_buffer(model, name, weights[name]):
+            derived.append(name)
+            continue
         result.unused_tensors.append(name if name in weights else key)
+    if derived:
+        result.notes.append(
+            f"adapter tensors {listed(derived)} are buffers this peft derives itself and does not save; the saved "
+            "values are the derived ones"
+        )
     for key in loaded.missing_keys:
         if f".{adapter}" in key and ("lora_" in key or ".modules_to_save." in key):
             result.missing_tensors.append(_adapter_name_free(key, adapter))
     saved = set(get_peft_model_state_dict(model, adapter_name=adapter))
-    stray = sorted(k for k in set(weights) - saved - set(result.unused_tensors) if not any(s in k for s in LORA_KINDS))
+    stray = sorted(
+        k
+        for k in set(weights) - saved - set(result.unused_tensors) - set(derived)
+        if not any(s in k for s in LORA_KINDS)
+    )
     if stray:
         result.notes.append(
             f"adapter tensors {listed(stray)} were loaded into base-model parameters the adapter config does not "
