@@ -157,14 +157,32 @@ def _replace(fold: TunerFold, param: str) -> TunerFold:
     return dataclasses.replace(fold, param=param)
 
 
+def _check_trained_copies(state: CheckpointState, tuner: Tuner, by_head: dict[str, dict[str, dict[str, str]]]) -> None:
+    """Every module whose tuner tensors the wrapper copied must have the trained copy's tensors too."""
+    for head, modules in by_head.items():
+        copied = set()
+        for name in state.tensors:
+            parsed = parse_module_key(name, tuner.kinds)
+            if parsed is not None and parsed.module.startswith(f"{head}.modules_to_save"):
+                copied.add(parsed.module.replace(f"{head}.modules_to_save", head, 1))
+        if copied - set(modules):
+            raise UnreadableInputError(
+                f"head {head!r} is wrapped twice but the trained {tuner.name} tensors of "
+                f"{', '.join(sorted(copied - set(modules)))} are missing",
+                state.source_dir / state.weights_file,
+            )
+
+
 def plan(state: CheckpointState, context: Context) -> None:
     tuner = tuner_of(state.config)
     heads = tuner_heads(state)
     reason = _refusal(state, context, tuner, heads)
-    if reason is not None or tuner is None:
-        state.unrecoverable.append(reason or "")
+    if reason is not None:
+        state.unrecoverable.append(reason)
         return
+    assert tuner is not None  # _refusal refuses a method the table lacks
     by_head = {head: tuner_modules(state, tuner, under=head) for head in sorted(heads)}
+    _check_trained_copies(state, tuner, by_head)
     try:
         folds = {
             head: [t for module, parts in sorted(modules.items()) for t in _plan_module(state, tuner, module, parts)]

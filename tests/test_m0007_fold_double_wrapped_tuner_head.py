@@ -16,7 +16,7 @@ from hostile_helpers import edit_json, edit_tensors, zero_bytes
 from logits_check import max_logit_error
 from packaging.version import Version
 
-from ckpt_migrate.core.errors import EXIT_UNRECOVERABLE
+from ckpt_migrate.core.errors import EXIT_UNREADABLE, EXIT_UNRECOVERABLE
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.plan import Options, SourceKind
 from ckpt_migrate.core.tuners import TUNERS, math_differs
@@ -289,3 +289,11 @@ def test_fix_verify_passes_and_repair_on_load_reproduces_the_trained_logits(tmp_
     with torch.no_grad():
         logits = model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits
     assert (logits - reference["logits/checkpoint-2"]).abs().max().item() <= load_case(case)["tolerance"]
+
+
+def test_a_head_whose_trained_tuner_tensors_are_missing_is_unreadable(tmp_path):
+    src = _copy(tmp_path, "loha_llama_score")
+    trained = [f"base_model.model.score.hada_w{i}_{ab}" for i in (1, 2) for ab in "ab"]
+    edit_tensors(src / "adapter_model.safetensors", lambda t: [t.pop(n) for n in trained])
+    code, _, err = run_cli("fix", src, "--out", tmp_path / "out")
+    assert code == EXIT_UNREADABLE and "the trained LoHa tensors of score are missing" in err, err

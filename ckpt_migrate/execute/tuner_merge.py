@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from typing import Any
 
 from ckpt_migrate.core.errors import UnrecoverableError
@@ -126,8 +127,11 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
     weight = read(fold.weight).to(torch.float64)
     bias = read(fold.bias).to(torch.float64) if fold.bias else None
     holder = _holder(fold.module, weight, bias)
-    config = _config(fold.peft_type, json.loads(fold.config))
-    PEFT_TYPE_TO_TUNER_MAPPING[fold.peft_type](holder, config, ADAPTER)
+    with warnings.catch_warnings():
+        # peft's setup chatter (BOFT's CUDA extension, AdaLoRA's unused r): what matters is checked below.
+        warnings.simplefilter("ignore")
+        config = _config(fold.peft_type, json.loads(fold.config))
+        PEFT_TYPE_TO_TUNER_MAPPING[fold.peft_type](holder, config, ADAPTER)
     layer = holder.get_submodule(fold.module)
     if not isinstance(layer, BaseTunerLayer):
         raise UnrecoverableError(f"{fold.module}: the installed peft did not wrap it with its {fold.peft_type} layer")

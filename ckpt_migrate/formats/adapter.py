@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool)
 
 
-def _pattern(check):
+def _pattern(check: Callable[[object], bool]) -> Callable[[object], bool]:
     """A dict from module-name regexes to values passing ``check`` (rank_pattern, alpha_pattern, ...)."""
     return _optional(lambda v: isinstance(v, dict) and all(map(_is_regex, v)) and all(map(check, v.values())))
 
