@@ -11,8 +11,7 @@ from __future__ import annotations
 from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold, wrapped_heads
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.peft_layout import PREFIX, head_root
-from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
-from ckpt_migrate.formats.base_model import BaseModel
+from ckpt_migrate.core.plan import CheckpointState, PlannedTensor
 
 ID = "0002_fold_lora_only_head"
 SUMMARY = "Rebuild a LoRA-only head (base weights never saved) from --base-model into modules_to_save"
@@ -36,11 +35,6 @@ def _lora_heads(state: CheckpointState) -> dict[str, list[str]]:
 
 def detect(state: CheckpointState, context: Context) -> bool:
     return bool(_lora_heads(state))
-
-
-def _from_base(base: BaseModel, name: str) -> PlannedTensor:
-    header, info = base.locate(name)
-    return PlannedTensor(PREFIX + name, info.shape, info.dtype, Source(SourceKind.BASE, name, base_file=header.path))
 
 
 def plan(state: CheckpointState, context: Context) -> None:
@@ -69,9 +63,9 @@ def plan(state: CheckpointState, context: Context) -> None:
         for name in base_names:
             module, _, param = name.rpartition(".")
             if param == "weight" and module in parts_by_module:
-                new_tensors.append(plan_fold(state, module, parts_by_module[module], _from_base(base, name)))
+                new_tensors.append(plan_fold(state, module, parts_by_module[module], base.planned(name, PREFIX)))
             else:
-                new_tensors.append(_from_base(base, name))
+                new_tensors.append(base.planned(name, PREFIX))
         for parts in parts_by_module.values():
             for tensor_name in parts.values():
                 state.remove_tensor(tensor_name)

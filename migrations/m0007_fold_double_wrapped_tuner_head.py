@@ -19,22 +19,19 @@ import dataclasses
 import json
 from typing import Any
 
-from packaging.version import Version
-
 from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.heads import move_heads_to_modules_to_save, replant_head
 from ckpt_migrate.core.migration import Context, TensorSource
 from ckpt_migrate.core.peft_layout import PREFIX, parse_module_key, short_name
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
-from ckpt_migrate.core.releases import target_release
 from ckpt_migrate.core.tuners import (
-    CHECKED_UP_TO,
-    TUNERS,
     Tuner,
     TunerFold,
+    fold_refusal,
     holder_config,
     ia3_feedforward,
-    math_differs,
+    ia3_loadable,
+    installed_peft,
     tuner_heads,
     tuner_modules,
     tuner_of,
@@ -46,9 +43,6 @@ CAUSED_BY = (
     "peft <= 0.12.0, all-linear on SEQ_CLS/TOKEN_CLS with any tuner (huggingface/peft#2027; fixed in 0.13.0 by #2028)"
 )
 
-#: The oldest installed peft whose layer code computes the folds (the tables compare 0.12.0 to CHECKED_UP_TO).
-CHECKED_FROM = Version("0.12.0")
-RETRAIN = "retrain with the head in modules_to_save and not in target_modules"
 #: Per-module config dicts keyed by module-name patterns, cleaned of entries only the heads used.
 PATTERNS = {"LOHA": ("rank_pattern", "alpha_pattern"), "LOKR": ("rank_pattern", "alpha_pattern")}
 
@@ -57,32 +51,11 @@ def detect(state: CheckpointState, context: Context) -> bool:
     return bool(tuner_heads(state))
 
 
-def _installed() -> Version:
-    return target_release("peft", None, CHECKED_UP_TO)
-
-
 def _refusal(state: CheckpointState, context: Context, tuner: Tuner | None, heads: set[str]) -> str | None:
     """Why the trained heads cannot be written as plain weights that every target computes as trained."""
-    names = ", ".join(sorted(heads))
-    config = state.config
-    if tuner is None:
-        known = ", ".join(["LORA", *(t for t in TUNERS if not TUNERS[t].refuse)])
-        return (
-            f"head {names} is wrapped twice by a {config.get('peft_type')!r} adapter, which this tool cannot fold "
-            f"(it folds {known}): {RETRAIN}"
-        )
-    if tuner.refuse:
-        return f"head {names} carries {tuner.name}: {tuner.refuse}; {RETRAIN}"
-    installed, target = _installed(), target_release("peft", context.options.target_peft, CHECKED_UP_TO)
-    if not CHECKED_FROM <= installed <= CHECKED_UP_TO:
-        return (
-            f"the {tuner.name} head {names} is folded with the installed peft's own layer code, and peft {installed} "
-            f"is not among the releases compared with the producing one ({CHECKED_FROM} to {CHECKED_UP_TO})"
-        )
-    for release, role in ((installed, "the installed release, which would compute the fold"), (target, "the target")):
-        why = math_differs(tuner, config, release)
-        if why:
-            return f"{why} (peft {release} is {role}), or {RETRAIN}"
+    why = fold_refusal(state.config, context.options.target_peft, tuner, heads, "wrapped twice by")
+    if why or tuner is None:
+        return why
     if tuner.peft_type == "VERA":
         in_heads = {m: p for head in heads for m, p in tuner_modules(state, tuner, under=head).items()}
         lacking = sorted(m for m, parts in in_heads.items() if not set(tuner.shared) <= set(parts))
@@ -91,23 +64,7 @@ def _refusal(state: CheckpointState, context: Context, tuner: Tuner | None, head
                 f"VeRA head module {', '.join(lacking)} was saved without its projections (save_projection false): "
                 "peft regenerates them at the size of the whole model, which the head alone does not give"
             )
-    if tuner.peft_type == "ADALORA":
-        pattern = config.get("rank_pattern") or {}
-        in_heads = [k for k in pattern if any(k == h or k.startswith(h + ".") for h in heads)]
-        if in_heads:
-            return f"AdaLoRA rank_pattern names head modules ({', '.join(in_heads)}), which no known peft writes"
-        if target >= Version("0.15.0") and not _adalora_schedule_ok(config):
-            return (
-                "peft >= 0.15 refuses this AdaLoRA config (ValueError: total_step must be > 0 and leave a budgeting "
-                f"phase after tinit/tfinal; here total_step={config.get('total_step')}); repair it for --target-peft "
-                "< 0.15, or set total_step (it only schedules AdaLoRA's rank budget in training) and repair again"
-            )
     return None
-
-
-def _adalora_schedule_ok(config: dict[str, Any]) -> bool:
-    total, tinit, tfinal = config.get("total_step"), config.get("tinit") or 0, config.get("tfinal") or 0
-    return isinstance(total, int) and total > 0 and tinit < total - tfinal
 
 
 def _feedforward(state: CheckpointState, module: str, parts: dict[str, str], weight: PlannedTensor) -> bool:
@@ -147,7 +104,7 @@ def _plan_module(state: CheckpointState, tuner: Tuner, module: str, parts: dict[
     for param, base in (("weight", weight), ("bias", bias)):
         if base is None:
             continue
-        formula = f"{param} of peft {_installed()}'s {tuner.name} merge: {module}.base_layer + {merged_from}"
+        formula = f"{param} of peft {installed_peft()}'s {tuner.name} merge: {module}.base_layer + {merged_from}"
         source = Source(SourceKind.COMPUTED, base.name, migration=ID, formula=formula, payload=_replace(fold, param))
         planned.append(PlannedTensor(f"{PREFIX}{module}.{param}", base.shape, base.dtype, source))
     return planned
@@ -201,36 +158,14 @@ def plan(state: CheckpointState, context: Context) -> None:
     body = set(tuner_modules(state, tuner))
     move_heads_to_modules_to_save(state, heads, head_modules, body=body, patterns=PATTERNS.get(tuner.peft_type, ()))
     if tuner.peft_type == "IA3":
-        _ia3_loadable(state, body)
-
-
-def _ia3_loadable(state: CheckpointState, body: set[str]) -> None:
-    """IA3Config refuses feedforward_modules that are not literally a subset of target_modules (every release).
-
-    all-linear saves the Linear names (``dense``) next to the model's feedforward default (bert:
-    ``output.dense``), so such adapters load nowhere. Both lists become the full names of the same modules.
-    """
-    config = state.config
-    feedforward, targets = config.get("feedforward_modules"), config.get("target_modules")
-    if not (isinstance(feedforward, list) and isinstance(targets, list)) or set(feedforward) <= set(targets):
-        return
-    config["feedforward_modules"] = sorted(m for m in body if ia3_feedforward(config, m))
-    config["target_modules"] = sorted(body)
-    state.warn(
-        f"adapter_config.json: IA3 feedforward_modules {feedforward} was not a subset of target_modules, which "
-        "every peft refuses (ValueError: `feedforward_modules` should be a subset of `target_modules`); both now "
-        "name the same modules by their full names"
-    )
+        ia3_loadable(state, body)
 
 
 def compute(tensor: PlannedTensor, read: TensorSource) -> Any:
     """The merged weight or bias of one head module, by the installed peft (float64, cast to the head's dtype)."""
-    from ckpt_migrate.execute.tuner_merge import merged_module
-    from ckpt_migrate.formats.dtypes import to_torch
+    from ckpt_migrate.execute.tuner_merge import merged_parameter
 
-    fold: TunerFold = tensor.source.payload
-    weight, bias = merged_module(fold, read)
-    return (weight if fold.param == "weight" else bias).to(to_torch(tensor.dtype))
+    return merged_parameter(tensor, read)
 
 
 def failures(state: CheckpointState) -> list[str]:

@@ -545,6 +545,44 @@ TUNER_CASES = {
         notes="Poly: the router mixes LoRA skills per example by task_ids (training: tasks 0/1 alternating; "
         "reference logits: task 0): a head with no single weight",
     ),
+    # The LoRA-only head of bart_lora_only_head with other tuners (migration 0010): classification_head is not in
+    # the SEQ_CLS modules_to_save defaults, so the explicit target list gives its out_proj the tuner only.
+    "loha_bart_tuner_only_head": case(
+        "bart",
+        BART,
+        tuner="LoHaConfig",
+        lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, r=4, alpha=8),
+        shape="lora_only",
+        heads=["classification_head"],
+        eos_at_end=True,
+        lr=3e-2,
+        notes="LoHa on classification_head.out_proj only (hada_*), the head's base weights never saved",
+    ),
+    "ia3_bart_tuner_only_head": case(
+        "bart",
+        BART,
+        tuner="IA3Config",
+        lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, feedforward_modules=["fc2"]),
+        shape="lora_only",
+        heads=["classification_head"],
+        eos_at_end=True,
+        lr=3e-1,
+        notes="IA3 on classification_head.out_proj only (ia3_l scales its output, bias included), the head's base "
+        "weights never saved",
+    ),
+    "lokr_bart_tuner_only_head_nobase": case(
+        "bart",
+        BART,
+        tuner="LoKrConfig",
+        lora=dict(task_type="SEQ_CLS", target_modules=BART_TARGETS, r=4, alpha=4),
+        shape="lora_only",
+        heads=["classification_head"],
+        eos_at_end=True,
+        head_in_base=False,
+        lr=3e-2,
+        notes="LoKr on classification_head.out_proj only, and base/ without classification_head.* (like "
+        "facebook/bart-base): the trained head cannot be rebuilt",
+    ),
 }
 
 # Cases written by OTHER releases (--old-stack, default out tests/fixtures_old_stack/). "stack" names the

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FIXTURES, OLD_STACK, load_case, old_python, run_cli, tree_digest
+from conftest import FIXTURES, OLD_STACK, TUNER_FIXTURES, load_case, old_python, run_cli, tree_digest
 from safetensors.torch import load_file
 
 import ckpt_migrate
@@ -27,6 +27,17 @@ CASES = [  # (case dir, checkpoint): double-wrapped, nested, two heads, token cl
     (FIXTURES / "bart_lora_only_head", "checkpoint-2"),
     (FIXTURES / "mistral_bf16", "checkpoint-2"),
     (OLD_STACK / "llama_score_peft082", "checkpoint-2"),
+    # every other tuner 0007 folds, merged into the body by peft's own layer code: AdaLoRA after its rank budget
+    # trimmed the saved ranks, IA3 (token classification, biases scaled), VeRA's shared projections, LN Tuning
+    (TUNER_FIXTURES / "adalora_roberta_nested", "checkpoint-4"),
+    (TUNER_FIXTURES / "boft_bert_classifier", "checkpoint-2"),
+    (TUNER_FIXTURES / "fourierft_bert_classifier", "checkpoint-2"),
+    (TUNER_FIXTURES / "hra_llama_score", "checkpoint-2"),
+    (TUNER_FIXTURES / "ia3_bert_token_cls", "checkpoint-2"),
+    (TUNER_FIXTURES / "ln_tuning_llama_score", "checkpoint-2"),
+    (TUNER_FIXTURES / "loha_llama_score", "checkpoint-2"),
+    (TUNER_FIXTURES / "lokr_bert_classifier", "checkpoint-2"),
+    (TUNER_FIXTURES / "vera_llama_score", "checkpoint-2"),
 ]
 LOGITS = """
 import json, sys, torch, transformers
@@ -132,6 +143,22 @@ def test_export_refuses_what_fix_refuses_and_writes_nothing(tmp_path):
         "export", case_dir / "run" / "checkpoint-2", "--out", out, "--base-model", case_dir / "base"
     )
     assert code == 4 and "cannot be reconstructed" in stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("poly_llama_score", "task_ids"),  # refused by the repair already
+        ("lokr_llama_scaled", "alpha/r"),  # peft >= 0.14 computes another LoKr than the producing 0.12
+    ],
+)
+def test_export_refuses_a_tuner_whose_trained_model_it_cannot_compute(case, reason, tmp_path):
+    case_dir = TUNER_FIXTURES / case
+    out = tmp_path / "m"
+    code, _, stderr = run_cli(
+        "export", case_dir / "run" / "checkpoint-2", "--out", out, "--base-model", case_dir / "base"
+    )
+    assert code == 4 and reason in stderr and not out.exists(), stderr
 
 
 # ------------------------------------------------------------------------------------ Hub ids

@@ -15,7 +15,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, HELDOUT, LAYOUTS, OLD_STACK, case_dirs, load_case, old_python, run_cli, tree_digest
+from conftest import (
+    FIXTURES,
+    HELDOUT,
+    LAYOUTS,
+    OLD_STACK,
+    TUNER_FIXTURES,
+    case_dirs,
+    load_case,
+    old_python,
+    run_cli,
+    tree_digest,
+)
 from logits_check import adapter_errors
 from resume_check import resume
 
@@ -215,7 +226,7 @@ def test_fixing_only_the_adapter_subfolder_leaves_the_checkpoint_unresumable(tmp
 
 def _every_checkpoint() -> list[tuple[Path, str, Path]]:
     """(case, checkpoint name, its directory) for every checkpoint holding adapters, of every fixture."""
-    roots = (FIXTURES, HELDOUT, OLD_STACK, LAYOUTS)
+    roots = (FIXTURES, HELDOUT, OLD_STACK, LAYOUTS, TUNER_FIXTURES)
     return [
         (case_dir, checkpoint, case_dir / "run" / checkpoint)
         for root in roots

@@ -16,6 +16,7 @@ from ckpt_migrate.core.peft_layout import (
     lora_scale,
     modules_to_save_matches,
     parse_lora_key,
+    parse_module_key,
     pattern_applies,
     rank_and_alpha,
     rewrite_target_modules,
@@ -63,11 +64,15 @@ def lora_modules(state: CheckpointState, under: str | None = None) -> dict[str, 
 
 
 def heads_carrying_tuner_tensors(state: CheckpointState) -> dict[str, list[str]]:
-    """Heads that still carry tuner tensors (LoRA of any adapter, a ``base_layer``, a wrapper's copies): head -> names.
+    """Heads that still carry tuner tensors (LoRA of any adapter, another tuner's, a ``base_layer``, a wrapper's
+    copies): head -> names.
 
     A head saved the way peft loads it holds plain parameters only (``score.weight``), so any of these means a
     layout peft cannot load as trained, whichever adapter the tensors belong to.
     """
+    from ckpt_migrate.core.tuners import TUNERS
+
+    kinds = tuple(kind for tuner in TUNERS.values() for kind in tuner.kinds)
     found: dict[str, list[str]] = {}
     for name in sorted(state.tensors):
         inner = strip_prefix(name)
@@ -75,7 +80,8 @@ def heads_carrying_tuner_tensors(state: CheckpointState) -> dict[str, list[str]]
         if head is None:
             continue
         parts = set(inner.split("."))
-        if parse_lora_key(name) or parts & {"base_layer", *WRAPPER_SEGMENTS}:
+        tuner_tensor = parse_lora_key(name) or (not is_lora(state) and parse_module_key(name, kinds))
+        if tuner_tensor or parts & {"base_layer", *WRAPPER_SEGMENTS}:
             found.setdefault(head, []).append(name)
     return found
 

@@ -10,9 +10,11 @@ config.py); ``CHECKED_UP_TO`` is the newest release compared.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from packaging.version import Version
@@ -28,6 +30,8 @@ from ckpt_migrate.core.peft_layout import (
 from ckpt_migrate.core.plan import CheckpointState
 
 CHECKED_UP_TO = Version("0.21.2")
+#: The oldest installed peft whose layer code computes the folds (the tables compare 0.12.0 to CHECKED_UP_TO).
+CHECKED_FROM = Version("0.12.0")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Tuner:
     refuse: str = ""
     changes: tuple[MathChange, ...] = ()
     alpha: str = ""  # LyCORIS: the config field rank_pattern/alpha_pattern override with r
+    derived: tuple[str, ...] = ()  # kinds peft saves only inside a wrapper copy; elsewhere the layer sets them
 
 
 def _lokr_unscaled(config: dict[str, Any]) -> bool:
@@ -75,7 +80,8 @@ TUNERS: dict[str, Tuner] = {
                 ),
             ),
         ),
-        Tuner("ADALORA", "AdaLoRA", ("lora_A", "lora_B", "lora_E", "ranknum")),
+        # ranknum: not saved for body modules; peft's layer sets it to the rank it is built (or resized) with
+        Tuner("ADALORA", "AdaLoRA", ("lora_A", "lora_B", "lora_E", "ranknum"), derived=("ranknum",)),
         Tuner("IA3", "IA3", ("ia3_l",)),
         Tuner("VERA", "VeRA", ("vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B"), shared=("vera_A", "vera_B")),
         Tuner("BOFT", "BOFT", ("boft_R", "boft_s", "boft_P")),
@@ -165,7 +171,8 @@ class TunerFold:
     """What computes one parameter of a folded head module: peft's own layer for ``peft_type``, on that module alone.
 
     ``config``: JSON of the tuner config for a model holding only this module (see :func:`holder_config`);
-    ``tensors``: (kind, adapter tensor name) of the trained copy; ``weight``/``bias``: its trained base parameters.
+    ``tensors``: (kind, adapter tensor name) of the trained copy; ``weight``/``bias``: its trained base parameters,
+    read from the adapter, or from the base model files ``weight_file``/``bias_file`` when given (export).
     """
 
     peft_type: str
@@ -175,6 +182,62 @@ class TunerFold:
     tensors: tuple[tuple[str, str], ...]
     weight: str
     bias: str = ""
+    weight_file: Path | None = None
+    bias_file: Path | None = None
+
+
+RETRAIN = "retrain with the head in modules_to_save and not in target_modules"
+
+
+def installed_peft() -> Version:
+    from ckpt_migrate.core.releases import target_release
+
+    return target_release("peft", None, CHECKED_UP_TO)
+
+
+def fold_refusal(
+    config: dict[str, Any], target_peft: str | None, tuner: Tuner | None, heads: set[str], how: str
+) -> str | None:
+    """Why heads ``how`` (e.g. "wrapped twice by") a tuner cannot be written as plain weights every target
+    computes as trained: a method without a merge, an installed or target peft computing another layer."""
+    from ckpt_migrate.core.releases import target_release
+
+    names = ", ".join(sorted(heads))
+    if tuner is None:
+        known = ", ".join(["LORA", *(t for t in TUNERS if not TUNERS[t].refuse)])
+        return (
+            f"head {names} is {how} a {config.get('peft_type')!r} adapter, which this tool cannot fold "
+            f"(it folds {known}): {RETRAIN}"
+        )
+    if tuner.refuse:
+        return f"head {names} carries {tuner.name}: {tuner.refuse}; {RETRAIN}"
+    installed, target = installed_peft(), target_release("peft", target_peft, CHECKED_UP_TO)
+    if not CHECKED_FROM <= installed <= CHECKED_UP_TO:
+        return (
+            f"the {tuner.name} head {names} is folded with the installed peft's own layer code, and peft {installed} "
+            f"is not among the releases compared with the producing one ({CHECKED_FROM} to {CHECKED_UP_TO})"
+        )
+    for release, role in ((installed, "the installed release, which would compute the fold"), (target, "the target")):
+        why = math_differs(tuner, config, release)
+        if why:
+            return f"{why} (peft {release} is {role}), or {RETRAIN}"
+    if tuner.peft_type == "ADALORA":
+        pattern = config.get("rank_pattern") or {}
+        in_heads = [k for k in pattern if any(k == h or k.startswith(h + ".") for h in heads)]
+        if in_heads:
+            return f"AdaLoRA rank_pattern names head modules ({', '.join(in_heads)}), which no known peft writes"
+        if target >= Version("0.15.0") and not _adalora_schedule_ok(config):
+            return (
+                "peft >= 0.15 refuses this AdaLoRA config (ValueError: total_step must be > 0 and leave a budgeting "
+                f"phase after tinit/tfinal; here total_step={config.get('total_step')}); repair it for --target-peft "
+                "< 0.15, or set total_step (it only schedules AdaLoRA's rank budget in training) and repair again"
+            )
+    return None
+
+
+def _adalora_schedule_ok(config: dict[str, Any]) -> bool:
+    total, tinit, tfinal = config.get("total_step"), config.get("tinit") or 0, config.get("tfinal") or 0
+    return isinstance(total, int) and total > 0 and tinit < total - tfinal
 
 
 #: Config keys that place a tuner in a whole model; a model holding one module gets them from holder_config.
@@ -203,12 +266,70 @@ def holder_config(tuner: Tuner, config: dict[str, Any], module: str, feedforward
     return holder
 
 
+def module_fold(
+    state: CheckpointState,
+    tuner: Tuner,
+    module: str,
+    parts: dict[str, str],
+    param: str,
+    bias: bool,
+    files: tuple[Path | None, Path | None] = (None, None),
+) -> TunerFold:
+    """The fold of ``module``'s ``param`` by peft's own layer, for a module outside any modules_to_save wrapper.
+
+    Its trained base parameters are ``<module>.weight``/``.bias`` of the base model files ``files``; the layer
+    uses the model's shared projections (VeRA). A ``ValueError`` says why the layer cannot be rebuilt as trained.
+    """
+    tensors = dict(parts)
+    for kind in tuner.shared:
+        shared = state.tensors.get(f"base_model.{kind}")
+        if shared is None:
+            raise ValueError(
+                f"the {tuner.name} adapter was saved without its shared {kind} (save_projection false): peft "
+                "regenerates it from the whole model, which this tool does not rebuild"
+            )
+        tensors.setdefault(kind, shared.name)
+    holder = holder_config(tuner, state.config, module, ia3_feedforward(state.config, module))
+    if tuner.peft_type == "ADALORA":  # the rank budget may have trimmed the saved ranks: build the layer at its own
+        holder["init_r"] = state.tensors[parts["lora_A"]].shape[0]
+    return TunerFold(
+        tuner.peft_type,
+        module,
+        param,
+        json.dumps(holder, sort_keys=True),
+        tuple(sorted(tensors.items())),
+        f"{module}.weight",
+        f"{module}.bias" if bias else "",
+        weight_file=files[0],
+        bias_file=files[1],
+    )
+
+
 def ia3_feedforward(config: dict[str, Any], module: str) -> bool:
     """IA3's rule (peft 0.8-0.21): regex full match for a string, plain suffix for a list."""
     modules = config.get("feedforward_modules") or []
     if isinstance(modules, str):
         return re.fullmatch(modules, module) is not None
     return any(module.endswith(entry) for entry in modules)
+
+
+def ia3_loadable(state: CheckpointState, body: set[str]) -> None:
+    """IA3Config refuses feedforward_modules that are not literally a subset of target_modules (every release).
+
+    all-linear saves the Linear names (``dense``) next to the model's feedforward default (bert:
+    ``output.dense``), so such adapters load nowhere. Both lists become the full names of the same modules.
+    """
+    config = state.config
+    feedforward, targets = config.get("feedforward_modules"), config.get("target_modules")
+    if not (isinstance(feedforward, list) and isinstance(targets, list)) or set(feedforward) <= set(targets):
+        return
+    config["feedforward_modules"] = sorted(m for m in body if ia3_feedforward(config, m))
+    config["target_modules"] = sorted(body)
+    state.warn(
+        f"adapter_config.json: IA3 feedforward_modules {feedforward} is not a subset of target_modules, which "
+        "every peft refuses (ValueError: `feedforward_modules` should be a subset of `target_modules`); both now "
+        "name the same modules by their full names"
+    )
 
 
 def foreign_tuner(config: dict[str, Any], names: Iterable[str]) -> str | None:

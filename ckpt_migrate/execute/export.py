@@ -1,9 +1,10 @@
-"""Export a standalone model: the base with every LoRA delta folded in and the repaired head in place.
+"""Export a standalone model: the base with every adapter delta folded in and the repaired head in place.
 
 The plan is data, made from headers only: every base tensor is copied (byte ranges, never loaded),
-or folded with its module's LoRA (``W + s * B @ A``, the same fold the head repair uses), or
-replaced by the adapter's full tensor (the heads ``modules_to_save`` holds, after the repair
-migrations ran in memory). Writing streams shard by shard: memory holds one computed tensor at a time.
+or folded with its module's LoRA (``W + s * B @ A``, the same fold the head repair uses), or merged
+with its module's other tuner by the installed peft's own layer code (the merge migration 0007 uses
+for heads), or replaced by the adapter's full tensor (the heads ``modules_to_save`` holds, after the
+repair migrations ran in memory). Writing streams shard by shard: memory holds one computed tensor at a time.
 """
 
 from __future__ import annotations
@@ -17,12 +18,24 @@ from typing import Any
 
 from ckpt_migrate.core.errors import UnrecoverableError
 from ckpt_migrate.core.heads import lora_modules, plan_fold
-from ckpt_migrate.core.peft_layout import head_root, parse_lora_key, strip_prefix
-from ckpt_migrate.core.plan import CheckpointPlan, PlannedTensor, Source, SourceKind
+from ckpt_migrate.core.peft_layout import head_root, parse_lora_key, parse_module_key, strip_prefix
+from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState, PlannedTensor, Source, SourceKind
+from ckpt_migrate.core.tuners import (
+    CHECKED_FROM,
+    CHECKED_UP_TO,
+    Tuner,
+    installed_peft,
+    math_differs,
+    module_fold,
+    tuner_modules,
+    tuner_of,
+)
 from ckpt_migrate.formats.base_model import SHARD_INDEX, SINGLE_FILE, BaseModel
 from ckpt_migrate.formats.dtypes import DTYPES
 
 MANIFEST = "ckpt_migrate_export_manifest.json"
+#: The migration whose ``compute`` merges one module with a non-LoRA tuner by peft's own layer code.
+TUNER_MERGE = "0007_fold_double_wrapped_tuner_head"
 #: Files of the base model directory that travel with the exported model (tokenizer, generation defaults).
 CARRIED_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
@@ -39,7 +52,7 @@ class ExportPlan:
     repair: CheckpointPlan
     base: Path
     tensors: tuple[PlannedTensor, ...]  # named as the model names them, in base order
-    merged: tuple[str, ...]  # modules whose LoRA was folded into the base weight
+    merged: tuple[str, ...]  # modules whose adapter delta was folded into the base weight
     from_adapter: tuple[str, ...]  # tensors the adapter holds whole (repaired heads, trained biases)
     config: dict[str, Any]
     carried: tuple[str, ...]  # base files copied as they are
@@ -47,14 +60,30 @@ class ExportPlan:
     shards: tuple[tuple[str, tuple[str, ...]], ...]  # file name -> tensor names
 
 
-def _refuse_unsupported(repair: CheckpointPlan) -> None:
+def _refuse_unsupported(repair: CheckpointPlan) -> Tuner | None:
+    """The non-LoRA tuner to merge (None for LoRA), or the reason the adapter cannot be merged exactly."""
     config = repair.after.config
     if not config:
         raise UnrecoverableError("export needs an adapter checkpoint (this one has no adapter_config.json)")
-    if config.get("peft_type") != "LORA":
-        raise UnrecoverableError(f"export merges LoRA adapters; this one is {config.get('peft_type')}", repair.source)
-    if any(".lora_embedding_" in name for name in repair.after.tensors):
-        raise UnrecoverableError("export does not merge embedding LoRA (lora_embedding_A/B) yet", repair.source)
+    if config.get("peft_type") == "LORA":
+        if any(".lora_embedding_" in name for name in repair.after.tensors):
+            raise UnrecoverableError("export does not merge embedding LoRA (lora_embedding_A/B) yet", repair.source)
+        return None
+    tuner = tuner_of(config)
+    if tuner is None or tuner.refuse:
+        why = tuner.refuse if tuner else "this tool knows no merge for it"
+        raise UnrecoverableError(f"export cannot merge a {config.get('peft_type')} adapter: {why}", repair.source)
+    installed = installed_peft()
+    if not CHECKED_FROM <= installed <= CHECKED_UP_TO:
+        raise UnrecoverableError(
+            f"export merges {tuner.name} with the installed peft's layer code, and peft {installed} is not among the "
+            f"releases compared with the producing one ({CHECKED_FROM} to {CHECKED_UP_TO})",
+            repair.source,
+        )
+    why = math_differs(tuner, config, installed)
+    if why:
+        raise UnrecoverableError(f"export: {why}", repair.source)
+    return tuner
 
 
 def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_labels: int | None) -> dict[str, Any]:
@@ -78,30 +107,39 @@ def plan_export(
     repair: CheckpointPlan, base: BaseModel, dtype: str = "auto", max_shard_bytes: int = 5 * 10**9
 ) -> ExportPlan:
     """Plan the merged model from a checkpoint's (in-memory) repair plan and its base model."""
-    _refuse_unsupported(repair)
+    tuner = _refuse_unsupported(repair)
     cast_to = None if dtype == "auto" else DTYPE_NAMES[dtype]
     state = repair.after
     lora = lora_modules(state)
-    whole = {strip_prefix(n): t for n, t in state.tensors.items() if strip_prefix(n) and not parse_lora_key(n)}
+    tuned = tuner_modules(state, tuner) if tuner else {}
+    _check_linear(base, tuner, tuned, repair)
+
+    def is_delta(name: str) -> bool:
+        return bool(parse_lora_key(name) if tuner is None else parse_module_key(name, tuner.kinds))
+
+    whole = {strip_prefix(n): t for n, t in state.tensors.items() if strip_prefix(n) and not is_delta(n)}
     from_adapter = sorted(whole)
     planned: list[PlannedTensor] = []
-    merged: list[str] = []
+    merged: set[str] = set()
     conv1d = _conv1d_modules(base, lora, state)
     for name in base.tensor_names():
-        header, info = base.locate(name)
         module, _, param = name.rpartition(".")
         if name in whole:
             planned.append(_renamed(whole.pop(name), name))
             continue
-        weight = PlannedTensor(name, info.shape, info.dtype, Source(SourceKind.BASE, name, base_file=header.path))
+        weight = base.planned(name)
         if param == "weight" and module in lora:
             folded = plan_fold(state, module, lora.pop(module), weight, conv1d=module in conv1d)
             planned.append(_renamed(folded, name))
-            merged.append(module)
+            merged.add(module)
+        elif param in ("weight", "bias") and module in tuned:
+            planned.append(_tuner_merge(state, tuner, module, tuned[module], base, param, weight))
+            merged.add(module)
         else:
             planned.append(weight)
-    if lora:
-        raise UnrecoverableError(f"LoRA modules {sorted(lora)} have no weight in the base model {base.directory}")
+    unmerged = sorted(set(lora) | (set(tuned) - merged))
+    if unmerged:
+        raise UnrecoverableError(f"adapter modules {unmerged} have no weight in the base model {base.directory}")
     planned += [_renamed(t, name) for name, t in sorted(whole.items())]  # e.g. a head the base lacks
     head_outputs = [t.shape[0] for t in planned if head_root(t.name) and t.name.endswith(".weight") and t.shape]
     num_labels = min(head_outputs) if head_outputs else None
@@ -117,6 +155,39 @@ def plan_export(
         cast_to=cast_to,
         shards=_shards(planned, cast_to, max_shard_bytes),
     )
+
+
+def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], repair: CheckpointPlan) -> None:
+    """peft's merge of a non-LoRA tuner is rebuilt on a plain nn.Linear: refuse any other module class."""
+    if not tuned:
+        return
+    modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    other = {m: type(modules.get(m)).__name__ for m in tuned if type(modules.get(m)).__name__ != "Linear"}
+    if other:
+        listed = ", ".join(f"{m} ({cls})" for m, cls in sorted(other.items())[:3])
+        raise UnrecoverableError(f"export merges {tuner.name} into nn.Linear modules only, not {listed}", repair.source)
+
+
+def _tuner_merge(
+    state: CheckpointState,
+    tuner: Tuner | None,
+    module: str,
+    parts: dict[str, str],
+    base: BaseModel,
+    param: str,
+    base_tensor: PlannedTensor,
+) -> PlannedTensor:
+    """``module.<param>`` merged with its tuner by the installed peft's layer (migration 0007's compute)."""
+    assert tuner is not None
+    bias = base.has(f"{module}.bias")
+    files = (base.locate(f"{module}.weight")[0].path, base.locate(f"{module}.bias")[0].path if bias else None)
+    try:
+        fold = module_fold(state, tuner, module, parts, param, bias, files)
+    except ValueError as exc:
+        raise UnrecoverableError(f"export: {tuner.name} module {module}: {exc}", state.source_dir) from None
+    formula = f"{param} of the installed peft's {tuner.name} merge: {module} + {', '.join(sorted(parts))}"
+    source = Source(SourceKind.COMPUTED, base_tensor.name, migration=TUNER_MERGE, formula=formula, payload=fold)
+    return PlannedTensor(base_tensor.name, base_tensor.shape, base_tensor.dtype, source)
 
 
 def _conv1d_modules(base: BaseModel, lora: dict[str, dict[str, str]], state: Any) -> set[str]:
@@ -186,7 +257,8 @@ def write_export(plan: ExportPlan, target: Path, on_bytes: Any = None) -> dict[s
         "source": str(before.source_dir.resolve()),
         "base_model": str(plan.base.resolve()),
         "repair_migrations": list(plan.repair.migrations),
-        "merged_lora_modules": list(plan.merged),
+        "peft_type": plan.repair.after.config.get("peft_type"),
+        "merged_modules": list(plan.merged),
         "tensors_from_adapter": list(plan.from_adapter),
         "files_copied_from_base": list(plan.carried),
         "outputs_sha256": dict(sorted(outputs.items())),

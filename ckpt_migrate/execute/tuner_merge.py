@@ -18,6 +18,7 @@ from typing import Any
 
 from ckpt_migrate.core.errors import UnrecoverableError
 from ckpt_migrate.core.migration import TensorSource
+from ckpt_migrate.core.plan import PlannedTensor
 from ckpt_migrate.core.tuners import TUNERS, TunerFold
 
 ADAPTER = "default"
@@ -104,7 +105,7 @@ def _load(layer: Any, fold: TunerFold, read: TensorSource) -> None:
                 raise UnrecoverableError(f"{fold.module}.{kind}: the installed peft derives another value")
         else:
             raise UnrecoverableError(f"{fold.module}.{kind}: the installed peft's layer has no such tensor")
-    missing = sorted(expected - set(state))
+    missing = sorted(expected - set(state) - {f"{kind}.{ADAPTER}" for kind in tuner.derived})
     if missing:
         raise UnrecoverableError(f"{fold.module}: the installed peft's layer also needs {', '.join(missing)}")
     own_shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
@@ -124,8 +125,8 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    weight = read(fold.weight).to(torch.float64)
-    bias = read(fold.bias).to(torch.float64) if fold.bias else None
+    weight = read(fold.weight, fold.weight_file).to(torch.float64)
+    bias = read(fold.bias, fold.bias_file).to(torch.float64) if fold.bias else None
     holder = _holder(fold.module, weight, bias)
     with warnings.catch_warnings():
         # peft's setup chatter (BOFT's CUDA extension, AdaLoRA's unused r): what matters is checked below.
@@ -152,3 +153,12 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
             f"layer computes (relative error {error:.3g})"
         )
     return base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
+
+
+def merged_parameter(tensor: PlannedTensor, read: TensorSource) -> Any:
+    """The planned weight or bias of one module merged with its tuner (a ``TunerFold`` payload), in its dtype."""
+    from ckpt_migrate.formats.dtypes import to_torch
+
+    fold: TunerFold = tensor.source.payload
+    weight, bias = merged_module(fold, read)
+    return (weight if fold.param == "weight" else bias).to(to_torch(tensor.dtype))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.plan import PlannedTensor, Source, SourceKind
 from ckpt_migrate.core.text import describe_exception
 from ckpt_migrate.formats.files import read_json_object
 from ckpt_migrate.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
@@ -81,6 +82,13 @@ class BaseModel:
 
     def has(self, name: str) -> bool:
         return name in self._index()
+
+    def planned(self, name: str, prefix: str = "") -> PlannedTensor:
+        """The base tensor ``name``, planned unchanged as ``prefix + name`` (its bytes copied, never loaded)."""
+        header, info = self.locate(name)
+        return PlannedTensor(
+            prefix + name, info.shape, info.dtype, Source(SourceKind.BASE, name, base_file=header.path)
+        )
 
     def locate(self, name: str) -> tuple[SafetensorsHeader, TensorInfo]:
         header = self._header(self._index()[name])
