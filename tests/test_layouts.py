@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,17 @@ def test_dry_run_predicts_every_file_and_every_adapter(tmp_path, case_dir):
         predicted.update({t["name"]: (t["shape"], t["dtype"]) for t in adapter["tensors_added"]})
         output = read_header(out / where / "adapter_model.safetensors").tensors
         assert {n: (list(i.shape), i.dtype) for n, i in output.items()} == predicted, where
+
+
+def test_dry_runs_of_every_layout_import_no_torch():
+    code = (
+        "import sys, ckpt_migrate\n"
+        f"for case in {[str(c / 'run') for c in case_dirs(LAYOUTS)]!r}:\n"
+        "    report = ckpt_migrate.fix(case, dry_run=True, allow_lossy=True)\n"
+        "    assert [c.status for c in report.checkpoints] == ['repairable'], case\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_fix_verify_checks_every_adapter(tmp_path):
