@@ -90,7 +90,7 @@ def plan_checkpoint(
     statuses = {_status(after, ran), *(a.status for a in subfolders)}
     status = next(s for s in (Status.UNRECOVERABLE, Status.REPAIRABLE, Status.CLEAN) if s in statuses)
     if status is Status.REPAIRABLE and after.trainable_parameters_changed:
-        unknown = [name for name in sorted(after.files) if classify(name) is None]
+        unknown = [name for name in sorted(after.files) if classify(name, after.weights_file is not None) is None]
         if unknown:
             after.warn(
                 f"copied unexamined: {', '.join(unknown)}: files this tool does not know; any of them that holds "

@@ -25,7 +25,7 @@ CAUSED_BY = "follows 0001/0002: state DeepSpeed, FSDP or accelerate saved for th
 
 def _peft_model_state(state: CheckpointState, name: str) -> bool:
     """A model file beside an adapter that holds LoRA tensors: accelerate's save_state of the PeftModel."""
-    if state.weights_file is None or not name.endswith(".safetensors"):
+    if state.weights_file is None:
         return False
     return any("lora_" in tensor for tensor in read_header(state.source_dir / name).tensors)
 
@@ -34,7 +34,7 @@ def _stale(state: CheckpointState) -> dict[str, FileKind]:
     """Files holding per-parameter state still planned to be copied."""
     stale = {}
     for name in sorted(state.files):
-        kind = classify(name)
+        kind = classify(name, beside_adapter=state.weights_file is not None)
         if kind is None or name in state.rewritten_files:
             continue
         if kind.per_parameter:

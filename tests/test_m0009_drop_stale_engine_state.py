@@ -121,6 +121,17 @@ def test_the_dropped_accelerate_state_does_not_fit_the_repaired_model(tmp_path):
         accelerator.load_state(str(ACCELERATE))
 
 
+def test_a_pickled_model_file_beside_an_adapter_is_copied_unexamined(tmp_path):
+    """accelerate save_state(safe_serialization=False) writes the whole PeftModel as pytorch_model.bin: a pickle is
+    not read to tell, so it is copied unexamined and named in a warning (a placeholder file here)."""
+    src = checkpoint_with(
+        tmp_path, FIXTURES / "llama_score" / "run" / "checkpoint-2", {"pytorch_model.bin": PLACEHOLDER}
+    )
+    entry = fixed(src, tmp_path / "out")
+    assert verdicts(entry)["pytorch_model.bin"] == "copied unexamined"
+    assert any(w.startswith("copied unexamined: pytorch_model.bin") for w in entry["warnings"])
+
+
 def test_per_parameter_state_is_copied_when_the_trainable_parameters_did_not_change(tmp_path):
     src = checkpoint_with(tmp_path, OLD_STACK / "llama_full_finetune" / "run" / "checkpoint-2", DEEPSPEED)
     entry = fixed(src, tmp_path / "out")

@@ -91,9 +91,15 @@ KINDS = (
 PEFT_MODEL_STATE = FileKind("", "the whole PeftModel's state (accelerate save_state)", "accelerate", per_parameter=True)
 
 
-def classify(name: str) -> FileKind | None:
-    """The kind of the file at path ``name`` inside a checkpoint (None: not a file this tool knows)."""
-    return next((kind for kind in KINDS if re.fullmatch(kind.pattern, name)), None)
+def classify(name: str, beside_adapter: bool = False) -> FileKind | None:
+    """The kind of the file at path ``name`` inside a checkpoint (None: not a file this tool knows).
+
+    A pickled model file beside an adapter is unknown: it may be accelerate's save_state of the whole PeftModel
+    (a safetensors one is told by its header, see migration 0009), and a pickle is not read to find out.
+    """
+    kind = next((kind for kind in KINDS if re.fullmatch(kind.pattern, name)), None)
+    pickled_model = kind is not None and kind.what == "model weights" and name.endswith(".bin")
+    return None if beside_adapter and pickled_model else kind
 
 
 def file_verdicts(plan: CheckpointPlan) -> list[tuple[str, int, Verdict, str]]:
@@ -102,7 +108,7 @@ def file_verdicts(plan: CheckpointPlan) -> list[tuple[str, int, Verdict, str]]:
     rewritten = {p + name: a for p, a in plan.rewritten_adapters for name in (ADAPTER_CONFIG, a.before.weights_file)}
     verdicts = []
     for name, size in sorted(plan.before.files.items()):
-        kind = classify(name)
+        kind = classify(name, beside_adapter=plan.before.weights_file is not None)
         if name in after.dropped_files:
             verdict, why = Verdict.DROPPED, after.dropped_files[name]
         elif name in after.rewritten_files:
