@@ -90,7 +90,8 @@ def export_dict(plan: Any) -> dict[str, Any]:
         "architectures": plan.config.get("architectures"),
         "num_labels": len(plan.config.get("id2label") or {}) or None,
         "dtype": plan.cast_to or "as the base",
-        "merged_lora_modules": list(plan.merged),
+        "peft_type": plan.repair.after.config.get("peft_type"),
+        "merged_modules": list(plan.merged),
         "tensors_from_adapter": list(plan.from_adapter),
         "files_copied_from_base": list(plan.carried),
         "shards": {name: len(names) for name, names in plan.shards},
@@ -181,7 +182,7 @@ def _export_section(report: Report) -> Section:
         Line("base model", info["base_model"]),
         Line("architectures", str(info["architectures"])),
         Line("dtype", info["dtype"]),
-        Line("merged LoRA into", code=tuple(info["merged_lora_modules"])),
+        Line(f"merged {info['peft_type']} into", code=tuple(info["merged_modules"])),
         Line("from the adapter", code=tuple(info["tensors_from_adapter"])),
     ]
     if info["files_copied_from_base"]:
