@@ -256,3 +256,23 @@ def test_verify_proves_an_exported_model_against_its_source_and_catches_a_wrong_
     code, stdout, _ = run_cli("verify", tampered, *args)
     verdict = json.loads(stdout)
     assert code == 8 and any("logits differ from the source" in r for r in verdict["reasons"])
+
+
+def test_verify_checks_a_tuner_export_against_peft_running_the_source_unmerged(exported, tmp_path):
+    case_dir = TUNER_FIXTURES / "loha_llama_score"
+    args = ("--base-model", case_dir / "base", "--source", case_dir / "run" / "checkpoint-2", "--format", "json")
+    code, stdout, _ = run_cli("verify", exported["loha_llama_score"], *args)
+    verdict = json.loads(stdout)
+    assert code == 0 and verdict["max_logit_diff_vs_source"] <= 1e-4, verdict
+    assert any("body layers unmerged" in note for note in verdict["notes"])
+
+    from safetensors.torch import save_file
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(exported["loha_llama_score"], tampered)
+    tensors = load_file(tampered / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"  # a body weight the export merged LoHa into
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, tampered / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, _ = run_cli("verify", tampered, *args)
+    assert code == 8 and any("logits differ from the source" in r for r in json.loads(stdout)["reasons"])

@@ -134,7 +134,7 @@ def run_checks(
     if result.missing_tensors:
         result.reasons.append(f"tensors the adapter config implies are missing: {listed(result.missing_tensors)}")
     if source is not None and source_state is not None:
-        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids)
+        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids, merged=False)
 
 
 def run_merged_checks(
@@ -158,7 +158,7 @@ def run_merged_checks(
         del model
     _judge(result, probes)
     if source is not None and source_state is not None:
-        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids)
+        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids, merged=True)
 
 
 def _judge(result: VerifyResult, probes: list[Probe]) -> None:
@@ -188,11 +188,14 @@ def _compare_with_source(
     base: BaseModel,
     auto_name: str,
     input_ids: Any,
+    merged: bool,
 ) -> None:
-    expected, why = source_logits(source, source_state, base, auto_name, input_ids)
+    expected, why = source_logits(source, source_state, base, auto_name, input_ids, merged=merged)
     if expected is None:
         result.notes.append(f"not independently checked against the source: {why}")
         return
+    if why:
+        result.notes.append(why)
     diff = (first.logits - expected).abs().max().item()
     result.max_logit_diff_vs_source = diff
     if not diff <= result.tolerance:

@@ -120,11 +120,25 @@ def _model_tensor(model: Any, name: str) -> Any:
 
 
 def source_logits(
-    source: Path, state: CheckpointState, base_model: BaseModel, auto_name: str, input_ids: Any
+    source: Path,
+    state: CheckpointState,
+    base_model: BaseModel,
+    auto_name: str,
+    input_ids: Any,
+    merged: bool = False,
 ) -> tuple[Any, str]:
-    """The broken source's own logits, computed without the fold, or ``(None, why not)``."""
+    """The broken source's own logits, computed without the fold, or ``(None, why not)``.
+
+    A non-LoRA tuner's head has no formula here: only for a ``merged`` (exported) model is its source run by
+    peft, heads repaired in memory, and the logits come with a note saying what that does and does not check.
+    """
     import torch
 
+    peft_type = state.config.get("peft_type", "LORA")
+    if peft_type != "LORA" and not merged:
+        return None, f"a {peft_type} head is computed by the repair's own fold (peft's merge), nothing independent"
+    if peft_type != "LORA":
+        return _tuner_source_logits(source, base_model, auto_name, input_ids)
     parts = _split_source(load_adapter_tensors(state.source_dir, state.weights_file))
     if parts.ignored:
         return None, f"source tensors outside {PREFIX}*: {listed(parts.ignored)}"
@@ -219,3 +233,22 @@ def _with_body_lora(base: Any, source: Path, state: CheckpointState, body: dict[
     if loaded.unexpected_keys or missing:
         return None, f"the source's body LoRA does not load cleanly ({listed(loaded.unexpected_keys + missing)})"
     return model, ""
+
+
+def _tuner_source_logits(source: Path, base_model: BaseModel, auto_name: str, input_ids: Any) -> tuple[Any, str]:
+    """A non-LoRA tuner's source, repaired in memory and run by peft unmerged: its body layers compute with
+    peft's own forward, so a merged export is checked against another code path than the one that merged it."""
+    from ckpt_migrate.core.errors import CkptMigrateError
+    from ckpt_migrate.execute.in_memory import load_repaired
+    from ckpt_migrate.planner import plan_checkpoint
+
+    try:
+        plan = plan_checkpoint(source, base_model=base_model)
+        model = load_repaired(plan, base_model, auto_name)
+    except CkptMigrateError as exc:
+        return None, f"the source cannot be loaded repaired: {exc}"
+    note = (
+        "the source was run by peft with its body layers unmerged (another code path than the export's merge) and "
+        "its heads repaired in memory by the same fold as the export (not independent for the heads)"
+    )
+    return logits(model, input_ids), note
