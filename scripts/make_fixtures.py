@@ -721,6 +721,28 @@ LAYOUT_CASES = {
         "logits_unsaved_biases_reset/<checkpoint>: the trained model with those biases put back to their initial "
         "values, which is the best any repair can give",
     ),
+    "boft_bert_boft_only_bias": case(
+        "bert",
+        BERT,
+        tuner="BOFTConfig",
+        lora=seq_cls_tuner(boft_block_size=4, bias="boft_only"),
+        heads=["classifier"],
+        lr=2e-2,
+        lossy_bias=True,
+        notes="BOFT bias='boft_only': peft 0.12 trains the biases of every BOFT-wrapped Linear and, like LoRA's "
+        "lora_only, looks for <m>.bias when saving: none saved (the double-wrapped head's copy keeps its own)",
+    ),
+    "vera_roberta_vera_only_bias": case(
+        "roberta",
+        ROBERTA,
+        tuner="VeraConfig",
+        lora=seq_cls_tuner(r=4, bias="vera_only"),
+        heads=["classifier"],
+        lr=2e-2,
+        lossy_bias=True,
+        notes="VeRA bias='vera_only': peft 0.12 trains the biases of every VeRA-wrapped Linear and saves only "
+        "vera_lambda_* and the projections: none of them saved",
+    ),
     "llama_fp16": case(
         "llama",
         LLAMA,
@@ -1150,7 +1172,8 @@ def build_case(name, spec, out_root):
         assert len(checkpoints) == 1, "the unsaved biases are measured on the final model only"
         reset, lost = unsaved_biases_reset_logits(peft_model, base_dir, ref_ids)
         loss = (reset - final_logits).abs().max().item()
-        print(f"  unsaved lora_only biases: {len(lost)}; max|trained - trained with them reset| = {loss:.4g}")
+        bias = spec["lora"].get("bias")
+        print(f"  unsaved biases ({bias}): {len(lost)}; max|trained - trained with them reset| = {loss:.4g}")
         assert lost and loss > 20 * tol, "the unsaved biases did not move the logits measurably"
         ref[f"logits_unsaved_biases_reset/{checkpoints[-1]}"] = reset.float().contiguous()
     save_file(ref, os.path.join(case_dir, "reference.safetensors"), metadata={"format": "pt"})

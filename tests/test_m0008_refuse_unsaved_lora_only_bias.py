@@ -94,3 +94,24 @@ def test_modules_without_bias_lose_nothing(tmp_path):
     assert "0008_refuse_unsaved_lora_only_bias" in json.loads(stdout)["checkpoints"][0]["migrations_not_needed"]
     code, _, stderr = run_cli("fix", src, "--out", tmp_path / "out", "--quiet")
     assert code == 4 and "pass --base-model DIR to tell which have a bias" in stderr
+
+
+#: The same loss with other tuners, real peft 0.12 checkpoints (tests/fixtures_layouts): BOFT's boft_only is saved
+#: by LoRA's lookup (<m>.bias), VeRA saves no bias at all.
+OTHER_TUNERS = {"boft_bert_boft_only_bias": "bias='boft_only'", "vera_roberta_vera_only_bias": "bias='vera_only'"}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_TUNERS))
+def test_other_tuners_unsaved_biases_are_refused_and_the_lossy_repair_is_the_best_one(name, tmp_path):
+    case = LAYOUTS / name
+    lost = set(load_case(case)["unsaved_biases_max_change"])
+    source = case / "run" / "checkpoint-2"
+    code, _, stderr = run_cli("fix", source, "--out", tmp_path / "refused", "--base-model", case / "base")
+    assert code == 4 and not (tmp_path / "refused").exists()
+    assert OTHER_TUNERS[name] in stderr and all(bias in stderr for bias in lost)
+    code, stdout, _ = run_cli("fix", source, "--out", tmp_path / "out", "--allow-lossy", "--format", "json")
+    assert code == 0 and all(bias in json.loads(stdout)["checkpoints"][0]["losses"][0] for bias in lost)
+    tolerance = load_case(case)["tolerance"]
+    out = tmp_path / "out"
+    assert max_logit_error(case, out, "checkpoint-2", "logits_unsaved_biases_reset/checkpoint-2") <= tolerance
+    assert max_logit_error(case, out, "checkpoint-2") > 20 * tolerance  # the loss is real
