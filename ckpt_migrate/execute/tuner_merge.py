@@ -127,7 +127,9 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
 
     weight = read(fold.weight, fold.weight_file).to(torch.float64)
     bias = read(fold.bias, fold.bias_file).to(torch.float64) if fold.bias else None
+    in_features = weight.shape[1]
     holder = _holder(fold.module, weight, bias)
+    del weight, bias  # the holder's layer has its own copies: memory holds about four copies of one weight at most
     with warnings.catch_warnings():
         # peft's setup chatter (BOFT's CUDA extension, AdaLoRA's unused r): what matters is checked below.
         warnings.simplefilter("ignore")
@@ -140,8 +142,8 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
     with torch.no_grad():
         _load(layer, fold, read)
         # The unmerged layer runs in float32, as in training (some releases' forward assumes it: HRA in 0.12).
-        probe = torch.randn((8, weight.shape[1]), generator=torch.Generator().manual_seed(0))
-        unmerged = copy.deepcopy(layer).float()(probe).double()
+        probe = torch.randn((8, in_features), generator=torch.Generator().manual_seed(0))
+        unmerged = copy.deepcopy(layer).float()(probe).double()  # a float32 copy, freed right after
         layer.merge()
         base = layer.get_base_layer()
         merged = torch.nn.functional.linear(probe.double(), base.weight, base.bias)
@@ -152,7 +154,7 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
             f"{fold.module}: the installed peft's merged {fold.peft_type} layer does not compute what its unmerged "
             f"layer computes (relative error {error:.3g})"
         )
-    return base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
+    return base.weight.detach(), None if base.bias is None else base.bias.detach()
 
 
 def merged_parameter(tensor: PlannedTensor, read: TensorSource) -> Any:
