@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FIXTURES, OLD_STACK, TUNER_FIXTURES, load_case, old_python, run_cli, tree_digest
+from conftest import FIXTURES, HELDOUT, OLD_STACK, TUNER_FIXTURES, load_case, old_python, run_cli, tree_digest
 from safetensors.torch import load_file
 
 import ckpt_migrate
@@ -27,6 +27,9 @@ CASES = [  # (case dir, checkpoint): double-wrapped, nested, two heads, token cl
     (FIXTURES / "bart_lora_only_head", "checkpoint-2"),
     (FIXTURES / "mistral_bf16", "checkpoint-2"),
     (OLD_STACK / "llama_score_peft082", "checkpoint-2"),
+    # GPT-2's Conv1D stores (in, out); its square attn.c_proj is told by class (the saved config says
+    # fan_in_fan_out false)
+    (HELDOUT / "gpt2_score", "checkpoint-2"),
     # every other tuner 0007 folds, merged into the body by peft's own layer code: AdaLoRA after its rank budget
     # trimmed the saved ranks, IA3 (token classification, biases scaled), VeRA's shared projections, LN Tuning
     (TUNER_FIXTURES / "adalora_roberta_nested", "checkpoint-4"),

@@ -162,6 +162,7 @@ def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], r
     if not tuned:
         return
     modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    # GPT-2's Conv1D (weight stored (in, out)) is told by class: peft 0.12 saves fan_in_fan_out false even there.
     other = {m: type(modules.get(m)).__name__ for m in tuned if type(modules.get(m)).__name__ != "Linear"}
     if other:
         listed = ", ".join(f"{m} ({cls})" for m, cls in sorted(other.items())[:3])
