@@ -14,17 +14,18 @@ from ckpt_migrate.formats.dtypes import DTYPES, from_torch, to_torch
 from ckpt_migrate.formats.safetensors import Computed, CopyFrom, OutputTensor, SafetensorsHeader, read_header
 
 
-def tensor_bytes(tensor: Any) -> bytes:
-    """The little-endian bytes safetensors stores for ``tensor`` (works for bfloat16 too)."""
-    return tensor.contiguous().reshape(-1).view(to_torch("U8")).numpy().tobytes()
+def tensor_bytes(tensor: Any) -> memoryview:
+    """The little-endian bytes safetensors stores for ``tensor`` (works for bfloat16 too), without a copy."""
+    return memoryview(tensor.contiguous().reshape(-1).view(to_torch("U8")).numpy())
 
 
-def _from_bytes(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Any:
+def _from_bytes(raw: bytearray, dtype: str, shape: tuple[int, ...]) -> Any:
+    """A tensor over ``raw`` itself (writable: a fold updates it in place)."""
     import torch
 
     if not raw:
         return torch.empty(shape, dtype=to_torch(dtype))
-    return torch.frombuffer(bytearray(raw), dtype=to_torch(dtype)).reshape(shape)
+    return torch.frombuffer(raw, dtype=to_torch(dtype)).reshape(shape)
 
 
 class TensorReader:
@@ -59,11 +60,11 @@ class TensorReader:
     def tensor(self, name: str, base_file: Path | None = None) -> Any:
         header = self._header(base_file)
         if header is None:
-            return self._bin[name]
+            return self._bin[name].clone()  # a fold updates what it reads in place
         info = header.tensors[name]
         return _from_bytes(header.read_bytes(name), info.dtype, info.shape)
 
-    def copy_source(self, tensor: PlannedTensor) -> bytes | CopyFrom:
+    def copy_source(self, tensor: PlannedTensor) -> memoryview | CopyFrom:
         """Where an output tensor that is not computed gets its bytes."""
         source = tensor.source
         header = self._header(source.base_file)
@@ -73,25 +74,35 @@ class TensorReader:
         return CopyFrom(header.path, header.data_start + info.begin, info.nbytes)
 
 
+#: Rows of a weight folded at a time: the float64 work stays in a few MB (fresh multi-GB float64 copies cost more
+#: in page faults than the arithmetic), and the result is written over the weight as read.
+FOLD_BLOCK_BYTES = 8 * 1024 * 1024
+
+
 def fold(reader: TensorReader, tensor: PlannedTensor) -> Any:
     """``W + s * B @ A`` (with DoRA, rows rescaled to the learned magnitude), in float64, cast back.
 
-    In place on one float64 copy of the weight, so a fold holds about three times the weight's bytes.
+    Block by block of output rows, each block computed in float64 and written back into the weight as read, so
+    a fold holds the weight once plus a few MB. (Each output element is the same float64 expression, in the same
+    order, as for the whole matrix at once.)
     """
     import torch
 
     source = tensor.source
     weight = reader.tensor(source.tensor, source.base_file)
-    dtype = weight.dtype
-    merged = weight.double()
-    del weight
-    out_in = merged.T if source.fan_in_fan_out else merged  # a view: the in-place update lands in ``merged``
+    out_in = weight.T if source.fan_in_fan_out else weight  # a view: the in-place updates land in ``weight``
     lora_a, lora_b = reader.tensor(source.lora_A).double(), reader.tensor(source.lora_B).double()
-    out_in.addmm_(lora_b, lora_a, alpha=source.scale)
-    if source.magnitude:
-        magnitude = reader.tensor(source.magnitude).double().reshape(-1)
-        out_in.mul_((magnitude / torch.linalg.norm(out_in, dim=1))[:, None])
-    return merged.to(dtype)
+    magnitude = reader.tensor(source.magnitude).double().reshape(-1) if source.magnitude else None
+    rows = out_in.shape[0]
+    block = rows if source.fan_in_fan_out else max(1, FOLD_BLOCK_BYTES // (8 * max(1, out_in.shape[1])))
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        merged = out_in[start:stop].double()
+        merged.addmm_(lora_b[start:stop], lora_a, alpha=source.scale)
+        if magnitude is not None:
+            merged.mul_((magnitude[start:stop] / torch.linalg.norm(merged, dim=1))[:, None])
+        out_in[start:stop] = merged
+    return weight
 
 
 def computed(reader: TensorReader, tensor: PlannedTensor) -> Any:
@@ -138,5 +149,5 @@ def output_tensors(
     return outputs
 
 
-def _computed_bytes(reader: TensorReader, tensor: PlannedTensor, dtype: str) -> bytes:
+def _computed_bytes(reader: TensorReader, tensor: PlannedTensor, dtype: str) -> memoryview:
     return tensor_bytes(value(reader, tensor).to(to_torch(dtype)))

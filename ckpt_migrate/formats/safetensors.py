@@ -25,7 +25,7 @@ from pathlib import Path
 from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.formats.digests import FollowingSha256, OnBytes, both
 from ckpt_migrate.formats.dtypes import DTYPES, STORAGE_RANK
-from ckpt_migrate.formats.files import BLOCK_BYTES, copy_range, new_file, pwrite_all
+from ckpt_migrate.formats.files import BLOCK_BYTES, EarlyWriteback, copy_range, new_file, pwrite_all
 
 #: The header limit of safetensors itself (``MAX_HEADER_SIZE`` in its Rust crate): larger is refused there too.
 MAX_HEADER_BYTES = 100_000_000
@@ -57,14 +57,17 @@ class SafetensorsHeader:
     data_start: int
     file_size: int
 
-    def read_bytes(self, name: str) -> bytes:
-        """Read the raw bytes of one tensor (and nothing else) from the file."""
+    def read_bytes(self, name: str) -> bytearray:
+        """Read the raw bytes of one tensor (and nothing else) from the file, into a new writable buffer."""
         info = self.tensors[name]
-        with open(self.path, "rb") as handle:
-            handle.seek(self.data_start + info.begin)
-            data = handle.read(info.nbytes)
-        if len(data) != info.nbytes:
-            raise UnreadableInputError(f"file shrank while reading tensor {name!r}", self.path)
+        data = bytearray(info.nbytes)
+        view, done = memoryview(data), 0
+        with open(self.path, "rb", buffering=0) as handle:
+            while done < info.nbytes:
+                got = os.preadv(handle.fileno(), [view[done:]], self.data_start + info.begin + done)
+                if got == 0:
+                    raise UnreadableInputError(f"file shrank while reading tensor {name!r}", self.path)
+                done += got
         return data
 
 
@@ -175,7 +178,7 @@ class CopyFrom:
 
 
 #: Computed bytes: given directly, or by a function called when the writer reaches the tensor.
-Computed = bytes | Callable[[], bytes]
+Computed = bytes | memoryview | Callable[[], bytes | memoryview]
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,8 @@ def write_safetensors(
     head = encode_header(ordered, metadata, data_phase)
     with new_file(path) as out:
         digest = FollowingSha256(path, on_bytes)
-        wrote = both(on_bytes, digest.advance)
+        writeback = EarlyWriteback(out.fileno())
+        wrote = both(on_bytes, digest.advance, writeback.wrote)
         try:
             fd = out.fileno()
             pwrite_all(fd, head, 0)
@@ -256,7 +260,9 @@ def write_safetensors(
                         copy_range(source.fileno(), run.offset, fd, position, run.length, wrote)
                     position += run.length
                     continue
-                data = run.data if isinstance(run.data, bytes) else run.data()
+                if callable(run.data):
+                    writeback.pause()
+                data = run.data() if callable(run.data) else run.data
                 if len(data) != run.nbytes:
                     raise ValueError(f"{run.name}: {len(data)} bytes computed for shape {run.shape} {run.dtype}")
                 pwrite_all(fd, data, position)
@@ -264,6 +270,7 @@ def write_safetensors(
                 wrote(len(data))
         finally:
             digest.close()
+            writeback.join()
     return digest.hexdigest()
 
 
