@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError, VerificationFailedError
 from ckpt_migrate.core.migration import Migration
-from ckpt_migrate.core.plan import Options, Status
+from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
@@ -192,6 +192,24 @@ def _write_all(
     write_and_publish(report.checkpoints, out_path, single=single, check=check, progress=progress, hashes=hashes)
 
 
+def _chosen_adapter(repair: CheckpointPlan, name: str | None, notes: list[str]) -> CheckpointPlan:
+    """The plan of the adapter to merge: ``name`` (a subfolder adapter, or "default" at the top), else the top
+    one, else the only one; the others are named in a note."""
+    plans = ({"default": repair} if repair.before.weights_file else {}) | {
+        a.relative.strip("/"): a for a in repair.adapters
+    }
+    if name is None and len(plans) > 1 and "default" not in plans:
+        raise UnreadableInputError(f"the checkpoint holds adapters {', '.join(sorted(plans))}: pass --adapter NAME")
+    chosen = name or ("default" if "default" in plans else next(iter(plans), None))
+    if chosen not in plans:
+        held = ", ".join(sorted(plans)) or "none"
+        raise UnreadableInputError(f"no adapter {chosen!r} in the checkpoint (it holds: {held})", repair.source)
+    others = sorted(set(plans) - {chosen})
+    if others:
+        notes.append(f"merged adapter {chosen!r}; the checkpoint also holds {', '.join(others)} (--adapter NAME)")
+    return plans[chosen]
+
+
 def export(
     src: str | Path,
     out: str | Path | None = None,
@@ -201,13 +219,15 @@ def export(
     dry_run: bool = False,
     max_shard_bytes: int = 5 * 10**9,
     progress: bool | None = None,
+    adapter: str | None = None,
 ) -> Report:
     """Write a standalone model: ``base_model`` with every LoRA delta of ``src`` folded in and its repaired head.
 
     ``src`` (a checkpoint, broken or repaired; a path or a Hub id) is repaired in memory by the same
     migrations as ``fix``, with the same refusals. Plain transformers loads the result with the Auto
     class of its ``config.json`` (the base's, with the head class the adapter was trained for).
-    ``dtype``: ``"auto"`` (the base's) or ``float32``/``bfloat16``/``float16``.
+    ``dtype``: ``"auto"`` (the base's) or ``float32``/``bfloat16``/``float16``. ``adapter``: which adapter of a
+    checkpoint holding several (peft's subfolder name; default: the one at the top, else the only one).
 
     >>> export("run/checkpoint-500", "merged", base_model="acme/tiny-llama").exit_code  # doctest: +SKIP
     0
@@ -237,7 +257,7 @@ def export(
     report.checkpoints = [result]
     if repair.status is Status.UNRECOVERABLE:
         raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
-    report.export = plan_export(repair, base, dtype, max_shard_bytes)
+    report.export = plan_export(_chosen_adapter(repair, adapter, report.notes), base, dtype, max_shard_bytes)
     if dry_run or out_path is None:
         return report
     from tqdm import tqdm

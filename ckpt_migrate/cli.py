@@ -232,11 +232,25 @@ def inspect(
     show_default=True,
     help="dtype of the floating tensors (auto: as the base model stores them).",
 )
+@click.option(
+    "--adapter",
+    default=None,
+    help="Which adapter of a checkpoint holding several to merge: its name (default: the one at the top, or the "
+    "only one).",
+)
 @FORMAT
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @DEBUG
 def export(
-    src: str, out: str | None, dry_run: bool, base_model: str | None, dtype: str, fmt: str, quiet: bool, debug: bool
+    src: str,
+    out: str | None,
+    dry_run: bool,
+    base_model: str | None,
+    dtype: str,
+    adapter: str | None,
+    fmt: str,
+    quiet: bool,
+    debug: bool,
 ) -> None:
     """Write a standalone model from SRC: the base with every LoRA delta folded in and the repaired head.
 
@@ -249,7 +263,9 @@ def export(
         from ckpt_migrate.api import export as export_model
 
         progress = False if quiet else None
-        report = export_model(src, out, base_model=base_model, dtype=dtype, dry_run=dry_run, progress=progress)
+        report = export_model(
+            src, out, base_model=base_model, dtype=dtype, dry_run=dry_run, progress=progress, adapter=adapter
+        )
         return _emit(report, fmt)
 
     _run(debug, action)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FIXTURES, HELDOUT, OLD_STACK, TUNER_FIXTURES, load_case, old_python, run_cli, tree_digest
+from conftest import FIXTURES, HELDOUT, LAYOUTS, OLD_STACK, TUNER_FIXTURES, load_case, old_python, run_cli, tree_digest
 from safetensors.torch import load_file
 
 import ckpt_migrate
@@ -279,3 +279,38 @@ def test_verify_checks_a_tuner_export_against_peft_running_the_source_unmerged(e
     save_file(tensors, tampered / "model.safetensors", metadata={"format": "pt"})
     code, stdout, _ = run_cli("verify", tampered, *args)
     assert code == 8 and any("logits differ from the source" in r for r in json.loads(stdout)["reasons"])
+
+
+@pytest.mark.parametrize(
+    ("case", "adapter"),
+    [("llama_named_adapter", None), ("llama_two_adapters", "default"), ("llama_two_adapters", "task_b")],
+)
+def test_export_merges_the_chosen_adapter_of_a_checkpoint_holding_several(case, adapter, tmp_path):
+    """peft saves a named adapter in a subfolder: the only one is merged by default, another one by --adapter."""
+    case_dir = LAYOUTS / case
+    name = adapter or "task_a"
+    args = ["--adapter", adapter] if adapter else []
+    code, stdout, stderr = run_cli(
+        "export", case_dir / "run" / "checkpoint-2", "--out", tmp_path / "m", "--base-model", case_dir / "base", *args
+    )
+    assert code == 0, stderr
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    reference = load_file(case_dir / "reference.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits
+    assert (logits - reference[f"logits/checkpoint-2/{name}"]).abs().max().item() <= load_case(case_dir)["tolerance"]
+
+
+def test_export_names_the_adapters_when_the_one_asked_for_is_not_there(tmp_path):
+    case_dir = LAYOUTS / "llama_two_adapters"
+    code, _, stderr = run_cli(
+        "export",
+        case_dir / "run" / "checkpoint-2",
+        "--out",
+        tmp_path / "m",
+        "--base-model",
+        case_dir / "base",
+        "--adapter",
+        "task_c",
+    )
+    assert code == 5 and "(it holds: default, task_b)" in stderr and not (tmp_path / "m").exists()
