@@ -198,6 +198,12 @@ def _chosen_adapter(repair: CheckpointPlan, name: str | None, notes: list[str]) 
     plans = ({"default": repair} if repair.before.weights_file else {}) | {
         a.relative.strip("/"): a for a in repair.adapters
     }
+    if not plans:
+        raise UnreadableInputError(
+            "export merges an adapter, and this checkpoint has none (adapter_config.json): a full model loads "
+            "with transformers as it is",
+            repair.source,
+        )
     if name is None and len(plans) > 1 and "default" not in plans:
         raise UnreadableInputError(f"the checkpoint holds adapters {', '.join(sorted(plans))}: pass --adapter NAME")
     chosen = name or ("default" if "default" in plans else next(iter(plans), None))
@@ -220,6 +226,7 @@ def export(
     max_shard_bytes: int = 5 * 10**9,
     progress: bool | None = None,
     adapter: str | None = None,
+    allow_lossy: bool = False,
 ) -> Report:
     """Write a standalone model: ``base_model`` with every LoRA delta of ``src`` folded in and its repaired head.
 
@@ -228,6 +235,7 @@ def export(
     class of its ``config.json`` (the base's, with the head class the adapter was trained for).
     ``dtype``: ``"auto"`` (the base's) or ``float32``/``bfloat16``/``float16``. ``adapter``: which adapter of a
     checkpoint holding several (peft's subfolder name; default: the one at the top, else the only one).
+    ``allow_lossy``: as for ``fix``, merge the best repair of a checkpoint that lost trained values, recording the loss.
 
     >>> export("run/checkpoint-500", "merged", base_model="acme/tiny-llama").exit_code  # doctest: +SKIP
     0
@@ -252,7 +260,7 @@ def export(
         from ckpt_migrate.execute.publish import check_output_target
 
         check_output_target(src, out_path)
-    repair = plan_checkpoint(src / relatives[0], relatives[0], base, Options())
+    repair = plan_checkpoint(src / relatives[0], relatives[0], base, Options(allow_lossy=allow_lossy))
     result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
     report.checkpoints = [result]
     if repair.status is Status.UNRECOVERABLE:

@@ -238,6 +238,11 @@ def inspect(
     help="Which adapter of a checkpoint holding several to merge: its name (default: the one at the top, or the "
     "only one).",
 )
+@click.option(
+    "--allow-lossy",
+    is_flag=True,
+    help="Merge the best repair of a checkpoint whose trained values were never saved, recording the loss.",
+)
 @FORMAT
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @DEBUG
@@ -248,6 +253,7 @@ def export(
     base_model: str | None,
     dtype: str,
     adapter: str | None,
+    allow_lossy: bool,
     fmt: str,
     quiet: bool,
     debug: bool,
@@ -264,7 +270,14 @@ def export(
 
         progress = False if quiet else None
         report = export_model(
-            src, out, base_model=base_model, dtype=dtype, dry_run=dry_run, progress=progress, adapter=adapter
+            src,
+            out,
+            base_model=base_model,
+            dtype=dtype,
+            dry_run=dry_run,
+            progress=progress,
+            adapter=adapter,
+            allow_lossy=allow_lossy,
         )
         return _emit(report, fmt)
 

@@ -148,6 +148,9 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
         blocks += [
             b for b in _adapter_blocks(entry, "") if isinstance(b, Table) and b.title.startswith("tensors added")
         ]
+        if entry["losses"]:
+            text = "LOSSY: the exported model does not reproduce the trained model: " + "; ".join(entry["losses"])
+            blocks.append(Line("WARNING", text))
         return Section(f"{result.source}: {entry['status']} (repaired in memory)", blocks)
     section = Section(f"{result.source}: {_status_text(report, entry)}")
     blocks = section.blocks

@@ -158,7 +158,7 @@ def plan(state: CheckpointState, context: Context) -> None:
     body = set(tuner_modules(state, tuner))
     move_heads_to_modules_to_save(state, heads, head_modules, body=body, patterns=PATTERNS.get(tuner.peft_type, ()))
     if tuner.peft_type == "IA3":
-        ia3_loadable(state, body)
+        ia3_loadable(state, body, context.source.config.get("target_modules"))
 
 
 def compute(tensor: PlannedTensor, read: TensorSource) -> Any:

@@ -111,7 +111,7 @@ def plan(state: CheckpointState, context: Context) -> None:
     body = set(tuner_modules(state, tuner))
     move_heads_to_modules_to_save(state, set(heads), head_modules, body=body, patterns=patterns)
     if tuner.peft_type == "IA3":
-        ia3_loadable(state, body)
+        ia3_loadable(state, body, context.source.config.get("target_modules"))
     state.warn(
         f"head {names} was rebuilt from {base.directory}: this is exact only if those are the head weights "
         "the training started from (check with the trained model's logits if you have them)"

@@ -314,3 +314,16 @@ def test_export_names_the_adapters_when_the_one_asked_for_is_not_there(tmp_path)
         "task_c",
     )
     assert code == 5 and "(it holds: default, task_b)" in stderr and not (tmp_path / "m").exists()
+
+
+def test_export_says_what_is_wrong_with_its_inputs(tmp_path):
+    full = OLD_STACK / "llama_full_finetune"
+    args = ("--out", tmp_path / "a", "--base-model", full / "base")
+    code, _, stderr = run_cli("export", full / "run" / "checkpoint-2", *args)
+    assert code == 5 and "this checkpoint has none" in stderr
+    loha, other = TUNER_FIXTURES / "loha_llama_score", TUNER_FIXTURES / "boft_bert_classifier"
+    code, _, stderr = run_cli(
+        "export", loha / "run" / "checkpoint-2", "--out", tmp_path / "b", "--base-model", other / "base"
+    )
+    assert code == 4 and "is --base-model the model this adapter was trained on?" in stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

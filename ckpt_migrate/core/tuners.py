@@ -313,11 +313,12 @@ def ia3_feedforward(config: dict[str, Any], module: str) -> bool:
     return any(module.endswith(entry) for entry in modules)
 
 
-def ia3_loadable(state: CheckpointState, body: set[str]) -> None:
+def ia3_loadable(state: CheckpointState, body: set[str], original_targets: Any) -> None:
     """IA3Config refuses feedforward_modules that are not literally a subset of target_modules (every release).
 
     all-linear saves the Linear names (``dense``) next to the model's feedforward default (bert:
-    ``output.dense``), so such adapters load nowhere. Both lists become the full names of the same modules.
+    ``output.dense``), so such adapters load nowhere; and a repair that spells target_modules out in full (to
+    leave the head out) breaks a list that held. Both lists become the full names of the same modules.
     """
     config = state.config
     feedforward, targets = config.get("feedforward_modules"), config.get("target_modules")
@@ -325,10 +326,17 @@ def ia3_loadable(state: CheckpointState, body: set[str]) -> None:
         return
     config["feedforward_modules"] = sorted(m for m in body if ia3_feedforward(config, m))
     config["target_modules"] = sorted(body)
+    refuse = "peft refuses (ValueError: `feedforward_modules` should be a subset of `target_modules`)"
+    if isinstance(original_targets, list) and set(feedforward) <= set(original_targets):
+        state.warn(
+            f"adapter_config.json: target_modules now names the body modules in full (the head left out), so IA3 "
+            f"feedforward_modules {feedforward} is rewritten to the same full names (a list that is not a subset "
+            f"of target_modules {refuse})"
+        )
+        return
     state.warn(
         f"adapter_config.json: IA3 feedforward_modules {feedforward} is not a subset of target_modules, which "
-        "every peft refuses (ValueError: `feedforward_modules` should be a subset of `target_modules`); both now "
-        "name the same modules by their full names"
+        f"every {refuse}; both now name the same modules by their full names"
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckpt_migrate.core.errors import UnrecoverableError
+from ckpt_migrate.core.errors import UnreadableInputError, UnrecoverableError
 from ckpt_migrate.core.heads import lora_modules, plan_fold
 from ckpt_migrate.core.peft_layout import head_root, parse_lora_key, parse_module_key, strip_prefix
 from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState, PlannedTensor, Source, SourceKind
@@ -64,7 +64,7 @@ def _refuse_unsupported(repair: CheckpointPlan) -> Tuner | None:
     """The non-LoRA tuner to merge (None for LoRA), or the reason the adapter cannot be merged exactly."""
     config = repair.after.config
     if not config:
-        raise UnrecoverableError("export needs an adapter checkpoint (this one has no adapter_config.json)")
+        raise UnreadableInputError("export merges an adapter, and this plan has none", repair.source)
     if config.get("peft_type") == "LORA":
         if any(".lora_embedding_" in name for name in repair.after.tensors):
             raise UnrecoverableError("export does not merge embedding LoRA (lora_embedding_A/B) yet", repair.source)
@@ -139,7 +139,10 @@ def plan_export(
             planned.append(weight)
     unmerged = sorted(set(lora) | (set(tuned) - merged))
     if unmerged:
-        raise UnrecoverableError(f"adapter modules {unmerged} have no weight in the base model {base.directory}")
+        raise UnrecoverableError(
+            f"adapter modules {unmerged} have no weight in the base model {base.directory}: is --base-model the "
+            "model this adapter was trained on?"
+        )
     planned += [_renamed(t, name) for name, t in sorted(whole.items())]  # e.g. a head the base lacks
     head_outputs = [t.shape[0] for t in planned if head_root(t.name) and t.name.endswith(".weight") and t.shape]
     num_labels = min(head_outputs) if head_outputs else None
@@ -162,6 +165,13 @@ def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], r
     if not tuned:
         return
     modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    absent = sorted(m for m in tuned if m not in modules)
+    if absent:
+        raise UnrecoverableError(
+            f"the base model {base.directory} has no module {', '.join(absent[:3])}: is --base-model the model this "
+            "adapter was trained on?",
+            repair.source,
+        )
     # GPT-2's Conv1D (weight stored (in, out)) is told by class: peft 0.12 saves fan_in_fan_out false even there.
     other = {m: type(modules.get(m)).__name__ for m in tuned if type(modules.get(m)).__name__ != "Linear"}
     if other:
@@ -260,6 +270,7 @@ def write_export(plan: ExportPlan, target: Path, on_bytes: Any = None) -> dict[s
         "repair_migrations": list(plan.repair.migrations),
         "peft_type": plan.repair.after.config.get("peft_type"),
         "merged_modules": list(plan.merged),
+        "losses": list(plan.repair.losses),
         "tensors_from_adapter": list(plan.from_adapter),
         "files_copied_from_base": list(plan.carried),
         "outputs_sha256": dict(sorted(outputs.items())),
