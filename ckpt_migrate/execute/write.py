@@ -22,15 +22,16 @@ from ckpt_migrate.formats.safetensors import read_header, write_safetensors
 METADATA_KEY = "ckpt_migrate"
 
 
-def rewrite_file(name: str, plan: CheckpointPlan, target: Path) -> None:
-    """Write a file a migration rewrites (rather than copies), with that migration's ``write``."""
+def rewrite_file(name: str, plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None) -> str | None:
+    """Write a file a migration rewrites (rather than copies), with that migration's ``write``; the sha256
+    of the file written when the migration hashed it while writing it, else None."""
     from ckpt_migrate.migrations import by_id
 
     rewrite = plan.after.rewritten_files[name]
     migration = by_id(rewrite.migration)
     if not isinstance(migration, RewritingMigration):
         raise TypeError(f"migration {rewrite.migration} planned a rewrite of {name} but has no write()")
-    migration.write(rewrite, plan.before.source_dir / name, target / name)
+    return migration.write(rewrite, plan.before.source_dir / name, target / name, on_bytes)
 
 
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
@@ -117,14 +118,19 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
         if kind == "copy":
             outputs[name] = files.copy_file(source / name, target / name, progress)
         elif kind == "rewrite":
-            rewrite_file(name, plan, target)
-            hashes.start(target / name, progress)
+            digest = rewrite_file(name, plan, target, progress)
+            if digest is None:
+                hashes.start(target / name, progress)
+            else:
+                outputs[name] = digest
         else:  # an adapter, at the top ("") or in a subfolder ("task_b/")
             adapter = dict(plan.rewritten_adapters)[name]
             (target / name).mkdir(exist_ok=True)
             outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, progress).items()})
     inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
-    outputs.update({name: hashes.result(target / name, progress) for name in after.rewritten_files})
+    outputs.update(
+        {name: hashes.result(target / name, progress) for name in after.rewritten_files if name not in outputs}
+    )
     if importing is not None:
         importing.join()
     for name in copied:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError
-from ckpt_migrate.formats.digests import OnBytes
+from ckpt_migrate.formats.digests import FollowingSha256, OnBytes
 from ckpt_migrate.formats.files import copy_range, new_file, pwrite_all
 
 ALIGNMENT = 64
@@ -132,8 +132,9 @@ class _StorageRef:
 
 def write_archive(
     target: Path, obj: Any, storage_key: dict[int, str], source: Path, on_bytes: OnBytes | None = None
-) -> None:
-    """Write ``obj`` as a torch archive at the new file ``target``, storages copied from ``source``."""
+) -> str:
+    """Write ``obj`` as a torch archive at the new file ``target``, storages copied from ``source``; return
+    the sha256 of ``target`` as written, read back while it is written (``on_bytes`` counts those bytes)."""
     prefix, records = read_records(source)
     data_pkl, sources = pickle_like_torch(obj, storage_key)
     missing = [key for key in sources if f"data/{key}" not in records]
@@ -144,18 +145,23 @@ def write_archive(
     head = [n for n in kept if n == "byteorder"]
     tail = [n for n in kept if n != "byteorder"]
     with new_file(target) as handle, open(source, "rb", buffering=0) as src:
-        writer = _ZipWriter(_Output(handle.fileno(), src.fileno(), on_bytes), prefix)
-        writer.add_bytes("data.pkl", data_pkl)
-        for name, data in small:
-            writer.add_bytes(name, data)
-        for name in head:
-            writer.add_copy(name, records[name])
-        for new_key, old_key in enumerate(sources):
-            writer.add_copy(f"data/{new_key}", records[f"data/{old_key}"])
-        for name in tail:
-            writer.add_copy(name, records[name])
-        writer.add_bytes(".data/serialization_id", writer.serialization_id())
-        writer.finish()
+        digest = FollowingSha256(target, on_bytes)
+        try:
+            writer = _ZipWriter(_Output(handle.fileno(), src.fileno(), digest.advance), prefix)
+            writer.add_bytes("data.pkl", data_pkl)
+            for name, data in small:
+                writer.add_bytes(name, data)
+            for name in head:
+                writer.add_copy(name, records[name])
+            for new_key, old_key in enumerate(sources):
+                writer.add_copy(f"data/{new_key}", records[f"data/{old_key}"])
+            for name in tail:
+                writer.add_copy(name, records[name])
+            writer.add_bytes(".data/serialization_id", writer.serialization_id())
+            writer.finish()
+        finally:
+            digest.close()
+    return digest.hexdigest()
 
 
 #: Longest kernel copy :class:`_Output` merges before writing it (and reporting its bytes as written).
