@@ -54,11 +54,13 @@ class Migration(Protocol):
 class RewritingMigration(Migration, Protocol):
     """A migration whose plan rewrites files: the executor hands it each :class:`FileRewrite` naming it."""
 
-    def write(self, rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None) -> str | None:
+    def write(
+        self, rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None
+    ) -> Callable[[], str] | None:
         """Write the new file ``target`` (exclusive create, fsynced) from ``source`` as ``rewrite`` says.
 
-        May return the sha256 of ``target`` as written, read back while it was written (``on_bytes`` then
-        counts the bytes hashed); on None the executor hashes ``target`` afterwards."""
+        May return a function giving the sha256 of ``target`` as written, read back while it is written
+        (``on_bytes`` then counts the bytes hashed); on None the executor hashes ``target`` afterwards."""
         ...
 
 

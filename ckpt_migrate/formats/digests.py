@@ -112,7 +112,7 @@ class FollowingSha256:
 
 def _hash_threads() -> int:
     """Threads for input hashes: leave one CPU to the main thread, whose planning (imports, unpickling) and
-    writes are what the run waits for; on 2 CPUs, two hash threads made planning take 1.5x as long."""
+    writes are what the run waits for (on 2 CPUs, two hash threads left planning 2/3 of a CPU)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -17,12 +17,15 @@ it computes storage offsets itself (``map_location="meta"``, ``calculate_storage
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import secrets
 import struct
+import threading
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,10 +134,19 @@ class _StorageRef:
 
 
 def write_archive(
-    target: Path, obj: Any, storage_key: dict[int, str], source: Path, on_bytes: OnBytes | None = None
-) -> str:
+    target: Path,
+    obj: Any,
+    storage_key: dict[int, str],
+    source: Path,
+    on_bytes: OnBytes | None = None,
+    check: Callable[[], None] | None = None,
+) -> Callable[[], str]:
     """Write ``obj`` as a torch archive at the new file ``target``, storages copied from ``source``; return
-    the sha256 of ``target`` as written, read back while it is written (``on_bytes`` counts those bytes)."""
+    what gives the sha256 of ``target`` as written, read back on a thread while it is written (``on_bytes``
+    counts those bytes; the function waits for the last of them, so later writes overlap the hash).
+
+    ``check`` (which may read ``target``) runs once every byte is written, while the file is fsynced on
+    another thread: a check that raises leaves the file unpublished as any failed write does."""
     prefix, records = read_records(source)
     data_pkl, sources = pickle_like_torch(obj, storage_key)
     missing = [key for key in sources if f"data/{key}" not in records]
@@ -159,9 +171,32 @@ def write_archive(
                 writer.add_copy(name, records[name])
             writer.add_bytes(".data/serialization_id", writer.serialization_id())
             writer.finish()
+            if check is not None:
+                _check_while_syncing(handle.fileno(), check)
         finally:
             digest.close()
-    return digest.hexdigest()
+    return digest.hexdigest
+
+
+def _check_while_syncing(fd: int, check: Callable[[], None]) -> None:
+    """Run ``check`` while ``fd`` is fsynced on a thread (the disk writes while Python checks); an fsync
+    error is raised here (a later fsync of the same file may no longer report it)."""
+    failed: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            os.fsync(fd)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            failed.append(exc)
+
+    syncing = threading.Thread(target=sync, name="fsync", daemon=True)
+    syncing.start()
+    try:
+        check()
+    finally:
+        syncing.join()
+    if failed:
+        raise failed[0]
 
 
 #: Longest kernel copy :class:`_Output` merges before writing it (and reporting its bytes as written).
