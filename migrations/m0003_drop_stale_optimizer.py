@@ -16,6 +16,7 @@ hyperparameters (and so ``scheduler.pt``) stay valid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ckpt_migrate.core.heads import lora_modules
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.peft_layout import PREFIX, modules_to_save_matches, parse_lora_key, wrapper_root
 from ckpt_migrate.core.plan import CheckpointState, FileRewrite, OptimizerPolicy
+from ckpt_migrate.formats.digests import OnBytes
 
 ID = "0003_drop_stale_optimizer"
 SUMMARY = "Drop or remap optimizer.pt, whose parameter groups no longer match the repaired parameters"
@@ -226,19 +228,23 @@ def remapped(saved: dict[str, Any], mapping: tuple[tuple[int | None, ...], ...])
     return {"state": state, "param_groups": groups}
 
 
-def write(rewrite: FileRewrite, source: Path, target: Path) -> None:
+def write(rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None) -> Callable[[], str]:
     """The rebuilt optimizer.pt, written structurally: a new ``data.pkl`` pickled as torch.save pickles,
     the storage records of kept states copied byte for byte by the kernel, those of dropped states left
     out. Memory does not grow with the optimizer. A weights-only ``torch.load`` of the result (memory-mapped:
-    every storage record is found, none is read) must give the planned structure."""
+    every storage record is found, none is read) must give the planned structure. Returns what gives the
+    sha256 of ``target``, read back while it is written (``on_bytes`` counts those bytes)."""
     from ckpt_migrate.formats.pickles import load_weights_only
     from ckpt_migrate.formats.torch_archive import write_archive
 
     skeleton = _skeleton(source)
     rebuilt = remapped(skeleton.obj, rewrite.payload.mapping)
-    write_archive(target, rebuilt, skeleton.storage_key, source)
-    if not _same_structure(load_weights_only(target), rebuilt):
-        raise UnreadableInputError("the rebuilt optimizer.pt does not reload as planned", target)
+
+    def check() -> None:  # runs while the file is fsynced
+        if not _same_structure(load_weights_only(target), rebuilt):
+            raise UnreadableInputError("the rebuilt optimizer.pt does not reload as planned", target)
+
+    return write_archive(target, rebuilt, skeleton.storage_key, source, on_bytes, check)
 
 
 def _same_structure(loaded: Any, planned: Any) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 from ckpt_migrate.core.errors import OutputError, UnreadableInputError
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.plan import CheckpointState, FileRewrite
+from ckpt_migrate.formats.digests import OnBytes
 from ckpt_migrate.formats.pickles import pickle_globals
 
 ID = "0004_portable_rng_state"
@@ -80,7 +81,7 @@ def plan(state: CheckpointState, context: Context) -> None:
         state.rewrite_file(name, FileRewrite(ID, REASON, listed=(("numpy_globals", numpy_globals),)))
 
 
-def write(rewrite: FileRewrite, source: Path, target: Path) -> None:
+def write(rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None) -> None:
     from ckpt_migrate.formats.files import write_new
 
     write_new(target, portable_rng_state_bytes(source))

@@ -27,6 +27,7 @@ from packaging.version import Version
 from ckpt_migrate.core.migration import Context
 from ckpt_migrate.core.plan import CheckpointState, FileRewrite
 from ckpt_migrate.core.releases import KeyTable, target_release
+from ckpt_migrate.formats.digests import OnBytes
 from ckpt_migrate.formats.files import read_json_object
 
 ID = "0005_trainer_state_for_target"
@@ -134,7 +135,7 @@ def plan(state: CheckpointState, context: Context) -> None:
         )
 
 
-def write(rewrite: FileRewrite, source: Path, target: Path) -> None:
+def write(rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None) -> None:
     from ckpt_migrate.formats.files import write_new
 
     write_new(target, rewrite.payload.encode("utf-8"))

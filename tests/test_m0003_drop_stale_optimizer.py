@@ -8,6 +8,7 @@ storage where it computes it should be, CRCs check out, zip64 beyond 4 GiB reads
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -204,3 +205,37 @@ def test_a_state_without_its_storage_record_is_refused(tmp_path):
     broken = {**skeleton.storage_key, some_key: "no-such-record"}
     with pytest.raises(m0003.UnreadableInputError, match="no record for storage"):
         write_archive(tmp_path / "out.pt", skeleton.obj, broken, source)
+
+
+def test_records_stored_back_to_back_are_copied_together_and_hashed_as_written(tmp_path, monkeypatch, resumable):
+    """One kernel copy for the whole run of records (headers written over it); the same bytes as one copy
+    per record; the returned sha256 is the file's."""
+    source = resumable["remap"] / "optimizer.pt"
+    skeleton = load_skeleton(source)
+    calls = []
+    copy_range = torch_archive.copy_range
+    monkeypatch.setattr(torch_archive, "copy_range", lambda *a, **k: calls.append(a) or copy_range(*a, **k))
+    together = tmp_path / "together.pt"
+    digest = write_archive(together, skeleton.obj, skeleton.storage_key, source)()
+    assert len(calls) == 1 < len(read_records(source)[1])
+    assert digest == hashlib.sha256(together.read_bytes()).hexdigest()
+    monkeypatch.setattr(torch_archive, "RUN_BYTES", 1)  # every record copied on its own
+    calls.clear()
+    apart = tmp_path / "apart.pt"
+    write_archive(apart, skeleton.obj, skeleton.storage_key, source)
+    assert len(calls) == len([n for n in read_records(source)[1] if n not in torch_archive._REGENERATED])
+    identity = read_records(apart)[1][".data/serialization_id"]  # random, new for every file
+    assert together.read_bytes()[: identity.offset] == apart.read_bytes()[: identity.offset]
+    assert_same_state(torch.load(together, weights_only=True), torch.load(apart, weights_only=True))
+
+
+def test_a_failed_check_of_the_written_archive_raises(tmp_path, resumable):
+    source = resumable["remap"] / "optimizer.pt"
+    skeleton = load_skeleton(source)
+
+    def check() -> None:
+        assert zipfile.is_zipfile(tmp_path / "out.pt")  # complete when checked
+        raise m0003.UnreadableInputError("does not reload as planned", tmp_path / "out.pt")
+
+    with pytest.raises(m0003.UnreadableInputError, match="reload as planned"):
+        write_archive(tmp_path / "out.pt", skeleton.obj, skeleton.storage_key, source, check=check)

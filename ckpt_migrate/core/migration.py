@@ -19,6 +19,7 @@ from ckpt_migrate.core.plan import CheckpointState, FileRewrite, Options, Planne
 
 if TYPE_CHECKING:
     from ckpt_migrate.formats.base_model import BaseModel
+    from ckpt_migrate.formats.digests import OnBytes
 
 
 #: Reads one input tensor (torch): ``read(name)`` from the adapter, ``read(name, base_file)`` from a base model file.
@@ -53,8 +54,13 @@ class Migration(Protocol):
 class RewritingMigration(Migration, Protocol):
     """A migration whose plan rewrites files: the executor hands it each :class:`FileRewrite` naming it."""
 
-    def write(self, rewrite: FileRewrite, source: Path, target: Path) -> None:
-        """Write the new file ``target`` (exclusive create, fsynced) from ``source`` as ``rewrite`` says."""
+    def write(
+        self, rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None
+    ) -> Callable[[], str] | None:
+        """Write the new file ``target`` (exclusive create, fsynced) from ``source`` as ``rewrite`` says.
+
+        May return a function giving the sha256 of ``target`` as written, read back while it is written
+        (``on_bytes`` then counts the bytes hashed); on None the executor hashes ``target`` afterwards."""
         ...
 
 

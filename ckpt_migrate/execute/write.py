@@ -6,6 +6,7 @@ import importlib
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,18 @@ from ckpt_migrate.formats.safetensors import read_header, write_safetensors
 METADATA_KEY = "ckpt_migrate"
 
 
-def rewrite_file(name: str, plan: CheckpointPlan, target: Path) -> None:
-    """Write a file a migration rewrites (rather than copies), with that migration's ``write``."""
+def rewrite_file(
+    name: str, plan: CheckpointPlan, target: Path, on_bytes: OnBytes | None = None
+) -> Callable[[], str] | None:
+    """Write a file a migration rewrites (rather than copies), with that migration's ``write``: what gives
+    the sha256 of the file written when the migration hashes it while writing it, else None."""
     from ckpt_migrate.migrations import by_id
 
     rewrite = plan.after.rewritten_files[name]
     migration = by_id(rewrite.migration)
     if not isinstance(migration, RewritingMigration):
         raise TypeError(f"migration {rewrite.migration} planned a rewrite of {name} but has no write()")
-    migration.write(rewrite, plan.before.source_dir / name, target / name)
+    return migration.write(rewrite, plan.before.source_dir / name, target / name, on_bytes)
 
 
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
@@ -113,18 +117,25 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
         hashes.start(source / name, progress)
     importing = _import_torch_meanwhile(plan)
     outputs: dict[str, str] = {}
+    hashed_while_written: dict[str, Callable[[], str]] = {}
     for _, kind, name in _largest_first(plan, copied):
         if kind == "copy":
             outputs[name] = files.copy_file(source / name, target / name, progress)
         elif kind == "rewrite":
-            rewrite_file(name, plan, target)
-            hashes.start(target / name, progress)
+            digest = rewrite_file(name, plan, target, progress)
+            if digest is None:
+                hashes.start(target / name, progress)
+            else:
+                hashed_while_written[name] = digest
         else:  # an adapter, at the top ("") or in a subfolder ("task_b/")
             adapter = dict(plan.rewritten_adapters)[name]
             (target / name).mkdir(exist_ok=True)
             outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, progress).items()})
     inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
-    outputs.update({name: hashes.result(target / name, progress) for name in after.rewritten_files})
+    outputs.update({name: digest() for name, digest in hashed_while_written.items()})
+    outputs.update(
+        {name: hashes.result(target / name, progress) for name in after.rewritten_files if name not in outputs}
+    )
     if importing is not None:
         importing.join()
     for name in copied:

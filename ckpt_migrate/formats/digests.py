@@ -110,6 +110,16 @@ class FollowingSha256:
             self._error = exc
 
 
+def _hash_threads() -> int:
+    """Threads for input hashes: leave one CPU to the main thread, whose planning (imports, unpickling) and
+    writes are what the run waits for (on 2 CPUs, two hash threads left planning 2/3 of a CPU)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(1, min(2, cpus - 1))
+
+
 def _key(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
@@ -123,8 +133,8 @@ class Hashes:
     """sha256 of input files on background threads, started ahead of need and used only if the file is
     unchanged when the hash is asked for (same device, inode, size and modification time)."""
 
-    def __init__(self, threads: int = 2):
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sha256")
+    def __init__(self, threads: int | None = None):
+        self._pool = ThreadPoolExecutor(max_workers=threads or _hash_threads(), thread_name_prefix="sha256")
         self._jobs: dict[Path, tuple[tuple[int, int, int, int], Future[str], threading.Event, bool]] = {}
 
     def start(self, path: Path, on_bytes: OnBytes | None = None) -> None:

@@ -7,27 +7,31 @@ storage), and a few small records (``.format_version``, ``.storage_alignment``, 
 all come from a source archive (see :func:`~ckpt_migrate.formats.pickles.load_skeleton`): the new
 ``data.pkl`` is pickled here exactly as ``torch.save`` pickles (same reduce of each tensor, same
 persistent ids, protocol 2: byte-identical for the same object), and each storage record is copied
-in the kernel from the source record, keeping its CRC-32. The layout is miniz's as PyTorch writes
-it: every record's bytes aligned to 64, a data descriptor after every non-empty record, zip64
-fields from 4 GiB on, storages in key order. torch relies on that layout when it computes storage
-offsets itself (``map_location="meta"``, ``calculate_storage_offsets``); ``tests`` check it.
+in the kernel from the source record, keeping its CRC-32 (records that follow each other in the
+source are copied together, headers included, by one kernel copy: see :class:`_Output`). The layout
+is miniz's as PyTorch writes it: every record's bytes aligned to 64, a data descriptor after every
+non-empty record, zip64 fields from 4 GiB on, storages in key order. torch relies on that layout when
+it computes storage offsets itself (``map_location="meta"``, ``calculate_storage_offsets``); ``tests`` check it.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import secrets
 import struct
+import threading
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError
-from ckpt_migrate.formats.digests import OnBytes
+from ckpt_migrate.formats.digests import FollowingSha256, OnBytes
 from ckpt_migrate.formats.files import copy_range, new_file, pwrite_all
 
 ALIGNMENT = 64
@@ -130,9 +134,19 @@ class _StorageRef:
 
 
 def write_archive(
-    target: Path, obj: Any, storage_key: dict[int, str], source: Path, on_bytes: OnBytes | None = None
-) -> None:
-    """Write ``obj`` as a torch archive at the new file ``target``, storages copied from ``source``."""
+    target: Path,
+    obj: Any,
+    storage_key: dict[int, str],
+    source: Path,
+    on_bytes: OnBytes | None = None,
+    check: Callable[[], None] | None = None,
+) -> Callable[[], str]:
+    """Write ``obj`` as a torch archive at the new file ``target``, storages copied from ``source``; return
+    what gives the sha256 of ``target`` as written, read back on a thread while it is written (``on_bytes``
+    counts those bytes; the function waits for the last of them, so later writes overlap the hash).
+
+    ``check`` (which may read ``target``) runs once every byte is written, while the file is fsynced on
+    another thread: a check that raises leaves the file unpublished as any failed write does."""
     prefix, records = read_records(source)
     data_pkl, sources = pickle_like_torch(obj, storage_key)
     missing = [key for key in sources if f"data/{key}" not in records]
@@ -143,18 +157,100 @@ def write_archive(
     head = [n for n in kept if n == "byteorder"]
     tail = [n for n in kept if n != "byteorder"]
     with new_file(target) as handle, open(source, "rb", buffering=0) as src:
-        writer = _ZipWriter(handle.fileno(), prefix)
-        writer.add_bytes("data.pkl", data_pkl)
-        for name, data in small:
-            writer.add_bytes(name, data)
-        for name in head:
-            writer.add_copy(name, src.fileno(), records[name], on_bytes)
-        for new_key, old_key in enumerate(sources):
-            writer.add_copy(f"data/{new_key}", src.fileno(), records[f"data/{old_key}"], on_bytes)
-        for name in tail:
-            writer.add_copy(name, src.fileno(), records[name], on_bytes)
-        writer.add_bytes(".data/serialization_id", writer.serialization_id())
-        writer.finish()
+        digest = FollowingSha256(target, on_bytes)
+        try:
+            writer = _ZipWriter(_Output(handle.fileno(), src.fileno(), digest.advance), prefix)
+            writer.add_bytes("data.pkl", data_pkl)
+            for name, data in small:
+                writer.add_bytes(name, data)
+            for name in head:
+                writer.add_copy(name, records[name])
+            for new_key, old_key in enumerate(sources):
+                writer.add_copy(f"data/{new_key}", records[f"data/{old_key}"])
+            for name in tail:
+                writer.add_copy(name, records[name])
+            writer.add_bytes(".data/serialization_id", writer.serialization_id())
+            writer.finish()
+            if check is not None:
+                _check_while_syncing(handle.fileno(), check)
+        finally:
+            digest.close()
+    return digest.hexdigest
+
+
+def _check_while_syncing(fd: int, check: Callable[[], None]) -> None:
+    """Run ``check`` while ``fd`` is fsynced on a thread (the disk writes while Python checks); an fsync
+    error is raised here (a later fsync of the same file may no longer report it)."""
+    failed: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            os.fsync(fd)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            failed.append(exc)
+
+    syncing = threading.Thread(target=sync, name="fsync", daemon=True)
+    syncing.start()
+    try:
+        check()
+    finally:
+        syncing.join()
+    if failed:
+        raise failed[0]
+
+
+#: Longest kernel copy :class:`_Output` merges before writing it (and reporting its bytes as written).
+RUN_BYTES = 64 * 1024 * 1024
+
+
+class _Output:
+    """The new archive, written front to back as literal bytes (headers, descriptors, small records) and
+    ranges copied from the source.
+
+    A range that starts in the source exactly as far after the previous range's end as the output has
+    advanced since (by literal bytes only) extends that range: one kernel copy takes the source's bytes in
+    between along, and the literal bytes are then written over them. Records the source stores back to back
+    and the output keeps back to back in the same order are so copied together, their headers included,
+    whatever differs in those headers (names, zip64 offsets). Nothing is reported to ``on_bytes`` (which may
+    hash the file as it grows) before its final bytes are in the file. Memory: the literal bytes of one run.
+    """
+
+    def __init__(self, fd: int, src: int, on_bytes: OnBytes | None):
+        self._fd, self._src, self._on_bytes = fd, src, on_bytes
+        self.position = 0
+        self._reported = 0
+        self._run: tuple[int, int, int] | None = None  # (source offset, output offset, length)
+        self._literals: list[tuple[int, bytes]] = []  # (output offset, bytes) not yet written
+
+    def write(self, data: bytes) -> None:
+        self._literals.append((self.position, data))
+        self.position += len(data)
+
+    def copy(self, src_offset: int, length: int) -> None:
+        run = self._run
+        if run is not None:
+            src_start, dst_start, run_length = run
+            gap = self.position - (dst_start + run_length)  # literal bytes since the run's end
+            if src_offset - (src_start + run_length) == gap and self.position + length - dst_start <= RUN_BYTES:
+                self._run = (src_start, dst_start, self.position + length - dst_start)
+                self.position += length
+                return
+        self.flush()
+        self._run = (src_offset, self.position, length)
+        self.position += length
+
+    def flush(self) -> None:
+        """Write the pending run and literal bytes; report everything written so far."""
+        if self._run is not None:
+            src_start, dst_start, length = self._run
+            copy_range(self._src, src_start, self._fd, dst_start, length)
+            self._run = None
+        for offset, data in self._literals:
+            pwrite_all(self._fd, data, offset)
+        self._literals.clear()
+        if self._on_bytes and self.position > self._reported:
+            self._on_bytes(self.position - self._reported)
+        self._reported = self.position
 
 
 @dataclass(frozen=True)
@@ -168,13 +264,13 @@ class _Entry:
 class _ZipWriter:
     """Stored records, each aligned as PyTorch's miniz writer aligns them; then the central directory."""
 
-    def __init__(self, fd: int, prefix: str):
-        self._fd, self._prefix, self._position = fd, prefix, 0
+    def __init__(self, out: _Output, prefix: str):
+        self._out, self._prefix = out, prefix
         self._entries: list[_Entry] = []
 
-    def _start(self, name: str, size: int, crc: int) -> int:
+    def _start(self, name: str, size: int, crc: int) -> None:
         encoded = f"{self._prefix}/{name}".encode()
-        cursor = self._position
+        cursor = self._out.position
         zip64 = b""
         if size >= _MAX32 or cursor >= _MAX32:
             fields = (struct.pack("<QQ", size, size) if size >= _MAX32 else b"") + (
@@ -185,30 +281,25 @@ class _ZipWriter:
         extra = zip64 + b"FB" + struct.pack("<H", padding) + b"Z" * padding
         flags = _STORED_WITH_DESCRIPTOR if size else _UTF8
         local = struct.pack("<IHHHHHIIIHH", _LOCAL, 0, flags, 0, 0, 0, 0, 0, 0, len(encoded), len(extra))
-        self._write(local + encoded + extra)
+        self._out.write(local + encoded + extra)
         self._entries.append(_Entry(encoded, cursor, size, crc))
-        return self._position
 
     def _end(self, size: int, crc: int) -> None:
         if not size:
             return
         big = size >= _MAX32 or self._entries[-1].header_offset >= _MAX32
-        self._write(struct.pack("<IIQQ" if big else "<IIII", _DESCRIPTOR, crc, size, size))
-
-    def _write(self, data: bytes) -> None:
-        pwrite_all(self._fd, data, self._position)
-        self._position += len(data)
+        self._out.write(struct.pack("<IIQQ" if big else "<IIII", _DESCRIPTOR, crc, size, size))
 
     def add_bytes(self, name: str, data: bytes) -> None:
         crc = zlib.crc32(data)
         self._start(name, len(data), crc)
-        self._write(data)
+        self._out.write(data)
         self._end(len(data), crc)
 
-    def add_copy(self, name: str, src: int, record: Record, on_bytes: OnBytes | None) -> None:
-        at = self._start(name, record.size, record.crc)
-        copy_range(src, record.offset, self._fd, at, record.size, on_bytes)
-        self._position += record.size
+    def add_copy(self, name: str, record: Record) -> None:
+        """A record whose bytes (and CRC-32, from the source's central directory) are the source record's."""
+        self._start(name, record.size, record.crc)
+        self._out.copy(record.offset, record.size)
         self._end(record.size, record.crc)
 
     def serialization_id(self) -> bytes:
@@ -219,18 +310,20 @@ class _ZipWriter:
         return f"{secrets.randbits(64):020d}{combined:020d}".encode()
 
     def finish(self) -> None:
-        start = self._position
+        out = self._out
+        start = out.position
         for entry in self._entries:
             wide = [v for v in (entry.size, entry.size, entry.header_offset) if v >= _MAX32]
             extra = struct.pack(f"<HH{len(wide)}Q", 0x0001, 8 * len(wide), *wide) if wide else b""
             size, offset = (_FULL if v >= _MAX32 else v for v in (entry.size, entry.header_offset))
             flags = _STORED_WITH_DESCRIPTOR if entry.size else _UTF8
             fixed = (_CENTRAL, 0, 0, flags, 0, 0, 0, entry.crc, size, size, len(entry.name), len(extra), 0, 0, 0, 0)
-            self._write(struct.pack("<IHHHHHHIIIHHHHHII", *fixed, offset) + entry.name + extra)
-        count, directory_size, end64 = len(self._entries), self._position - start, self._position
+            out.write(struct.pack("<IHHHHHHIIIHHHHHII", *fixed, offset) + entry.name + extra)
+        count, directory_size, end64 = len(self._entries), out.position - start, out.position
         # Like miniz in PyTorch: always the zip64 end record and its locator, then the classic end record.
-        self._write(struct.pack("<IQHHIIQQQQ", _END64, 44, 0x031E, 45, 0, 0, count, count, directory_size, start))
-        self._write(struct.pack("<IIQI", _LOCATOR64, 0, end64, 1))
+        out.write(struct.pack("<IQHHIIQQQQ", _END64, 44, 0x031E, 45, 0, 0, count, count, directory_size, start))
+        out.write(struct.pack("<IIQI", _LOCATOR64, 0, end64, 1))
         short = min(count, 0xFFFF)
         directory_size, start = (_FULL if v >= _MAX32 else v for v in (directory_size, start))
-        self._write(struct.pack("<IHHHHIIH", _END, 0, 0, short, short, directory_size, start, 0))
+        out.write(struct.pack("<IHHHHIIH", _END, 0, 0, short, short, directory_size, start, 0))
+        out.flush()
