@@ -228,7 +228,7 @@ def export(
     adapter: str | None = None,
     allow_lossy: bool = False,
 ) -> Report:
-    """Write a standalone model: ``base_model`` with every LoRA delta of ``src`` folded in and its repaired head.
+    """Write a standalone model: ``base_model`` with every adapter delta of ``src`` folded in and its repaired head.
 
     ``src`` (a checkpoint, broken or repaired; a path or a Hub id) is repaired in memory by the same
     migrations as ``fix``, with the same refusals. Plain transformers loads the result with the Auto

@@ -258,7 +258,7 @@ def export(
     quiet: bool,
     debug: bool,
 ) -> None:
-    """Write a standalone model from SRC: the base with every LoRA delta folded in and the repaired head.
+    """Write a standalone model from SRC: the base with every adapter delta folded in and the repaired head.
 
     SRC (a checkpoint or a Hub id) is repaired in memory first; plain transformers loads the result.
     """
