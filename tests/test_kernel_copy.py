@@ -100,3 +100,22 @@ def test_new_adapter_keeps_the_source_block_phase_and_loads_everywhere(reference
             tensor = handle.get_tensor(name)
             assert tuple(tensor.shape) == info.shape
             assert tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() == ours.read_bytes(name)
+
+
+def test_an_early_writeback_error_is_raised_not_lost(tmp_path, monkeypatch):
+    """The kernel reports a writeback error to a file descriptor once: if the background fdatasync got it, the
+    writer must raise it (the final fsync would not see it again)."""
+    import errno
+
+    from ckpt_migrate.formats import files
+
+    def failing(fd):
+        raise OSError(errno.EIO, "simulated writeback failure")
+
+    monkeypatch.setattr(files.os, "fdatasync", failing)
+    with open(tmp_path / "f", "wb") as handle:
+        writeback = files.EarlyWriteback(handle.fileno())
+        writeback.wrote(files.EarlyWriteback.MIN_BYTES)
+        writeback.pause()
+        with pytest.raises(OSError, match="simulated writeback failure"):
+            writeback.join()

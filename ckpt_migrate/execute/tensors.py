@@ -83,8 +83,8 @@ def fold(reader: TensorReader, tensor: PlannedTensor) -> Any:
     """``W + s * B @ A`` (with DoRA, rows rescaled to the learned magnitude), in float64, cast back.
 
     Block by block of output rows, each block computed in float64 and written back into the weight as read, so
-    a fold holds the weight once plus a few MB. (Each output element is the same float64 expression, in the same
-    order, as for the whole matrix at once.)
+    a fold holds the weight once plus a few MB. (Each output element is the same float64 expression as for the
+    whole matrix at once; the naive-script comparison checks the bytes.)
     """
     import torch
 
