@@ -34,6 +34,12 @@ def _adapter_fields(plan: CheckpointPlan | None) -> dict[str, Any]:
     }
 
 
+def _adapter_status(result: CheckpointResult, adapter: Any) -> Status:
+    """A subfolder adapter's status: planned as repairable, repaired once its checkpoint was written."""
+    written = result.status is Status.REPAIRED and adapter.status is Status.REPAIRABLE
+    return Status.REPAIRED if written else adapter.status
+
+
 def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
     plan = result.plan
     entry: dict[str, Any] = {
@@ -53,7 +59,10 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
             for name, rewrite in (plan.files_rewritten if plan else [])
         ],
         # adapters in subfolders ("path": the subfolder, which peft names after the adapter)
-        "adapters": [{"path": a.relative, "status": a.status.value, **_adapter_fields(a)} for a in plan.adapters]
+        "adapters": [
+            {"path": a.relative, "status": _adapter_status(result, a).value, **_adapter_fields(a)}
+            for a in plan.adapters
+        ]
         if plan
         else [],
         "files": [

@@ -148,8 +148,12 @@ def test_dry_run_predicts_every_file_and_every_adapter(tmp_path, case_dir):
     out = tmp_path / "fixed"
     code, real, _ = run_cli("fix", src, "--out", out, "--format", "json", "--quiet")
     assert code == 0 and tree_digest(src) == before
+    entries = [json.loads(r)["checkpoints"][0] for r in (dry, real)]
+    assert {a["status"] for a in entries[1]["adapters"]} <= {"repaired", "clean"}  # a run says what it did
     strip = [
-        {k: v for k, v in json.loads(r)["checkpoints"][0].items() if k not in ("status", "output")} for r in (dry, real)
+        {k: v for k, v in e.items() if k not in ("status", "output")}
+        | {"adapters": [{k: v for k, v in a.items() if k != "status"} for a in e["adapters"]]}
+        for e in entries
     ]
     assert strip[0] == strip[1]
     entry = strip[1]
