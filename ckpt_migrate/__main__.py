@@ -1,3 +1,3 @@
-from ckpt_migrate.cli import main
+from ckpt_migrate.cli import entry_point
 
-main()
+entry_point()

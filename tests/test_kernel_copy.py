@@ -119,3 +119,36 @@ def test_an_early_writeback_error_is_raised_not_lost(tmp_path, monkeypatch):
         writeback.pause()
         with pytest.raises(OSError, match="simulated writeback failure"):
             writeback.join()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 * 4096 + 17, 10 * 4096])
+def test_mapped_hashes_equal_sha256_across_window_edges(tmp_path, monkeypatch, size):
+    """Hashes read the page cache through maps of WINDOW_BYTES: every window edge, aligned or not, and
+    a file followed while it grows in uneven steps give hashlib's digest of the whole file."""
+    from ckpt_migrate.formats import digests
+
+    monkeypatch.setattr(digests, "WINDOW_BYTES", 3 * 4096)
+    data = os.urandom(size)
+    expected = hashlib.sha256(data).hexdigest()
+    (tmp_path / "whole").write_bytes(data)
+    assert digests.sha256_file(tmp_path / "whole") == expected
+    with open(tmp_path / "grown", "wb", buffering=0) as handle:
+        following = digests.FollowingSha256(tmp_path / "grown")
+        for start in range(0, size, 5000):
+            following.advance(handle.write(data[start : start + 5000]))
+        assert following.hexdigest() == expected
+
+
+def test_writeback_starts_while_a_big_file_is_still_being_copied(tmp_path, monkeypatch):
+    """Dirty pages go to disk from the first STEP_BYTES on, not only at the end (the final fsync then has
+    little left, as with cp's background writeback)."""
+    synced = []
+    monkeypatch.setattr(files.os, "fdatasync", synced.append)
+    with open(tmp_path / "f", "wb") as handle:
+        writeback = files.EarlyWriteback(handle.fileno())
+        writeback.wrote(files.EarlyWriteback.STEP_BYTES - 1)
+        writeback.join()
+        assert synced == []
+        writeback.wrote(1)
+        writeback.join()
+        assert synced == [handle.fileno()]

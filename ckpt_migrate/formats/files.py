@@ -41,6 +41,7 @@ class EarlyWriteback:
     """
 
     MIN_BYTES = 64 * 1024 * 1024
+    STEP_BYTES = 256 * 1024 * 1024
 
     def __init__(self, fd: int):
         self._fd, self._unsynced = fd, 0
@@ -49,6 +50,8 @@ class EarlyWriteback:
 
     def wrote(self, count: int) -> None:
         self._unsynced += count
+        if self._unsynced >= self.STEP_BYTES:
+            self.pause()
 
     def pause(self) -> None:
         if self._unsynced < self.MIN_BYTES or (self._thread is not None and self._thread.is_alive()):
