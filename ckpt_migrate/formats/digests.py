@@ -45,7 +45,7 @@ def both(*callbacks: OnBytes | None) -> OnBytes:
 #: Bytes hashed per mapping: sha256 reads the page cache through a read-only map, not a copy of it
 #: (``read`` into a buffer cost 1.4 s of system time per 2.4 GiB here, on top of sha256's 1.9 s), and
 #: the GIL is taken once per window, so a thread holding it (``import torch``) barely slows the hash.
-WINDOW_BYTES = 32 * 1024 * 1024
+WINDOW_BYTES = 8 * 1024 * 1024
 
 
 def hash_mapped(
