@@ -152,3 +152,20 @@ def test_writeback_starts_while_a_big_file_is_still_being_copied(tmp_path, monke
         writeback.wrote(1)
         writeback.join()
         assert synced == [handle.fileno()]
+
+
+def test_a_source_truncated_while_hashed_is_an_input_error_not_a_crash(tmp_path, monkeypatch):
+    """Reading a map past a truncated file's end would kill the process (SIGBUS): the size is checked
+    before every window, and the change is reported as the input's fault."""
+    from ckpt_migrate.core.errors import UnreadableInputError
+    from ckpt_migrate.formats import digests
+
+    monkeypatch.setattr(digests, "WINDOW_BYTES", 4096)
+    source = tmp_path / "adapter_model.safetensors"
+    source.write_bytes(os.urandom(5 * 4096))
+
+    def truncate_after_first_window(count: int) -> None:
+        os.truncate(source, 4096)
+
+    with pytest.raises(UnreadableInputError, match="changed while it was read"):
+        digests.sha256_file(source, truncate_after_first_window)

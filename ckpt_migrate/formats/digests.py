@@ -60,8 +60,9 @@ def hash_mapped(
     while start < end:
         if stop is not None and stop.is_set():
             raise Abandoned()
-        if os.fstat(fd).st_size < end:
-            raise OSError(f"file shrank to {os.fstat(fd).st_size} bytes while it was hashed")
+        size = os.fstat(fd).st_size
+        if size < end:
+            raise OSError(f"file is {size} bytes, shorter than the {end} to hash")
         base = start - start % mmap.ALLOCATIONGRANULARITY
         stop_at = min(end, base + WINDOW_BYTES)
         try:
@@ -153,8 +154,6 @@ class FollowingSha256:
                         written, closed = self._written, self._closed
                     if written == done and closed:
                         return
-                    if os.fstat(handle.fileno()).st_size < written:
-                        raise OSError(f"{self._path} is shorter than what was written to it")
                     hash_mapped(handle.fileno(), self._digest, done, written, self._on_bytes)
                     done = written
         except Exception as exc:  # noqa: BLE001 - handed to the caller of hexdigest()

@@ -32,12 +32,13 @@ def new_file(path: str | Path) -> Iterator[BinaryIO]:
 
 
 class EarlyWriteback:
-    """Starts putting a file's dirty pages on disk while its writer is busy with something else.
+    """Puts a file's dirty pages on disk while its writer goes on copying or computing.
 
-    A writer that pauses between big copies (to compute a tensor, which may first wait seconds for
-    ``import torch``) calls :meth:`pause`: an ``fdatasync`` on a thread then overlaps the pause, so the
-    final fsync has little left to do. Without it, the kernel starts writeback only at its dirty
-    threshold (10% of RAM), and a multi-GB file waits for its whole fsync at the end.
+    After every ``STEP_BYTES`` written (:meth:`wrote`), and when the writer pauses to compute a tensor
+    (:meth:`pause`, which may first wait seconds for ``import torch``), an ``fdatasync`` starts on a
+    thread unless one is running, so the disk writes from the first step on and the final fsync has
+    little left to do. Without it, the kernel starts writeback only at its dirty threshold (10% of
+    RAM), and a multi-GB file waits for its whole fsync at the end.
     """
 
     MIN_BYTES = 64 * 1024 * 1024
