@@ -268,6 +268,7 @@ def write_safetensors(
                 pwrite_all(fd, data, position)
                 position += len(data)
                 wrote(len(data))
+                del data  # before the next tensor is computed: memory holds one computed tensor at a time
         finally:
             digest.close()
             writeback.join()
