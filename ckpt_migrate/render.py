@@ -182,8 +182,9 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
         blocks.append(Table("files", ("file", "size", "verdict", "why"), rows))
     listed = [(f["name"], k, v) for f in entry["files_rewritten"] for k, v in f.items() if isinstance(v, list)]
     blocks += [Line(f"{name} {label}", ", ".join(names)) for name, label, names in listed if names]
-    lossy = ["LOSSY: this output does not reproduce the trained model: " + "; ".join(entry["losses"])]
-    blocks += [Line("WARNING", w) for w in entry["warnings"] + (lossy if entry["losses"] and written else [])]
+    what = "this output does not" if written else "written with --allow-lossy, this checkpoint does not"
+    lossy = [f"LOSSY: {what} reproduce the trained model: " + "; ".join(entry["losses"])] if entry["losses"] else []
+    blocks += [Line("WARNING", w) for w in entry["warnings"] + lossy]
     return section
 
 
@@ -220,7 +221,7 @@ def report_sections(report: Report) -> list[Section]:
 
 
 def verify_sections(verdict: VerifyResult) -> list[Section]:
-    head = "OK" if verdict.ok else "FAILED"
+    head = ("OK, LOSSY" if verdict.losses else "OK") if verdict.ok else "FAILED"
     section = Section(
         f"{head}: {verdict.checkpoint} on base model {verdict.base_model} ({verdict.model_class}, {verdict.dtype})"
     )
@@ -238,6 +239,9 @@ def verify_sections(verdict: VerifyResult) -> list[Section]:
             value = f"{verdict.max_logit_diff_vs_source:.3g} (tolerance {verdict.tolerance:g})"
             blocks.append(Line(f"max |logit diff| vs source {verdict.source}", value))
     blocks += [Line("note", note) for note in verdict.notes]
+    if verdict.losses:
+        text = "written with --allow-lossy: it can equal its source as saved, not the trained model: "
+        blocks.append(Line("WARNING", "LOSSY: " + text + "; ".join(verdict.losses)))
     blocks.append(Line("versions", f"transformers {verdict.transformers_version}, peft {verdict.peft_version}"))
     return [section]
 

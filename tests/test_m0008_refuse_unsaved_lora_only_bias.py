@@ -65,6 +65,24 @@ def test_allow_lossy_records_the_loss_in_report_manifest_and_final_warning(lossy
     assert "exactly" not in text and "exactly" not in json.dumps(entry) and "exactly" not in json.dumps(manifest)
 
 
+def test_the_lossy_output_stays_marked_lossy_for_inspect_fix_and_verify(lossy, tmp_path):
+    """The output is clean (nothing left to repair) but never reads as the trained model: inspect, a later fix
+    and verify all carry the manifest's losses (found by an acceptance run: verify said a bare "OK")."""
+    out, entry, _ = lossy
+    code, text, _ = run_cli("inspect", out)
+    assert code == 0 and "WARNING: LOSSY: written with --allow-lossy, this checkpoint does not reproduce" in text
+    code, report, _ = run_cli("inspect", out, "--format", "json")
+    assert json.loads(report)["checkpoints"][0]["losses"] == entry["losses"]
+    code, text, _ = run_cli("verify", out, "--base-model", CASE / "base", "--source", SOURCE)
+    assert code == 0 and text.startswith("OK, LOSSY:") and "LOSSY: written with --allow-lossy" in text
+    code, verdict, _ = run_cli("verify", out, "--base-model", CASE / "base", "--format", "json")
+    assert json.loads(verdict)["losses"] == entry["losses"]
+    exported = tmp_path / "model"
+    assert run_cli("export", out, "--out", exported, "--base-model", CASE / "base", "--quiet")[0] == 0
+    code, text, _ = run_cli("verify", exported, "--base-model", CASE / "base", "--source", out)
+    assert code == 0 and text.startswith("OK, LOSSY:")
+
+
 def test_the_lossy_output_is_the_best_repair_under_both_stacks(lossy):
     out, _, _ = lossy
     tolerance = load_case(CASE)["tolerance"]

@@ -138,6 +138,8 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     manifest = read_json_object(path)
     if not _is_str_list(manifest.get("migrations_applied", [])):
         raise UnreadableInputError("migrations_applied must be a list of migration ids", path)
+    if not _is_str_list(manifest.get("losses", [])):
+        raise UnreadableInputError("losses must be a list of strings", path)
     return manifest
 
 

@@ -117,14 +117,17 @@ def load_state(directory: Path) -> CheckpointState:
     those adapters.
     """
     files = list_files(directory)
-    manifest = read_manifest(directory)
-    applied = list(manifest.get("migrations_applied", [])) if manifest else []
+    manifest = read_manifest(directory) or {}
+    applied = list(manifest.get("migrations_applied", []))
     has_weights = SAFETENSORS_WEIGHTS in files or BIN_WEIGHTS in files
     if ADAPTER_CONFIG not in files:
         if has_weights or (TRAINER_STATE not in files and not adapter_subdirs(directory)):
             raise UnreadableInputError("missing", directory / ADAPTER_CONFIG)
-        return CheckpointState(directory, config={}, tensors={}, files=files, weights_file=None, applied=applied)
-    return _adapter_state(directory, files, applied)
+        state = CheckpointState(directory, config={}, tensors={}, files=files, weights_file=None, applied=applied)
+    else:
+        state = _adapter_state(directory, files, applied)
+    state.losses = list(manifest.get("losses", []))  # an earlier --allow-lossy repair: the loss stays with the files
+    return state
 
 
 def load_subfolder_adapters(directory: Path) -> dict[str, CheckpointState]:

@@ -30,6 +30,9 @@ class VerifyResult:
     missing_tensors: list[str]
     max_logit_diff_vs_source: float | None
     notes: list[str] = field(default_factory=list)
+    #: What the checked directory's manifest says an --allow-lossy repair lost: ``ok`` then means it equals its
+    #: source as saved, not the trained model.
+    losses: list[str] = field(default_factory=list)
     checkpoint: str = ""
     base_model: str = ""
     source: str | None = None
