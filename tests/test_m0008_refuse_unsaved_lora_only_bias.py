@@ -65,10 +65,14 @@ def test_allow_lossy_records_the_loss_in_report_manifest_and_final_warning(lossy
     assert "exactly" not in text and "exactly" not in json.dumps(entry) and "exactly" not in json.dumps(manifest)
 
 
-def test_the_lossy_output_stays_marked_lossy_for_inspect_fix_and_verify(lossy, tmp_path):
-    """The output is clean (nothing left to repair) but never reads as the trained model: inspect, a later fix
-    and verify all carry the manifest's losses (found by an acceptance run: verify said a bare "OK")."""
+def test_the_lossy_output_stays_marked_lossy_for_inspect_fix_export_and_verify(lossy, tmp_path):
+    """The output is clean (nothing left to repair) but never reads as the trained model: inspect, a later fix,
+    export and verify all carry the manifest's losses (found by an acceptance run: verify said a bare "OK")."""
     out, entry, _ = lossy
+    refixed = tmp_path / "refixed"  # a later fix that rewrites something (adapter_config.json for peft 0.8.2)
+    code, report, _ = run_cli("fix", out, "--out", refixed, "--target-peft", "0.8.2", "--format", "json")
+    assert code == 0 and json.loads(report)["checkpoints"][0]["migrations"] == ["0006_adapter_config_for_target"]
+    assert json.loads((refixed / "ckpt_migrate_manifest.json").read_text())["losses"] == entry["losses"]
     code, text, _ = run_cli("inspect", out)
     assert code == 0 and "WARNING: LOSSY: written with --allow-lossy, this checkpoint does not reproduce" in text
     code, report, _ = run_cli("inspect", out, "--format", "json")

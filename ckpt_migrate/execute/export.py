@@ -30,10 +30,11 @@ from ckpt_migrate.core.tuners import (
     tuner_modules,
     tuner_of,
 )
+from ckpt_migrate.formats.adapter import EXPORT_MANIFEST
 from ckpt_migrate.formats.base_model import SHARD_INDEX, SINGLE_FILE, BaseModel
 from ckpt_migrate.formats.dtypes import DTYPES
 
-MANIFEST = "ckpt_migrate_export_manifest.json"
+MANIFEST = EXPORT_MANIFEST
 #: The migration whose ``compute`` merges one module with a non-LoRA tuner by peft's own layer code.
 TUNER_MERGE = "0007_fold_double_wrapped_tuner_head"
 #: Files of the base model directory that travel with the exported model (tokenizer, generation defaults).

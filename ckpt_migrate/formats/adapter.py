@@ -19,6 +19,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
 BIN_WEIGHTS = "adapter_model.bin"
 MANIFEST = "ckpt_migrate_manifest.json"
+EXPORT_MANIFEST = "ckpt_migrate_export_manifest.json"
 
 
 def _is_number(value: object) -> bool:
@@ -131,8 +132,9 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = directory / MANIFEST
+def read_manifest(directory: Path, name: str = MANIFEST) -> dict[str, Any] | None:
+    """The manifest ``fix`` (or, with ``name=EXPORT_MANIFEST``, ``export``) wrote into ``directory``, if any."""
+    path = directory / name
     if not path.exists():
         return None
     manifest = read_json_object(path)

@@ -27,11 +27,9 @@ from typing import Any
 
 from ckpt_migrate.core.errors import EXIT_VERIFY_FAILED, UnreadableInputError
 from ckpt_migrate.core.plan import CheckpointState
-from ckpt_migrate.execute.export import MANIFEST as EXPORT_MANIFEST
-from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
+from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, EXPORT_MANIFEST, read_manifest
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import load_state
-from ckpt_migrate.formats.files import read_json_object
 from ckpt_migrate.formats.hub import resolve
 from ckpt_migrate.verify.result import SEEDS, TOLERANCES, VerifyResult
 
@@ -120,11 +118,7 @@ def _recorded_losses(checkpoint: Path, state: CheckpointState | None) -> list[st
     """The losses an --allow-lossy ``fix`` (in the state, from its manifest) or ``export`` recorded."""
     if state is not None:
         return list(state.losses)
-    manifest = checkpoint / EXPORT_MANIFEST
-    losses = read_json_object(manifest).get("losses", []) if manifest.is_file() else []
-    if not isinstance(losses, list) or not all(isinstance(loss, str) for loss in losses):
-        raise UnreadableInputError("losses must be a list of strings", manifest)
-    return losses
+    return list((read_manifest(checkpoint, EXPORT_MANIFEST) or {}).get("losses", []))
 
 
 def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, input_ids: Any) -> tuple[Any, str]:
