@@ -21,10 +21,12 @@ from conftest import FIXTURES, load_case, old_python
 from resume_check import resume
 
 from ckpt_migrate import fix
+from ckpt_migrate.core.text import MAX_LISTED
 from ckpt_migrate.formats import torch_archive
 from ckpt_migrate.formats.pickles import load_skeleton
 from ckpt_migrate.formats.torch_archive import read_records, write_archive
 from ckpt_migrate.migrations import m0003_drop_stale_optimizer as m0003
+from ckpt_migrate.render import render_report
 
 CASE = FIXTURES / "bert_resume"
 CHECKPOINT = "checkpoint-4"
@@ -85,6 +87,20 @@ def test_remap_report_lists_kept_reset_and_dropped(resumable):
     assert set(dict(rewrite.listed)["reset"]) == {"classifier.weight", "classifier.bias"}
     assert "classifier.lora_A" in dict(rewrite.listed)["dropped"]
     assert all(".lora_" in kept for kept in dict(rewrite.listed)["kept"])
+
+
+def test_remap_report_text_counts_kept_states_and_json_lists_them_all():
+    report = fix(CASE / "run" / CHECKPOINT, dry_run=True, base_model=CASE / "base", optimizer="remap")
+    kept = dict(dict(report.checkpoints[0].plan.files_rewritten)["optimizer.pt"].listed)["kept"]
+    assert len(kept) > MAX_LISTED
+    for fmt in ("text", "markdown"):
+        label = f"optimizer.pt kept ({len(kept)}):"
+        [line] = [line for line in render_report(report, fmt).splitlines() if label in line.lower()]
+        shown, rest = line.split(":", 1)[1].strip(" *").split(" (+", 1)
+        assert shown.split(", ") == list(kept[:MAX_LISTED])
+        assert rest.startswith(f"{len(kept) - MAX_LISTED} more; --format json lists all)")
+    rewritten = json.loads(render_report(report, "json"))["checkpoints"][0]["files_rewritten"]
+    assert [entry["kept"] for entry in rewritten if entry["name"] == "optimizer.pt"] == [list(kept)]
 
 
 def test_remap_without_base_model_falls_back_to_drop_with_a_warning():
