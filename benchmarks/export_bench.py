@@ -156,8 +156,9 @@ def main() -> None:
         "naive": [sys.executable, "-c", NAIVE, base, repaired, outs["naive"]],
     }
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
-    for _ in range(args.repeat):
-        for name, argv in commands.items():
+    order = list(commands.items())
+    for index in range(args.repeat):
+        for name, argv in order[index % len(order) :] + order[: index % len(order)]:  # rotated: see bench.py
             if args.cache == "cold":
                 drop_caches()
             runs[name].append(timed([str(a) for a in argv], outs[name]))
