@@ -14,7 +14,7 @@ from typing import Any
 from ckpt_migrate import __version__
 from ckpt_migrate.core.plan import CheckpointPlan, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
-from ckpt_migrate.core.text import MAX_LISTED
+from ckpt_migrate.core.text import listed
 from ckpt_migrate.formats.trainer_files import file_verdicts
 from ckpt_migrate.render_sections import Diff, Line, Section, Table, draw_markdown, draw_text
 from ckpt_migrate.verify.result import SEEDS, VerifyResult
@@ -181,18 +181,14 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
     if written:  # every file: copied, rewritten, dropped or copied unexamined, and why
         rows = tuple((f["name"], _size(f["bytes"]), f["verdict"], f["reason"]) for f in entry["files"])
         blocks.append(Table("files", ("file", "size", "verdict", "why"), rows))
-    name_lists = [(f["name"], k, v) for f in entry["files_rewritten"] for k, v in f.items() if isinstance(v, list)]
-    blocks += [Line(f"{name} {label} ({len(names)})", _names(names)) for name, label, names in name_lists if names]
+    for rewritten in entry["files_rewritten"]:  # named lists: text shows a count and the first names
+        for label, names in [(k, v) for k, v in rewritten.items() if isinstance(v, list) and v]:
+            shown = listed(names, where_all="--format json lists all")
+            blocks.append(Line(f"{rewritten['name']} {label} ({len(names)})", shown))
     what = "this output does not" if written else "written with --allow-lossy, this checkpoint does not"
     lossy = [f"LOSSY: {what} reproduce the trained model: " + "; ".join(entry["losses"])] if entry["losses"] else []
     blocks += [Line("WARNING", w) for w in entry["warnings"] + lossy]
     return section
-
-
-def _names(names: list[str]) -> str:
-    """A long list (an optimizer's 1,792 kept states) as its first names and a count; JSON lists all."""
-    more = len(names) - MAX_LISTED
-    return ", ".join(names[:MAX_LISTED]) + (f" (+{more} more; --format json lists all)" if more > 0 else "")
 
 
 def _export_section(report: Report) -> Section:

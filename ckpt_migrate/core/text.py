@@ -26,7 +26,8 @@ def describe_exception(exc: BaseException, limit: int = 400) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def listed(names: list[str], limit: int = MAX_LISTED) -> str:
-    """``a, b, c (+5 more)``."""
+def listed(names: list[str], limit: int = MAX_LISTED, where_all: str = "") -> str:
+    """``a, b, c (+5 more)``, or with ``where_all``: ``a, b, c (+5 more; <where_all>)``."""
     shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+    hint = f"; {where_all}" if where_all else ""
+    return shown + (f" (+{len(names) - limit} more{hint})" if len(names) > limit else "")
