@@ -103,11 +103,8 @@ def benchmark(
     }
     warm_paths = sorted({path for _, src in jobs.values() for path in (src, synth.base_dir(src))})
     kept: dict[str, Path] = {}
-    order = list(jobs.items())
     for index in range(repeat):
-        # each round starts one command later: a command run right after another's writes (and the deletion
-        # of its output) was measured up to 4x slower here (cp + sync 1.3 s first in a round, 5.3 s third)
-        for key, (name, src) in order[index % len(order) :] + order[: index % len(order)]:
+        for key, (name, src) in runner.rotated(list(jobs.items()), index):
             dst = runs_dir / f"{key}-{index}"
             stdout, stderr = runs_dir / f"{key}.stdout", runs_dir / f"{key}.stderr"
             runner.settle(cold, warm_paths)

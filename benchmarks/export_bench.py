@@ -28,6 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import runner
 import synth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,9 +157,8 @@ def main() -> None:
         "naive": [sys.executable, "-c", NAIVE, base, repaired, outs["naive"]],
     }
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
-    order = list(commands.items())
     for index in range(args.repeat):
-        for name, argv in order[index % len(order) :] + order[: index % len(order)]:  # rotated: see bench.py
+        for name, argv in runner.rotated(list(commands.items()), index):
             if args.cache == "cold":
                 drop_caches()
             runs[name].append(timed([str(a) for a in argv], outs[name]))

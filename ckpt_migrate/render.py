@@ -182,9 +182,10 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
         rows = tuple((f["name"], _size(f["bytes"]), f["verdict"], f["reason"]) for f in entry["files"])
         blocks.append(Table("files", ("file", "size", "verdict", "why"), rows))
     for rewritten in entry["files_rewritten"]:  # named lists: text shows a count and the first names
-        for label, names in [(k, v) for k, v in rewritten.items() if isinstance(v, list) and v]:
-            shown = listed(names, where_all="--format json lists all")
-            blocks.append(Line(f"{rewritten['name']} {label} ({len(names)})", shown))
+        for label, names in rewritten.items():
+            if isinstance(names, list) and names:
+                shown = listed(names, where_all="--format json lists all")
+                blocks.append(Line(f"{rewritten['name']} {label} ({len(names)})", shown))
     what = "this output does not" if written else "written with --allow-lossy, this checkpoint does not"
     lossy = [f"LOSSY: {what} reproduce the trained model: " + "; ".join(entry["losses"])] if entry["losses"] else []
     blocks += [Line("WARNING", w) for w in entry["warnings"] + lossy]
