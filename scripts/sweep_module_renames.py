@@ -123,7 +123,7 @@ def compare(old_path: str, new_path: str) -> None:
         if "error" in before or not after or "error" in after or before["class"] != after["class"]:
             continue
         gone = sorted(set(before["linear"]) - set(after["linear"]))
-        renamed_params = set(before["params"]) != set(after["params"])
+        renamed_params = not set(before["params"]) <= set(after["params"])  # 5.x may build more layers
         if not gone and not renamed_params:
             continue
         _, model = _tiny_model(model_type)
@@ -144,7 +144,15 @@ def compare(old_path: str, new_path: str) -> None:
         print(f"{model_type:24s} {before['class']:40s} {verdict:9s} gone={len(gone):3d} e.g. {example}")
         if unmapped or converted:
             print(f"    unmapped={unmapped[:4]} converter={converted[:4]}")
-    print(json.dumps(summary, indent=1))
+    unchanged = sorted(
+        t for t, b in old["models"].items()
+        if "error" not in b and t in new["models"] and "error" not in new["models"][t] and t not in summary
+        and b["class"] == new["models"][t]["class"]
+    )
+    renamed = sorted(t for t, v in summary.items() if v["linear_gone"])
+    # the gate tables of migrations/m0012_module_renames_for_target.py
+    print(f"UNCHANGED = frozenset({unchanged!r})")
+    print(f"RENAMED = frozenset({renamed!r})")
 
 
 if __name__ == "__main__":
