@@ -145,8 +145,12 @@ def compare(old_path: str, new_path: str) -> None:
         if unmapped or converted:
             print(f"    unmapped={unmapped[:4]} converter={converted[:4]}")
     unchanged = sorted(
-        t for t, b in old["models"].items()
-        if "error" not in b and t in new["models"] and "error" not in new["models"][t] and t not in summary
+        t
+        for t, b in old["models"].items()
+        if "error" not in b
+        and t in new["models"]
+        and "error" not in new["models"][t]
+        and t not in summary
         and b["class"] == new["models"][t]["class"]
     )
     renamed = sorted(t for t, v in summary.items() if v["linear_gone"])
