@@ -13,7 +13,14 @@ trap 'rm -rf "$WORK"' EXIT
 say() { echo "wheel_check: [${SECONDS}s] $*"; }
 fail() { echo "wheel_check: FAILED: $*" >&2; exit 1; }
 
-.venv/bin/python -m build --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log" >&2; fail "build"; }
+# Build from the files a clone has (tracked, plus new files not ignored): a stale ckpt_migrate.egg-info left in the
+# working tree by an earlier build lists every module, and setuptools would ship modules the package list leaves
+# out as package data, hiding exactly the fault this check is for.
+mkdir "$WORK/src"
+git ls-files -z --cached --others --exclude-standard \
+    | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$WORK/src"
+.venv/bin/python -m build --outdir "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1 \
+    || { cat "$WORK/build.log" >&2; fail "build"; }
 SDIST=$(ls "$WORK"/dist/*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/*.whl)
 say "built $(basename "$SDIST") and $(basename "$WHEEL")"
@@ -32,6 +39,7 @@ export PYTHONPATH= PYTHONSAFEPATH=1
 # importable from the installed package, and be imported from there.
 "$WORK/venv/bin/python" - "$REPO" <<'PY' || fail "the installed package lacks modules of the source tree"
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
@@ -40,19 +48,25 @@ repo = Path(sys.argv[1]).resolve()
 assert not any(Path(p or ".").resolve() == repo for p in sys.path), f"the checkout is on sys.path: {sys.path}"
 
 
-def modules(root: Path, package: str) -> set[str]:
-    names = set()
-    for path in root.rglob("*.py"):
-        parts = list(path.relative_to(root).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        names.add(".".join([package, *parts]))
-    return names
+def sources(directory: str, installed_as: str) -> dict[str, str]:
+    """Installed file (as the wheel's RECORD names it) -> module name, for every .py below ``directory``."""
+    files = {}
+    for path in (repo / directory).rglob("*.py"):
+        relative = path.relative_to(repo / directory).as_posix()
+        parts = [*installed_as.split("/"), *Path(relative).with_suffix("").parts]
+        files[f"{installed_as}/{relative}"] = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return files
 
 
-expected = sorted(modules(repo / "ckpt_migrate", "ckpt_migrate") | modules(repo / "migrations", "ckpt_migrate.migrations"))
-missing = []
-for name in expected:
+expected = sources("ckpt_migrate", "ckpt_migrate") | sources("migrations", "ckpt_migrate/migrations")
+installed = {f.as_posix() for f in importlib.metadata.files("ckpt-migrate")}
+absent = sorted(set(expected) - installed)
+problems = []
+if absent:
+    folders = sorted({str(Path(f).parent) for f in absent})
+    problems.append(f"the wheel lacks {len(absent)} of {len(expected)} modules, in {', '.join(f + '/' for f in folders)}")
+errors = {}
+for name in sorted(expected.values()):
     try:
         if name.endswith(".__main__"):  # importing it would run the CLI: found, not imported
             spec = importlib.util.find_spec(name)
@@ -62,11 +76,14 @@ for name in expected:
         else:
             origin = importlib.import_module(name).__file__
     except ImportError as exc:
-        missing.append(f"{name} ({type(exc).__name__}: {exc})")
+        errors[name] = f"{type(exc).__name__}: {exc}"
         continue
     assert repo not in Path(origin).resolve().parents, f"{name} was imported from the checkout: {origin}"
-if missing:
-    sys.exit("not importable from the wheel: " + "; ".join(missing))
+if errors:
+    first = next(iter(errors))
+    problems.append(f"{len(errors)} modules do not import from the wheel, the first: {first} ({errors[first]})")
+if problems:
+    sys.exit("\n".join(problems))
 print(f"wheel_check: imported all {len(expected)} modules from {Path(importlib.import_module('ckpt_migrate').__file__).parent}")
 PY
 
