@@ -323,16 +323,10 @@ def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: st
 @FORMAT
 def migrations(fmt: str) -> None:
     """List the known migrations, in the order they run."""
-    import json
-
     from ckpt_migrate.api import list_migrations
+    from ckpt_migrate.render import render_migrations
 
-    known = list_migrations()
-    if fmt == "json":
-        click.echo(json.dumps([{"id": m.ID, "summary": m.SUMMARY, "caused_by": m.CAUSED_BY} for m in known], indent=2))
-        return
-    for m in known:
-        click.echo(f"{m.ID}\n    {m.SUMMARY}\n    caused by: {m.CAUSED_BY}")
+    click.echo(render_migrations(list_migrations(), fmt), nl=False)
 
 
 def entry_point() -> None:
