@@ -130,6 +130,11 @@ def _relabel_result(result: CheckpointResult, mirrors: Mirrors) -> None:
             state.warnings[:] = [mirrors.swap(w) for w in state.warnings]
 
 
+def _swapped(exc: CkptMigrateError, mirrors: Mirrors) -> CkptMigrateError:
+    """The same error, naming URLs instead of the temporary mirrors."""
+    return type(exc)(mirrors.swap(exc.message), mirrors.swap(exc.path) if exc.path is not None else None)
+
+
 def inspect(src: str, *, base_model: str | Path | None = None, dry_run_fix: bool = False, **options: Any) -> Report:
     """``inspect`` (or ``fix --dry-run``) of a URL: the local planner on a sparse mirror (headers only)."""
     from ckpt_migrate import api
@@ -146,7 +151,7 @@ def inspect(src: str, *, base_model: str | Path | None = None, dry_run_fix: bool
             else:
                 report = api.inspect(local, base_model=base, **options)
         except CkptMigrateError as exc:
-            raise type(exc)(mirrors.swap(exc.message), mirrors.swap(exc.path) if exc.path else None) from None
+            raise _swapped(exc, mirrors) from None
         return _relabel(report, mirrors, src.rstrip("/") if _remote(src) else str(src), None)
 
 
@@ -188,43 +193,50 @@ def repair_one(job: FixJob) -> CheckpointResult:
 
 
 def _repair_one(job: FixJob) -> CheckpointResult:
+    with _mirrors() as mirrors:
+        try:
+            return _repair_in(job, mirrors)
+        except CkptMigrateError as exc:
+            raise _swapped(exc, mirrors) from None
+
+
+def _repair_in(job: FixJob, mirrors: Mirrors) -> CheckpointResult:
     from ckpt_migrate import api
 
     options = dict(job.options)
     identity = source_id(job.src, job.relative)
-    with _mirrors() as mirrors:
-        target = Location.open(job.out).child(job.relative) if _remote(job.out) else None
-        local_out = mirrors.root / "out" if target is not None else _local(job.out) / job.relative
-        earlier = published_source(target) if target is not None else _local_published_source(local_out)
-        already = earlier == identity
-        if target is not None and not already:
-            already = not prepare_target(target, identity)
-        if _remote(job.src):
-            url = _join(job.src, job.relative)
-            local_src = mirrors.add(_mirror_tree(url, mirrors.root / "src", full=not already), url)
-        else:
-            local_src = _local(job.src) / job.relative
-        base = _base_model(job.base_model, mirrors, full=not already)
-        if already:  # published by an earlier run: plan it (headers only) to report it, write nothing
-            report = api.fix(local_src, None, base_model=base, dry_run=True, **options)
-            result = report.checkpoints[0]
-            if result.status is Status.REPAIRABLE:
-                result.status = Status.REPAIRED
-                result.output = target.url if target is not None else local_out  # type: ignore[assignment]
-                result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
-        else:
-            staged = mirrors.root / "out" if target is not None else local_out
-            report = api.fix(local_src, staged, base_model=base, progress=False, **options)
-            result = report.checkpoints[0]
-            if result.status is Status.REPAIRED:
-                if target is not None:
-                    upload_checkpoint(staged, target, identity)
-                    result.output = target.url  # type: ignore[assignment]
-                elif _remote(job.src):
-                    _rename_source(staged / MANIFEST, identity)
-        result.relative = job.relative
-        _relabel_result(result, mirrors)
-        return result
+    target = Location.open(job.out).child(job.relative) if _remote(job.out) else None
+    local_out = mirrors.root / "out" if target is not None else _local(job.out) / job.relative
+    earlier = published_source(target) if target is not None else _local_published_source(local_out)
+    already = earlier == identity
+    if target is not None and not already:
+        already = not prepare_target(target, identity)
+    if _remote(job.src):
+        url = _join(job.src, job.relative)
+        local_src = mirrors.add(_mirror_tree(url, mirrors.root / "src", full=not already), url)
+    else:
+        local_src = _local(job.src) / job.relative
+    base = _base_model(job.base_model, mirrors, full=not already)
+    if already:  # published by an earlier run: plan it (headers only) to report it, write nothing
+        report = api.fix(local_src, None, base_model=base, dry_run=True, **options)
+        result = report.checkpoints[0]
+        if result.status is Status.REPAIRABLE:
+            result.status = Status.REPAIRED
+            result.output = target.url if target is not None else local_out  # type: ignore[assignment]
+            result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
+    else:
+        staged = mirrors.root / "out" if target is not None else local_out
+        report = api.fix(local_src, staged, base_model=base, progress=False, **options)
+        result = report.checkpoints[0]
+        if result.status is Status.REPAIRED:
+            if target is not None:
+                upload_checkpoint(staged, target, identity)
+                result.output = target.url  # type: ignore[assignment]
+            elif _remote(job.src):
+                _rename_source(staged / MANIFEST, identity)
+    result.relative = job.relative
+    _relabel_result(result, mirrors)
+    return result
 
 
 def _local_published_source(directory: Path) -> str | None:

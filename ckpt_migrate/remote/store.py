@@ -71,6 +71,7 @@ class Location:
     def listing(self) -> dict[str, int]:
         """Every object below this prefix: relative name -> size (one paginated LIST on object stores)."""
         try:
+            self.fs.invalidate_cache(self.path)  # another process (a worker, a killed run) may have written since
             found = self.fs.find(self.path, detail=True, withdirs=False)
         except FileNotFoundError:
             return {}
