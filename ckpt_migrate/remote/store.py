@@ -19,6 +19,9 @@ from ckpt_migrate.core.text import describe_exception
 
 #: Bytes per ranged read when streaming a file down: bounds the memory a download uses.
 CHUNK_BYTES = 8 * 1024 * 1024
+#: Multipart parts for S3 uploads, two in flight: s3fs reads each part into memory (by default 50 MiB, 10 at once).
+#: 16 MiB parts still allow objects up to 160 GB (10,000 parts).
+S3_PART_BYTES = 16 * 1024 * 1024
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
@@ -119,8 +122,10 @@ class Location:
 
     def upload(self, source: Path, relative: str) -> None:
         """One local file to ``relative`` (s3fs: multipart in bounded parts)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        options = {"chunksize": S3_PART_BYTES, "max_concurrency": 2} if "s3" in protocols else {}
         try:
-            self.fs.put_file(str(source), self.key(relative))
+            self.fs.put_file(str(source), self.key(relative), **options)
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"upload failed: {describe_exception(exc, 200)}", self.url + "/" + relative) from None
 
