@@ -24,6 +24,7 @@ from ckpt_migrate.core.peft_layout import (
     lycoris_rank_and_alpha,
     parse_lora_key,
     parse_module_key,
+    rank_and_alpha,
     strip_prefix,
     wrapper_root,
 )
@@ -302,6 +303,22 @@ def module_fold(
         f"{module}.bias" if bias else "",
         weight_file=files[0],
         bias_file=files[1],
+    )
+
+
+def lora_replay_fold(
+    state: CheckpointState, module: str, parts: dict[str, str], files: tuple[Path | None, Path | None]
+) -> TunerFold:
+    """The merge of ``module``'s weight with its LoRA by peft's own layer, which first replays the init that rewrote
+    the base weight (PiSSA, OLoRA: see :mod:`ckpt_migrate.core.lora_init`); base parameters from ``files``."""
+    holder = {k: v for k, v in state.config.items() if k not in (*_PLACEMENT, "layer_replication")}
+    rank, alpha = rank_and_alpha(state.config, module)  # the producer's pattern rules, resolved for this module
+    holder.update(target_modules=[module], task_type=None, inference_mode=True, r=rank, lora_alpha=alpha)
+    holder.update(rank_pattern={}, alpha_pattern={})
+    tensors = tuple(sorted((f"{kind}.weight", name) for kind, name in parts.items()))
+    bias = f"{module}.bias" if files[1] is not None else ""
+    return TunerFold(
+        "LORA", module, "weight", json.dumps(holder, sort_keys=True), tensors, f"{module}.weight", bias, *files
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError, UnrecoverableError
 from ckpt_migrate.core.heads import lora_modules, plan_fold
+from ckpt_migrate.core.lora_init import init_of, is_replayed, replay_refusal
 from ckpt_migrate.core.peft_layout import head_root, parse_lora_key, parse_module_key, strip_prefix
 from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState, PlannedTensor, Source, SourceKind
 from ckpt_migrate.core.tuners import (
@@ -25,6 +26,7 @@ from ckpt_migrate.core.tuners import (
     CHECKED_UP_TO,
     Tuner,
     installed_peft,
+    lora_replay_fold,
     math_differs,
     module_fold,
     tuner_modules,
@@ -69,6 +71,11 @@ def _refuse_unsupported(repair: CheckpointPlan) -> Tuner | None:
     if config.get("peft_type") == "LORA":
         if any(".lora_embedding_" in name for name in repair.after.tensors):
             raise UnrecoverableError("export does not merge embedding LoRA (lora_embedding_A/B) yet", repair.source)
+        why = replay_refusal(config)
+        if why:
+            raise UnrecoverableError(f"export: {why}, so the weights training ran on cannot be rebuilt", repair.source)
+        if is_replayed(config):
+            _check_replayable(config, repair)
         return None
     tuner = tuner_of(config)
     if tuner is None or tuner.refuse:
@@ -85,6 +92,25 @@ def _refuse_unsupported(repair: CheckpointPlan) -> Tuner | None:
     if why:
         raise UnrecoverableError(f"export: {why}", repair.source)
     return tuner
+
+
+def _check_replayable(config: dict[str, Any], repair: CheckpointPlan) -> None:
+    """A PiSSA/OLoRA init is replayed by the installed peft: only where its code was compared with the producer's."""
+    installed, init = installed_peft(), init_of(config)
+    if not CHECKED_FROM <= installed <= CHECKED_UP_TO:
+        raise UnrecoverableError(
+            f"export replays init_lora_weights={init!r} with the installed peft's layer code, and peft {installed} is "
+            f"not among the releases compared with the producing one ({CHECKED_FROM} to {CHECKED_UP_TO})",
+            repair.source,
+        )
+    # peft 0.12's PiSSA ignores fan_in_fan_out, later releases transpose: their residuals differ there.
+    for key, why in (("fan_in_fan_out", "fan_in_fan_out weights (Conv1D)"), ("use_dora", "DoRA")):
+        if config.get(key):
+            raise UnrecoverableError(
+                f"export does not replay init_lora_weights={init!r} with {why}: releases compute its residual "
+                "differently or store it elsewhere",
+                repair.source,
+            )
 
 
 def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_labels: int | None) -> dict[str, Any]:
@@ -113,7 +139,10 @@ def plan_export(
     state = repair.after
     lora = lora_modules(state)
     tuned = tuner_modules(state, tuner) if tuner else {}
-    _check_linear(base, tuner, tuned, repair)
+    _check_linear(base, tuner.name if tuner else "", tuned, repair)
+    replayed = tuner is None and is_replayed(state.config)
+    if replayed:
+        _check_linear(base, f"LoRA with init_lora_weights={init_of(state.config)!r}", lora, repair)
 
     def is_delta(name: str) -> bool:
         return bool(parse_lora_key(name) if tuner is None else parse_module_key(name, tuner.kinds))
@@ -129,7 +158,10 @@ def plan_export(
             planned.append(_renamed(whole.pop(name), name))
             continue
         weight = base.planned(name)
-        if param == "weight" and module in lora:
+        if param == "weight" and module in lora and replayed:
+            planned.append(_replayed_merge(state, module, lora.pop(module), base, weight))
+            merged.add(module)
+        elif param == "weight" and module in lora:
             folded = plan_fold(state, module, lora.pop(module), weight, conv1d=module in conv1d)
             planned.append(_renamed(folded, name))
             merged.add(module)
@@ -161,8 +193,9 @@ def plan_export(
     )
 
 
-def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], repair: CheckpointPlan) -> None:
-    """peft's merge of a non-LoRA tuner is rebuilt on a plain nn.Linear: refuse any other module class."""
+def _check_linear(base: BaseModel, what: str, tuned: dict[str, Any], repair: CheckpointPlan) -> None:
+    """peft's merge of ``what`` (a non-LoRA tuner, a replayed LoRA init) is rebuilt on a plain nn.Linear: refuse any
+    other module class."""
     if not tuned:
         return
     modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
@@ -177,7 +210,7 @@ def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], r
     other = {m: type(modules.get(m)).__name__ for m in tuned if type(modules.get(m)).__name__ != "Linear"}
     if other:
         listed = ", ".join(f"{m} ({cls})" for m, cls in sorted(other.items())[:3])
-        raise UnrecoverableError(f"export merges {tuner.name} into nn.Linear modules only, not {listed}", repair.source)
+        raise UnrecoverableError(f"export merges {what} into nn.Linear modules only, not {listed}", repair.source)
 
 
 def _tuner_merge(
@@ -198,6 +231,20 @@ def _tuner_merge(
     except ValueError as exc:
         raise UnrecoverableError(f"export: {tuner.name} module {module}: {exc}", state.source_dir) from None
     formula = f"{param} of the installed peft's {tuner.name} merge: {module} + {', '.join(sorted(parts))}"
+    source = Source(SourceKind.COMPUTED, base_tensor.name, migration=TUNER_MERGE, formula=formula, payload=fold)
+    return PlannedTensor(base_tensor.name, base_tensor.shape, base_tensor.dtype, source)
+
+
+def _replayed_merge(
+    state: CheckpointState, module: str, parts: dict[str, str], base: BaseModel, base_tensor: PlannedTensor
+) -> PlannedTensor:
+    """``module.weight``: peft's LoRA layer replays the init on the base weight (PiSSA, OLoRA), then merges A/B."""
+    if set(parts) != {"lora_A", "lora_B"}:
+        raise UnrecoverableError(f"export: LoRA module {module} carries {sorted(parts)}, not lora_A/lora_B alone")
+    bias = base.locate(f"{module}.bias")[0].path if base.has(f"{module}.bias") else None
+    fold = lora_replay_fold(state, module, parts, (base.locate(f"{module}.weight")[0].path, bias))
+    init = init_of(state.config)
+    formula = f"weight of the installed peft's LoRA merge after its {init} init: {module} + lora_A, lora_B"
     source = Source(SourceKind.COMPUTED, base_tensor.name, migration=TUNER_MERGE, formula=formula, payload=fold)
     return PlannedTensor(base_tensor.name, base_tensor.shape, base_tensor.dtype, source)
 
