@@ -5,6 +5,8 @@
 - ``pissa_phi_score`` / ``olora_gpt_neox_score``: ``init_lora_weights="pissa"`` / ``"olora"`` with all-linear on
   a sequence-classification model: peft's init rewrites every targeted base weight (W - s * B0 @ A0) before
   training, and the head is double-wrapped as well.
+- ``lokr_phi_patterns`` / ``lokr_opt_clean_head``: LoKr with alpha != r (per module through rank_pattern /
+  alpha_pattern; and with a healthy head), which peft >= 0.14 scales by alpha/r where 0.12 did not (migration 0011).
 
 Architectures none of the other fixtures use (OPT, Phi, GPT-NeoX). Every case is built by
 ``scripts/make_fixtures.py``'s own ``build_case`` (same data, seeds, layout, case.json, reference logits), so
@@ -36,6 +38,10 @@ def seq_cls(target_modules, **extra):
     return dict(task_type="SEQ_CLS", target_modules=target_modules, r=2, lora_alpha=4, lora_dropout=0.0, **extra)
 
 
+def seq_cls_lokr(target_modules, **extra):
+    return dict(task_type="SEQ_CLS", target_modules=target_modules, r=4, **extra)
+
+
 SHAPE_CASES = {
     "headonly_opt_score": case(
         "opt",
@@ -55,6 +61,23 @@ SHAPE_CASES = {
         GPT_NEOX,
         lora=seq_cls(ALL_LINEAR, init_lora_weights="olora"),
         notes="OLoRA: every targeted base weight (head included) became W - s * Q_r @ R_r (QR) before training",
+    ),
+    "lokr_phi_patterns": case(
+        "phi",
+        PHI,
+        tuner="LoKrConfig",
+        lora=seq_cls_lokr(ALL_LINEAR, alpha=8, rank_pattern={"fc1": 2}, alpha_pattern={"fc2": 2, "q_proj": 16}),
+        notes="LoKr, alpha != r per module (rank_pattern/alpha_pattern): peft 0.12 ignores alpha, peft >= 0.14 "
+        "scales each delta by its alpha/r; the head is double-wrapped too",
+    ),
+    "lokr_opt_clean_head": case(
+        "opt",
+        OPT,
+        tuner="LoKrConfig",
+        lora=seq_cls_lokr(["q_proj", "v_proj", "fc1", "fc2"], alpha=2),
+        shape="clean",
+        notes="LoKr, alpha != r, head only in modules_to_save (healthy head): the alpha/r scaling of peft >= 0.14 "
+        "is its only problem",
     ),
 }
 

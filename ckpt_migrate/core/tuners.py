@@ -58,7 +58,10 @@ class Tuner:
 
 
 def _lokr_unscaled(config: dict[str, Any]) -> bool:
-    return config.get("alpha") == config.get("r") and not config.get("rank_pattern") and not config.get("alpha_pattern")
+    """Every module's alpha is its rank (alpha/r = 1) under every release's pattern rules: alpha == r, and
+    alpha_pattern holds the entries of rank_pattern in the same order (both rules then pick the same key)."""
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    return config.get("alpha") == config.get("r") and list(alpha_pattern.items()) == list(rank_pattern.items())
 
 
 TUNERS: dict[str, Tuner] = {
@@ -151,6 +154,13 @@ def tuner_modules(state: CheckpointState, tuner: Tuner, under: str | None = None
             continue
         modules.setdefault(parsed.module, {})[parsed.kind] = name
     return modules
+
+
+def lokr_alpha_rewrite_pending(config: dict[str, Any]) -> bool:
+    """A LoKr config written before peft 0.14 whose alphas are not all their ranks: peft >= 0.14 would scale its delta
+    by alpha/r, which its producer never did. Migration 0011 sets alpha = r; the folds (0007, 0010) wait for it."""
+    change = TUNERS["LOKR"].changes[0]
+    return config.get("peft_type") == "LOKR" and change.marker not in config and not _lokr_unscaled(config)
 
 
 def math_differs(tuner: Tuner, config: dict[str, Any], release: Version) -> str | None:
