@@ -5,12 +5,11 @@ under the newest peft and under peft 0.12 (scripts/make_fixtures_shapes.py, scri
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import TUNER_FIXTURES, load_case, old_python, run_cli
-from logits_check import max_logit_error
+from logits_check import assert_reproduced, max_logit_error
 from packaging.version import Version
 
 from ckpt_migrate.core.migration import Context
@@ -63,22 +62,13 @@ def test_the_fixtures_are_real_pre_0_14_lokr_adapters_whose_alpha_is_not_their_r
         assert math_differs(TUNERS["LOKR"], config, Version("0.21.2")) is not None
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=lambda c: c.name)
-def test_repaired_lokr_reproduces_the_trained_logits_with_the_newest_peft(fixed, case):
-    error = max_logit_error(case, fixed[case.name], CHECKPOINT)
-    print(f"{case.name}: max |logit error| {error:.3g} (newest peft)")
-    assert error <= load_case(case)["tolerance"]
+def test_repaired_lokr_reproduces_the_trained_logits_with_the_newest_peft(fixed):
+    assert_reproduced(list(CASES), fixed, CHECKPOINT)
 
 
 @pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
 def test_repaired_lokr_reproduces_the_trained_logits_with_peft_0_12(fixed):
-    args = [str(a) for case in CASES for a in (case, fixed[case.name], CHECKPOINT)]
-    script = str(Path(__file__).parent / "logits_check.py")
-    result = subprocess.run([old_python(), script, *args], capture_output=True, text=True, check=True)
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
-    for case in CASES:
-        print(f"{case.name}: max |logit error| {errors[str(fixed[case.name])]:.3g} (peft 0.12.0)")
-        assert errors[str(fixed[case.name])] <= load_case(case)["tolerance"]
+    assert_reproduced(list(CASES), fixed, CHECKPOINT, old_python())
 
 
 def test_without_the_rewrite_the_newest_peft_computes_another_model():
