@@ -5,6 +5,7 @@
 - ``pissa_phi_score`` / ``olora_gpt_neox_score``: ``init_lora_weights="pissa"`` / ``"olora"`` with all-linear on
   a sequence-classification model: peft's init rewrites every targeted base weight (W - s * B0 @ A0) before
   training, and the head is double-wrapped as well.
+- ``pissa_opt_no_task_type``: PiSSA without ``task_type``: a LoRA-only head whose base weight the init rewrote.
 - ``lokr_phi_patterns`` / ``lokr_opt_clean_head``: LoKr with alpha != r (per module through rank_pattern /
   alpha_pattern; and with a healthy head), which peft >= 0.14 scales by alpha/r where 0.12 did not (migration 0011).
 
@@ -61,6 +62,14 @@ SHAPE_CASES = {
         GPT_NEOX,
         lora=seq_cls(ALL_LINEAR, init_lora_weights="olora"),
         notes="OLoRA: every targeted base weight (head included) became W - s * Q_r @ R_r (QR) before training",
+    ),
+    "pissa_opt_no_task_type": case(
+        "opt",
+        OPT,
+        lora=dict(target_modules=ALL_LINEAR, r=2, lora_alpha=4, lora_dropout=0.0, init_lora_weights="pissa"),
+        shape="lora_only",
+        notes="PiSSA without task_type: score carries LoRA only (its base weight never saved) and PiSSA rewrote it "
+        "too, so --base-model's score.weight is not what training ran on: the init must be replayed",
     ),
     "lokr_phi_patterns": case(
         "phi",

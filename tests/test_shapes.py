@@ -26,6 +26,8 @@ from ckpt_migrate.verify import verify_checkpoint
 SHAPES = Path(__file__).parent / "fixtures_shapes"
 HEAD_ONLY = SHAPES / "headonly_opt_score"
 REPLAYED = [SHAPES / "pissa_phi_score", SHAPES / "olora_gpt_neox_score"]  # inits export replays with peft's layer
+LORA_ONLY = SHAPES / "pissa_opt_no_task_type"  # PiSSA rewrote a head whose weights only --base-model has (0002)
+FIXED = [*REPLAYED, LORA_ONLY]
 CHECKPOINT = "checkpoint-2"
 LOGITS = """
 import json, sys, torch, transformers
@@ -52,8 +54,9 @@ def _export(case: Path, out: Path, src: Path | None = None) -> tuple[int, str]:
 def fixed(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shapes-fixed")
     outputs = {}
-    for case in REPLAYED:
-        code, out, err = run_cli("fix", case / "run", "--out", root / case.name, "--quiet")
+    for case in FIXED:
+        base = ["--base-model", case / "base"] if case == LORA_ONLY else []
+        code, out, err = run_cli("fix", case / "run", "--out", root / case.name, "--quiet", *base)
         assert code == 0, out + err
         outputs[case.name] = root / case.name / CHECKPOINT
     return outputs
@@ -63,7 +66,7 @@ def fixed(tmp_path_factory) -> dict[str, Path]:
 def exported(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shapes-exported")
     outputs = {}
-    for case in [HEAD_ONLY, *REPLAYED]:
+    for case in [HEAD_ONLY, *FIXED]:
         code, output = _export(case, root / case.name)
         assert code == 0, output
         outputs[case.name] = root / case.name
@@ -99,13 +102,14 @@ def test_the_fixtures_are_real_and_their_init_rewrote_the_base():
 
 
 def test_fixed_pissa_and_olora_adapters_reproduce_the_trained_logits_with_the_newest_peft(fixed):
-    """The head fold (saved residual + s * B @ A) is right for them; peft re-runs the init on the body when it loads."""
-    assert_reproduced(REPLAYED, fixed, CHECKPOINT)
+    """The head fold (saved residual + s * B @ A) is right for them; peft re-runs the init on the body when it loads.
+    A LoRA-only head (its weight from --base-model) gets peft's merge after the init is replayed on it."""
+    assert_reproduced(FIXED, fixed, CHECKPOINT)
 
 
 @pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
 def test_fixed_pissa_and_olora_adapters_reproduce_the_trained_logits_with_peft_0_12(fixed):
-    assert_reproduced(REPLAYED, fixed, CHECKPOINT, old_python())
+    assert_reproduced(FIXED, fixed, CHECKPOINT, old_python())
 
 
 def test_exports_reproduce_the_trained_logits_with_plain_newest_transformers(exported):
@@ -137,6 +141,17 @@ def test_merging_into_the_original_base_weights_would_be_wrong(tmp_path, monkeyp
         models[case.name] = tmp_path / case.name
     _, errors = _plain_errors(sys.executable, models)
     assert all(errors[case.name] > 1e-2 for case in REPLAYED), errors
+
+
+def test_rebuilding_a_lora_only_head_from_the_original_base_weight_would_be_wrong(tmp_path, monkeypatch):
+    """Migration 0002 without the replay (base weight + s * B @ A) writes a head 0.2 off the trained logits."""
+    from ckpt_migrate.migrations import m0002_fold_lora_only_head as m0002
+
+    monkeypatch.setattr(m0002, "is_replayed", lambda config: False)
+    monkeypatch.setattr(m0002, "replay_refusal", lambda config: None)
+    code, _, err = run_cli("fix", LORA_ONLY / "run", "--out", tmp_path / "out", "--base-model", LORA_ONLY / "base")
+    assert code == 0, err
+    assert max_logit_error(LORA_ONLY, tmp_path / "out" / CHECKPOINT, CHECKPOINT) > 1e-2
 
 
 def test_export_plan_says_the_init_is_replayed_by_peft(exported):
@@ -185,6 +200,13 @@ def test_an_init_that_cannot_be_replayed_is_refused_naming_what_is_missing(tmp_p
     else:
         assert code == 0, err
     assert tree_digest(src) == before
+
+
+def test_a_lora_only_head_whose_init_cannot_be_replayed_is_refused(tmp_path):
+    src = _with_init(tmp_path, LORA_ONLY, "pissa_niter_4")
+    code, _, err = run_cli("fix", src, "--out", tmp_path / "out", "--base-model", LORA_ONLY / "base")
+    assert code == EXIT_UNRECOVERABLE and not (tmp_path / "out").exists(), err
+    assert "head score: init_lora_weights='pissa_niter_4' rewrote" in err and "random draw was never saved" in err
 
 
 def test_export_replays_inits_on_nn_linear_only(tmp_path):

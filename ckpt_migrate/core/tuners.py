@@ -28,7 +28,7 @@ from ckpt_migrate.core.peft_layout import (
     strip_prefix,
     wrapper_root,
 )
-from ckpt_migrate.core.plan import CheckpointState
+from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 
 CHECKED_UP_TO = Version("0.21.2")
 #: The oldest installed peft whose layer code computes the folds (the tables compare 0.12.0 to CHECKED_UP_TO).
@@ -316,20 +316,63 @@ def module_fold(
     )
 
 
-def lora_replay_fold(
-    state: CheckpointState, module: str, parts: dict[str, str], files: tuple[Path | None, Path | None]
-) -> TunerFold:
-    """The merge of ``module``'s weight with its LoRA by peft's own layer, which first replays the init that rewrote
-    the base weight (PiSSA, OLoRA: see :mod:`ckpt_migrate.core.lora_init`); base parameters from ``files``."""
+def replay_unsupported(config: dict[str, Any]) -> str | None:
+    """Why the installed peft's layer cannot replay this adapter's PiSSA/OLoRA init as its producer ran it, if so."""
+    from ckpt_migrate.core.lora_init import init_of
+
+    installed, init = installed_peft(), init_of(config)
+    if not CHECKED_FROM <= installed <= CHECKED_UP_TO:
+        return (
+            f"init_lora_weights={init!r} is replayed with the installed peft's layer code, and peft {installed} is not "
+            f"among the releases compared with the producing one ({CHECKED_FROM} to {CHECKED_UP_TO})"
+        )
+    # peft 0.12's PiSSA ignores fan_in_fan_out where later releases transpose: their residuals differ there.
+    for key, what in (("fan_in_fan_out", "fan_in_fan_out weights (Conv1D)"), ("use_dora", "DoRA")):
+        if config.get(key):
+            return f"init_lora_weights={init!r} with {what} is not replayed: releases compute or store it differently"
+    return None
+
+
+def replayed_lora_weight(
+    state: CheckpointState,
+    module: str,
+    parts: dict[str, str],
+    weight: PlannedTensor,
+    bias_file: Path | None,
+    migration: str,
+    name: str,
+) -> PlannedTensor:
+    """``name``: ``module``'s base ``weight`` (a base model tensor) merged with its LoRA by peft's own layer, which
+    first replays the init that rewrote that weight before training (PiSSA, OLoRA: :mod:`ckpt_migrate.core.lora_init`).
+
+    Computed by ``migration``'s ``compute`` (:func:`ckpt_migrate.execute.tuner_merge.merged_parameter`). A
+    ``ValueError`` says why the layer cannot be rebuilt (DoRA: peft stores its magnitude elsewhere per release).
+    """
+    from ckpt_migrate.core.lora_init import init_of
+
+    if set(parts) != {"lora_A", "lora_B"}:
+        raise ValueError(f"LoRA module {module} carries {sorted(parts)}, not lora_A/lora_B alone")
     holder = {k: v for k, v in state.config.items() if k not in (*_PLACEMENT, "layer_replication")}
     rank, alpha = rank_and_alpha(state.config, module)  # the producer's pattern rules, resolved for this module
     holder.update(target_modules=[module], task_type=None, inference_mode=True, r=rank, lora_alpha=alpha)
     holder.update(rank_pattern={}, alpha_pattern={})
-    tensors = tuple(sorted((f"{kind}.weight", name) for kind, name in parts.items()))
-    bias = f"{module}.bias" if files[1] is not None else ""
-    return TunerFold(
-        "LORA", module, "weight", json.dumps(holder, sort_keys=True), tensors, f"{module}.weight", bias, *files
+    tensors = tuple(sorted((f"{kind}.weight", tensor) for kind, tensor in parts.items()))
+    bias = f"{module}.bias" if bias_file is not None else ""
+    fold = TunerFold(
+        "LORA",
+        module,
+        "weight",
+        json.dumps(holder, sort_keys=True),
+        tensors,
+        weight.source.tensor,
+        bias,
+        weight_file=weight.source.base_file,
+        bias_file=bias_file,
     )
+    init = init_of(state.config)
+    formula = f"weight of peft {installed_peft()}'s LoRA merge after its {init} init: {module} + lora_A, lora_B"
+    source = Source(SourceKind.COMPUTED, weight.source.tensor, migration=migration, formula=formula, payload=fold)
+    return PlannedTensor(name, weight.shape, weight.dtype, source)
 
 
 def ia3_feedforward(config: dict[str, Any], module: str) -> bool:

@@ -26,9 +26,10 @@ from ckpt_migrate.core.tuners import (
     CHECKED_UP_TO,
     Tuner,
     installed_peft,
-    lora_replay_fold,
     math_differs,
     module_fold,
+    replay_unsupported,
+    replayed_lora_weight,
     tuner_modules,
     tuner_of,
 )
@@ -74,8 +75,9 @@ def _refuse_unsupported(repair: CheckpointPlan) -> Tuner | None:
         why = replay_refusal(config)
         if why:
             raise UnrecoverableError(f"export: {why}, so the weights training ran on cannot be rebuilt", repair.source)
-        if is_replayed(config):
-            _check_replayable(config, repair)
+        why = replay_unsupported(config) if is_replayed(config) else None
+        if why:
+            raise UnrecoverableError(f"export: {why}", repair.source)
         return None
     tuner = tuner_of(config)
     if tuner is None or tuner.refuse:
@@ -92,25 +94,6 @@ def _refuse_unsupported(repair: CheckpointPlan) -> Tuner | None:
     if why:
         raise UnrecoverableError(f"export: {why}", repair.source)
     return tuner
-
-
-def _check_replayable(config: dict[str, Any], repair: CheckpointPlan) -> None:
-    """A PiSSA/OLoRA init is replayed by the installed peft: only where its code was compared with the producer's."""
-    installed, init = installed_peft(), init_of(config)
-    if not CHECKED_FROM <= installed <= CHECKED_UP_TO:
-        raise UnrecoverableError(
-            f"export replays init_lora_weights={init!r} with the installed peft's layer code, and peft {installed} is "
-            f"not among the releases compared with the producing one ({CHECKED_FROM} to {CHECKED_UP_TO})",
-            repair.source,
-        )
-    # peft 0.12's PiSSA ignores fan_in_fan_out, later releases transpose: their residuals differ there.
-    for key, why in (("fan_in_fan_out", "fan_in_fan_out weights (Conv1D)"), ("use_dora", "DoRA")):
-        if config.get(key):
-            raise UnrecoverableError(
-                f"export does not replay init_lora_weights={init!r} with {why}: releases compute its residual "
-                "differently or store it elsewhere",
-                repair.source,
-            )
 
 
 def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_labels: int | None) -> dict[str, Any]:
@@ -239,14 +222,11 @@ def _replayed_merge(
     state: CheckpointState, module: str, parts: dict[str, str], base: BaseModel, base_tensor: PlannedTensor
 ) -> PlannedTensor:
     """``module.weight``: peft's LoRA layer replays the init on the base weight (PiSSA, OLoRA), then merges A/B."""
-    if set(parts) != {"lora_A", "lora_B"}:
-        raise UnrecoverableError(f"export: LoRA module {module} carries {sorted(parts)}, not lora_A/lora_B alone")
     bias = base.locate(f"{module}.bias")[0].path if base.has(f"{module}.bias") else None
-    fold = lora_replay_fold(state, module, parts, (base.locate(f"{module}.weight")[0].path, bias))
-    init = init_of(state.config)
-    formula = f"weight of the installed peft's LoRA merge after its {init} init: {module} + lora_A, lora_B"
-    source = Source(SourceKind.COMPUTED, base_tensor.name, migration=TUNER_MERGE, formula=formula, payload=fold)
-    return PlannedTensor(base_tensor.name, base_tensor.shape, base_tensor.dtype, source)
+    try:
+        return replayed_lora_weight(state, module, parts, base_tensor, bias, TUNER_MERGE, base_tensor.name)
+    except ValueError as exc:
+        raise UnrecoverableError(f"export: {exc}", state.source_dir) from None
 
 
 def _conv1d_modules(base: BaseModel, lora: dict[str, dict[str, str]], state: Any) -> set[str]:
