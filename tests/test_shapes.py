@@ -152,6 +152,16 @@ def test_rebuilding_a_lora_only_head_from_the_original_base_weight_would_be_wron
     code, _, err = run_cli("fix", LORA_ONLY / "run", "--out", tmp_path / "out", "--base-model", LORA_ONLY / "base")
     assert code == 0, err
     assert max_logit_error(LORA_ONLY, tmp_path / "out" / CHECKPOINT, CHECKPOINT) > 1e-2
+    # verify computes the source's head through peft (the init replayed, LoRA unmerged) and catches it
+    result = verify_checkpoint(
+        tmp_path / "out" / CHECKPOINT, LORA_ONLY / "base", source_dir=LORA_ONLY / "run" / CHECKPOINT
+    )
+    assert not result.ok and "logits differ from the source" in result.reasons[0]
+
+
+def test_fix_verify_passes_for_a_replayed_lora_only_head(tmp_path):
+    report = ckpt_migrate.fix(LORA_ONLY / "run", tmp_path / "out", base_model=LORA_ONLY / "base", verify=True)
+    assert report.exit_code == 0 and report.checkpoints[0].verification["ok"], report.checkpoints[0].verification
 
 
 def test_export_plan_says_the_init_is_replayed_by_peft(exported):
