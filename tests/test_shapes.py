@@ -159,9 +159,17 @@ def test_rebuilding_a_lora_only_head_from_the_original_base_weight_would_be_wron
     assert not result.ok and "logits differ from the source" in result.reasons[0]
 
 
-def test_fix_verify_passes_for_a_replayed_lora_only_head(tmp_path):
+def test_fix_verify_passes_and_repair_on_load_is_exact_for_a_replayed_lora_only_head(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
     report = ckpt_migrate.fix(LORA_ONLY / "run", tmp_path / "out", base_model=LORA_ONLY / "base", verify=True)
     assert report.exit_code == 0 and report.checkpoints[0].verification["ok"], report.checkpoints[0].verification
+    model = ckpt_migrate.load(LORA_ONLY / "base", LORA_ONLY / "run" / CHECKPOINT)
+    reference = load_file(LORA_ONLY / "reference.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits
+    assert (logits - reference[f"logits/{CHECKPOINT}"]).abs().max().item() <= load_case(LORA_ONLY)["tolerance"]
 
 
 def test_export_plan_says_the_init_is_replayed_by_peft(exported):
