@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold, wrapped_heads
 from ckpt_migrate.core.lora_init import is_replayed, replay_refusal
 from ckpt_migrate.core.migration import Context, TensorSource
@@ -100,7 +101,10 @@ def _head_weight(
     if not is_replayed(state.config):
         return plan_fold(state, module, parts, base.planned(name, PREFIX))
     bias = base.locate(f"{module}.bias")[0].path if base.has(f"{module}.bias") else None
-    return replayed_lora_weight(state, module, parts, base.planned(name), bias, ID, PREFIX + name)
+    try:
+        return replayed_lora_weight(state, module, parts, base.planned(name), bias, ID, PREFIX + name)
+    except ValueError as exc:
+        raise UnreadableInputError(f"head module {module!r}: {exc}", state.source_dir / state.weights_file) from None
 
 
 def compute(tensor: PlannedTensor, read: TensorSource) -> Any:

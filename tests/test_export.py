@@ -41,6 +41,7 @@ CASES = [  # (case dir, checkpoint): double-wrapped, nested, two heads, token cl
     (TUNER_FIXTURES / "loha_llama_score", "checkpoint-2"),
     (TUNER_FIXTURES / "lokr_bert_classifier", "checkpoint-2"),
     (TUNER_FIXTURES / "lokr_llama_scaled", "checkpoint-2"),  # alpha != r by peft 0.12: alpha = r first (0011)
+    (TESTS / "fixtures_shapes" / "lokr_phi_patterns", "checkpoint-2"),  # the same per module (rank/alpha_pattern)
     (TUNER_FIXTURES / "vera_llama_score", "checkpoint-2"),
 ]
 LOGITS = """
