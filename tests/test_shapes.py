@@ -277,3 +277,15 @@ def test_a_head_only_adapter_exports_exactly_and_verifies(exported):
     assert report.export.merged == () and report.export.from_adapter == ("score.weight",)
     result = verify_checkpoint(exported[HEAD_ONLY.name], HEAD_ONLY / "base", source_dir=HEAD_ONLY / "run" / CHECKPOINT)
     assert result.ok, result.reasons
+
+
+def test_dry_runs_of_these_shapes_do_not_import_torch():
+    code = (
+        "import sys, ckpt_migrate; "
+        f"r = ckpt_migrate.fix({str(LORA_ONLY / 'run')!r}, base_model={str(LORA_ONLY / 'base')!r}, dry_run=True); "
+        "assert r.checkpoints[0].status == 'repairable'; "
+        f"r = ckpt_migrate.fix({str(HEAD_ONLY / 'run')!r}, dry_run=True); "
+        "assert r.checkpoints[0].status == 'unrecoverable'; "
+        "assert 'torch' not in sys.modules and 'peft' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
