@@ -282,7 +282,8 @@ def export(
         from ckpt_migrate.execute.publish import check_output_target
 
         check_output_target(src, out_path)
-    repair = plan_checkpoint(src / relatives[0], relatives[0], base, Options(allow_lossy=allow_lossy))
+    options = Options(allow_lossy=allow_lossy, merge_into_base=True)  # merged: an adapter peft would refuse is fine
+    repair = plan_checkpoint(src / relatives[0], relatives[0], base, options)
     result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
     report.checkpoints = [result]
     if repair.status is Status.UNRECOVERABLE:

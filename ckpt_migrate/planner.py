@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckpt_migrate.core.heads import heads_carrying_tuner_tensors
+from ckpt_migrate.core.lora_init import reload_refusal
 from ckpt_migrate.core.migration import Context, ExplainingMigration
 from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState, Options, Status
 from ckpt_migrate.formats.adapter import BIN_WEIGHTS, SAFETENSORS_WEIGHTS
@@ -57,12 +58,36 @@ def _run(
             f"head {head!r} still carries tuner tensors in a layout this tool does not recognise "
             f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); peft cannot load it as trained"
         )
+    why = _adapter_refusal(before, after, context.options) if ran and not after.unrecoverable else None
+    if why:
+        after.unrecoverable.append(why)
     if ran and not after.unrecoverable:
         after.applied = before.applied + ran
         if after.weights_file == BIN_WEIGHTS:
             after.drop_file(BIN_WEIGHTS, f"rewritten as {SAFETENSORS_WEIGHTS}")
             after.weights_file = SAFETENSORS_WEIGHTS
     return after, ran
+
+
+def _adapter_refusal(before: CheckpointState, after: CheckpointState, options: Options) -> str | None:
+    """Why the repaired adapter, loaded by peft as an adapter, would not compute the trained model.
+
+    A head-only adapter (``target_modules=["score"]``) keeps no module to adapt once its head is a plain
+    modules_to_save module. Every config peft loads must target a module: writing one would mean inventing a layer
+    the run never trained (zero, so the logits would hold, but a resumed run would train it and the adapter would
+    claim it), so the checkpoint is refused and ``export`` (which merges, ``merge_into_base``) writes the trained
+    model exactly. An init peft cannot redo when it loads (PiSSA with a randomised SVD, ...) is refused too.
+    """
+    if options.merge_into_base:
+        return None
+    if after.config.get("target_modules") == [] and before.config.get("target_modules"):
+        return (
+            f"every target_modules entry of this adapter ({before.config['target_modules']}) is in its head, so once "
+            "the head is a plain modules_to_save module no module is left to adapt, and no peft loads such an "
+            "adapter (0.12: ValueError: Target modules set() not found in the base model; newest: "
+            "NoMatchingPeftModuleError); `ckpt-migrate export` writes the trained model exactly as a plain model"
+        )
+    return reload_refusal(after.config)
 
 
 def _status(after: CheckpointState, ran: list[str]) -> Status:

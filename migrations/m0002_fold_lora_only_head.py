@@ -4,14 +4,24 @@ A head LoRA-wrapped without being in modules_to_save (BART/T5 ``classification_h
 without ``task_type``, an explicit target list hitting the head) trains only ``lora_A/B``; the head's
 base weights were randomly initialised and exist only where the user saved them. With
 ``--base-model`` holding those weights, the head is rebuilt exactly; without them it cannot be.
+
+An init that rewrote the targeted weights before training (PiSSA, OLoRA: ``W - s * B0 @ A0``) rewrote the head's
+too: its weight is then merged by peft's own LoRA layer, which replays that init on the base model's weight first
+(:func:`ckpt_migrate.core.tuners.replayed_lora_weight`); an init that cannot be replayed is refused.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.heads import lora_modules, move_heads_to_modules_to_save, plan_fold, wrapped_heads
-from ckpt_migrate.core.migration import Context
+from ckpt_migrate.core.lora_init import is_replayed, replay_refusal
+from ckpt_migrate.core.migration import Context, TensorSource
 from ckpt_migrate.core.peft_layout import PREFIX, head_root
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor
+from ckpt_migrate.core.tuners import replay_unsupported, replayed_lora_weight
+from ckpt_migrate.formats.base_model import BaseModel
 
 ID = "0002_fold_lora_only_head"
 SUMMARY = "Rebuild a LoRA-only head (base weights never saved) from --base-model into modules_to_save"
@@ -47,6 +57,12 @@ def plan(state: CheckpointState, context: Context) -> None:
             "pass --base-model DIR with the head weights training started from, or " + RETRAIN
         )
         return
+    why = replay_refusal(state.config) or (replay_unsupported(state.config) if is_replayed(state.config) else None)
+    if why:
+        state.unrecoverable.append(
+            f"head {names}: {why}, so the head weights training ran on are not those of {base.directory}; " + RETRAIN
+        )
+        return
     head_modules: set[str] = set()
     new_tensors: list[PlannedTensor] = []
     for head, modules in sorted(heads.items()):
@@ -63,7 +79,7 @@ def plan(state: CheckpointState, context: Context) -> None:
         for name in base_names:
             module, _, param = name.rpartition(".")
             if param == "weight" and module in parts_by_module:
-                new_tensors.append(plan_fold(state, module, parts_by_module[module], base.planned(name, PREFIX)))
+                new_tensors.append(_head_weight(state, base, module, parts_by_module[module], name))
             else:
                 new_tensors.append(base.planned(name, PREFIX))
         for parts in parts_by_module.values():
@@ -76,6 +92,26 @@ def plan(state: CheckpointState, context: Context) -> None:
         f"head {names} was rebuilt from {base.directory}: this is exact only if those are the head weights "
         "the training started from (check with the trained model's logits if you have them)"
     )
+
+
+def _head_weight(
+    state: CheckpointState, base: BaseModel, module: str, parts: dict[str, str], name: str
+) -> PlannedTensor:
+    """The trained weight of a LoRA-wrapped head module: W + s * B @ A, or peft's merge after replaying the init."""
+    if not is_replayed(state.config):
+        return plan_fold(state, module, parts, base.planned(name, PREFIX))
+    bias = base.locate(f"{module}.bias")[0].path if base.has(f"{module}.bias") else None
+    try:
+        return replayed_lora_weight(state, module, parts, base.planned(name), bias, ID, PREFIX + name)
+    except ValueError as exc:
+        raise UnreadableInputError(f"head module {module!r}: {exc}", state.source_dir / state.weights_file) from None
+
+
+def compute(tensor: PlannedTensor, read: TensorSource) -> Any:
+    """A head weight whose init peft's own layer replays before its merge (float64, cast to the weight's dtype)."""
+    from ckpt_migrate.execute.tuner_merge import merged_parameter
+
+    return merged_parameter(tensor, read)
 
 
 def failures(state: CheckpointState) -> list[str]:

@@ -32,6 +32,7 @@ from ckpt_migrate.core.tuners import (
     ia3_feedforward,
     ia3_loadable,
     installed_peft,
+    lokr_alpha_rewrite_pending,
     tuner_heads,
     tuner_modules,
     tuner_of,
@@ -48,7 +49,8 @@ PATTERNS = {"LOHA": ("rank_pattern", "alpha_pattern"), "LOKR": ("rank_pattern", 
 
 
 def detect(state: CheckpointState, context: Context) -> bool:
-    return bool(tuner_heads(state))
+    # A LoKr config migration 0011 makes mean the same in every release is folded after that rewrite.
+    return bool(tuner_heads(state)) and not lokr_alpha_rewrite_pending(state.config)
 
 
 def _refusal(state: CheckpointState, context: Context, tuner: Tuner | None, heads: set[str]) -> str | None:

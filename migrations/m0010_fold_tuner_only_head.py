@@ -22,6 +22,7 @@ from ckpt_migrate.core.tuners import (
     fold_refusal,
     ia3_loadable,
     installed_peft,
+    lokr_alpha_rewrite_pending,
     module_fold,
     tuner_modules,
     tuner_of,
@@ -51,7 +52,8 @@ def _tuner_only_heads(state: CheckpointState) -> dict[str, dict[str, dict[str, s
 
 
 def detect(state: CheckpointState, context: Context) -> bool:
-    return bool(_tuner_only_heads(state))
+    # A LoKr config migration 0011 makes mean the same in every release is folded after that rewrite.
+    return bool(_tuner_only_heads(state)) and not lokr_alpha_rewrite_pending(state.config)
 
 
 def _merged(state: CheckpointState, base: BaseModel, module: str, parts: dict[str, str], param: str) -> PlannedTensor:

@@ -91,6 +91,30 @@ def adapter_errors(
     return errors
 
 
+def errors_in(python: str, triples: list[tuple[str | Path, str | Path, str]]) -> dict[str, float]:
+    """:func:`max_logit_error` of each (case dir, adapter dir, checkpoint) run by another interpreter (peft 0.12):
+    adapter dir -> error. Fails when that interpreter does (peft refusing an adapter included)."""
+    import subprocess
+
+    args = [str(a) for triple in triples for a in triple]
+    result = subprocess.run([python, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_reproduced(cases: list[Path], outputs: dict[str, Path], checkpoint: str, python: str | None = None) -> None:
+    """Each case's repaired adapter (``outputs[case name]``) gives its trained logits within the case's tolerance,
+    loaded by the installed peft (``python`` None) or by that interpreter's (peft 0.12); prints each error."""
+    if python is None:
+        errors = {str(outputs[c.name]): max_logit_error(c, outputs[c.name], checkpoint) for c in cases}
+    else:
+        errors = errors_in(python, [(case, outputs[case.name], checkpoint) for case in cases])
+    for case in cases:
+        error = errors[str(outputs[case.name])]
+        print(f"{case.name}: max |logit error| {error:.3g} ({'installed peft' if python is None else python})")
+        tolerance = json.loads((case / "case.json").read_text())["tolerance"]
+        assert error <= tolerance, (case.name, error)
+
+
 if __name__ == "__main__":
     # Arguments come in triples, so one interpreter start checks many checkpoints.
     args = sys.argv[1:]

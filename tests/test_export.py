@@ -40,6 +40,8 @@ CASES = [  # (case dir, checkpoint): double-wrapped, nested, two heads, token cl
     (TUNER_FIXTURES / "ln_tuning_llama_score", "checkpoint-2"),
     (TUNER_FIXTURES / "loha_llama_score", "checkpoint-2"),
     (TUNER_FIXTURES / "lokr_bert_classifier", "checkpoint-2"),
+    (TUNER_FIXTURES / "lokr_llama_scaled", "checkpoint-2"),  # alpha != r by peft 0.12: alpha = r first (0011)
+    (TESTS / "fixtures_shapes" / "lokr_phi_patterns", "checkpoint-2"),  # the same per module (rank/alpha_pattern)
     (TUNER_FIXTURES / "vera_llama_score", "checkpoint-2"),
 ]
 LOGITS = """
@@ -152,7 +154,7 @@ def test_export_refuses_what_fix_refuses_and_writes_nothing(tmp_path):
     ("case", "reason"),
     [
         ("poly_llama_score", "task_ids"),  # refused by the repair already
-        ("lokr_llama_scaled", "alpha/r"),  # peft >= 0.14 computes another LoKr than the producing 0.12
+        ("oft_bert_classifier", "reparametrised"),  # peft >= 0.14 computes another OFT than the producing 0.12
     ],
 )
 def test_export_refuses_a_tuner_whose_trained_model_it_cannot_compute(case, reason, tmp_path):

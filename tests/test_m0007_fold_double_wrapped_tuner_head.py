@@ -27,7 +27,6 @@ from ckpt_migrate.migrations import m0007_fold_double_wrapped_tuner_head as m000
 
 #: Cases refused on the installed (newest) peft, with what the reason must say.
 REFUSED = {
-    "lokr_llama_scaled": "peft >= 0.14 multiplies the LoKr delta kron(w1, w2) by alpha/r",
     "oft_bert_classifier": "OFT was reparametrised in peft 0.14",
     "poly_llama_score": "Poly mixes its LoRA skills per example by task_ids",
 }
@@ -120,6 +119,8 @@ def test_dry_run_json_predicts_exactly_the_written_tensors(tmp_path, name):
             "0003_drop_stale_optimizer",
             "0004_portable_rng_state",
             "0007_fold_double_wrapped_tuner_head",
+            # LoKr with alpha != r written before peft 0.14: alpha = r first, so every release computes it as trained
+            *(["0011_lokr_alpha_equals_rank"] if name == "lokr_llama_scaled" else []),
         ]
         source = read_header(Path(entry["source"]) / "adapter_model.safetensors").tensors
         written = read_header(Path(entry["output"]) / "adapter_model.safetensors").tensors
@@ -141,8 +142,10 @@ def test_dry_run_of_a_tuner_checkpoint_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def planned(name: str, checkpoint: str = "checkpoint-2", options: Options | None = None):
+def planned(name: str, checkpoint: str = "checkpoint-2", options: Options | None = None, config: dict | None = None):
+    """0007 alone on a case (``config``: the adapter config to plan with instead of the saved one)."""
     before = load_state(CASES[name] / "run" / checkpoint)
+    before.config = config or before.config
     after = before.clone()
     context = Context(source=before, base_model=None, options=options or Options())
     assert m0007.detect(after, context)
@@ -198,22 +201,24 @@ def test_math_changes_are_judged_against_the_release_that_computes_and_the_one_t
     assert math_differs(lokr, {**config, "alpha": 4}, Version("0.21.2")) is None  # alpha == r: scale 1 everywhere
     assert math_differs(lokr, {**config, "rank_dropout_scale": False}, Version("0.21.2")) is None  # a 0.14+ writer
     assert math_differs(oft, {"peft_type": "OFT"}, Version("0.12.0")) is None
-    # The installed peft computes the fold: asking for a target of the producer's release does not help.
-    _, after = planned("lokr_llama_scaled", options=Options(target_peft="0.13.0"))
-    assert "installed" in after.unrecoverable[0]
+    # A LoKr config of peft >= 0.14 (scaled by alpha/r in training; migration 0011 leaves it) is refused for a
+    # target that would ignore its alpha. (The saved pre-0.14 config gets alpha = r from 0011 first: see its test.)
+    newer = {**config, "rank_dropout_scale": False}
+    _, after = planned("lokr_llama_scaled", options=Options(target_peft="0.13.0"), config=newer)
+    assert "peft 0.13.0 is the target" in after.unrecoverable[0]
+    assert not planned("lokr_llama_scaled", config=newer)[1].unrecoverable
     _, after = planned("loha_llama_score", options=Options(target_peft="0.12.0"))
     assert not after.unrecoverable
 
 
-def test_with_the_producers_math_installed_and_targeted_lokr_and_oft_are_folded(monkeypatch):
-    """What the refusal advises: peft < 0.14 installed (measured by hand: the tool run on peft 0.12.0 folds both
-    cases, reproducing their logits under peft 0.12.0 to 2e-8)."""
+def test_with_the_producers_math_installed_and_targeted_oft_is_folded(monkeypatch):
+    """What the refusal advises: peft < 0.14 installed (measured by hand: the tool run on peft 0.12.0 folds the case,
+    reproducing its logits under peft 0.12.0). (LoKr with alpha != r no longer needs this: migration 0011.)"""
     monkeypatch.setattr(tuners, "installed_peft", lambda: Version("0.12.0"))
-    for name in ("lokr_llama_scaled", "oft_bert_classifier"):
-        _, after = planned(name, options=Options(target_peft="0.12.0"))
-        assert not after.unrecoverable, after.unrecoverable
-        _, after = planned(name, options=Options(target_peft="0.21.2"))
-        assert "peft 0.21.2 is the target" in after.unrecoverable[0]
+    _, after = planned("oft_bert_classifier", options=Options(target_peft="0.12.0"))
+    assert not after.unrecoverable, after.unrecoverable
+    _, after = planned("oft_bert_classifier", options=Options(target_peft="0.21.2"))
+    assert "peft 0.21.2 is the target" in after.unrecoverable[0]
 
 
 def _copy(tmp_path: Path, name: str) -> Path:

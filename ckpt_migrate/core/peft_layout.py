@@ -125,27 +125,29 @@ def lycoris_rank_and_alpha(config: dict[str, Any], module: str, alpha_key: str) 
     ``(.*\.)?({key})$`` (else the full name). Configs without ``exclude_modules`` are from <= 0.13; with
     ``peft_version`` from >= 0.18; between, both rules must agree.
     """
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-
-    def lookup(legacy: bool) -> tuple[int, float]:
-        if legacy:
-            keys = [k for k in [*rank_pattern, *alpha_pattern] if re.match(rf"(.*\.)?{k}$", module)]
-            rank_key = alpha_key_ = keys[0] if keys else module.rsplit(".", 1)[-1]
-        else:
-            rank_key = next((k for k in rank_pattern if re.match(rf"(.*\.)?({k})$", module)), module)
-            alpha_key_ = next((k for k in alpha_pattern if re.match(rf"(.*\.)?({k})$", module)), module)
-        return rank_pattern.get(rank_key, config["r"]), alpha_pattern.get(alpha_key_, config[alpha_key])
-
     try:
         if "exclude_modules" not in config:
-            return lookup(legacy=True)
+            return lycoris_lookup(config, module, alpha_key, legacy=True)
         if "peft_version" in config:
-            return lookup(legacy=False)
-        legacy, current = lookup(legacy=True), lookup(legacy=False)
+            return lycoris_lookup(config, module, alpha_key, legacy=False)
+        legacy = lycoris_lookup(config, module, alpha_key, legacy=True)
+        current = lycoris_lookup(config, module, alpha_key, legacy=False)
     except re.error as exc:
         raise UnreadableInputError(f"rank_pattern/alpha_pattern key is not a valid regex ({exc})") from exc
     return legacy if legacy == current else None
+
+
+def lycoris_lookup(config: dict[str, Any], module: str, alpha_key: str, legacy: bool) -> tuple[int, float]:
+    """``module``'s r and alpha by the rule of peft <= 0.14 (``legacy``) or of peft >= 0.15 (see above)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if legacy:
+        keys = [k for k in [*rank_pattern, *alpha_pattern] if re.match(rf"(.*\.)?{k}$", module)]
+        rank_key = alpha_key_ = keys[0] if keys else module.rsplit(".", 1)[-1]
+    else:
+        rank_key = next((k for k in rank_pattern if re.match(rf"(.*\.)?({k})$", module)), module)
+        alpha_key_ = next((k for k in alpha_pattern if re.match(rf"(.*\.)?({k})$", module)), module)
+    return rank_pattern.get(rank_key, config["r"]), alpha_pattern.get(alpha_key_, config[alpha_key])
 
 
 def lora_scale(config: dict[str, Any], module: str) -> float:

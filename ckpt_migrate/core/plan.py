@@ -46,12 +46,15 @@ class Options:
 
     ``target_transformers`` / ``target_peft``: the releases that will load the checkpoint (None: the installed ones).
     ``allow_lossy``: write the best repair of a checkpoint that lost trained values, recording the loss.
+    ``merge_into_base``: the repair is merged into the base model (``export``), never loaded as an adapter, so an
+    adapter peft would refuse to load (no module left to adapt) is no reason to refuse.
     """
 
     optimizer: OptimizerPolicy = OptimizerPolicy.DROP
     target_transformers: str | None = None
     target_peft: str | None = None
     allow_lossy: bool = False
+    merge_into_base: bool = False
 
     @classmethod
     def parse(

@@ -24,10 +24,11 @@ from ckpt_migrate.core.peft_layout import (
     lycoris_rank_and_alpha,
     parse_lora_key,
     parse_module_key,
+    rank_and_alpha,
     strip_prefix,
     wrapper_root,
 )
-from ckpt_migrate.core.plan import CheckpointState
+from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 
 CHECKED_UP_TO = Version("0.21.2")
 #: The oldest installed peft whose layer code computes the folds (the tables compare 0.12.0 to CHECKED_UP_TO).
@@ -57,7 +58,10 @@ class Tuner:
 
 
 def _lokr_unscaled(config: dict[str, Any]) -> bool:
-    return config.get("alpha") == config.get("r") and not config.get("rank_pattern") and not config.get("alpha_pattern")
+    """Every module's alpha is its rank (alpha/r = 1) under every release's pattern rules: alpha == r, and
+    alpha_pattern holds the entries of rank_pattern in the same order (both rules then pick the same key)."""
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    return config.get("alpha") == config.get("r") and list(alpha_pattern.items()) == list(rank_pattern.items())
 
 
 TUNERS: dict[str, Tuner] = {
@@ -150,6 +154,13 @@ def tuner_modules(state: CheckpointState, tuner: Tuner, under: str | None = None
             continue
         modules.setdefault(parsed.module, {})[parsed.kind] = name
     return modules
+
+
+def lokr_alpha_rewrite_pending(config: dict[str, Any]) -> bool:
+    """A LoKr config written before peft 0.14 whose alphas are not all their ranks: peft >= 0.14 would scale its delta
+    by alpha/r, which its producer never did. Migration 0011 sets alpha = r; the folds (0007, 0010) wait for it."""
+    change = TUNERS["LOKR"].changes[0]
+    return config.get("peft_type") == "LOKR" and change.marker not in config and not _lokr_unscaled(config)
 
 
 def math_differs(tuner: Tuner, config: dict[str, Any], release: Version) -> str | None:
@@ -303,6 +314,65 @@ def module_fold(
         weight_file=files[0],
         bias_file=files[1],
     )
+
+
+def replay_unsupported(config: dict[str, Any]) -> str | None:
+    """Why the installed peft's layer cannot replay this adapter's PiSSA/OLoRA init as its producer ran it, if so."""
+    from ckpt_migrate.core.lora_init import init_of
+
+    installed, init = installed_peft(), init_of(config)
+    if not CHECKED_FROM <= installed <= CHECKED_UP_TO:
+        return (
+            f"init_lora_weights={init!r} is replayed with the installed peft's layer code, and peft {installed} is not "
+            f"among the releases compared with the producing one ({CHECKED_FROM} to {CHECKED_UP_TO})"
+        )
+    # peft 0.12's PiSSA ignores fan_in_fan_out where later releases transpose: their residuals differ there.
+    for key, what in (("fan_in_fan_out", "fan_in_fan_out weights (Conv1D)"), ("use_dora", "DoRA")):
+        if config.get(key):
+            return f"init_lora_weights={init!r} with {what} is not replayed: releases compute or store it differently"
+    return None
+
+
+def replayed_lora_weight(
+    state: CheckpointState,
+    module: str,
+    parts: dict[str, str],
+    weight: PlannedTensor,
+    bias_file: Path | None,
+    migration: str,
+    name: str,
+) -> PlannedTensor:
+    """``name``: ``module``'s base ``weight`` (a base model tensor) merged with its LoRA by peft's own layer, which
+    first replays the init that rewrote that weight before training (PiSSA, OLoRA: :mod:`ckpt_migrate.core.lora_init`).
+
+    Computed by ``migration``'s ``compute`` (:func:`ckpt_migrate.execute.tuner_merge.merged_parameter`). A
+    ``ValueError`` says why the layer cannot be rebuilt (DoRA: peft stores its magnitude elsewhere per release).
+    """
+    from ckpt_migrate.core.lora_init import init_of
+
+    if set(parts) != {"lora_A", "lora_B"}:
+        raise ValueError(f"LoRA module {module} carries {sorted(parts)}, not lora_A/lora_B alone")
+    holder = {k: v for k, v in state.config.items() if k not in (*_PLACEMENT, "layer_replication")}
+    rank, alpha = rank_and_alpha(state.config, module)  # the producer's pattern rules, resolved for this module
+    holder.update(target_modules=[module], task_type=None, inference_mode=True, r=rank, lora_alpha=alpha)
+    holder.update(rank_pattern={}, alpha_pattern={})
+    tensors = tuple(sorted((f"{kind}.weight", tensor) for kind, tensor in parts.items()))
+    bias = f"{module}.bias" if bias_file is not None else ""
+    fold = TunerFold(
+        "LORA",
+        module,
+        "weight",
+        json.dumps(holder, sort_keys=True),
+        tensors,
+        weight.source.tensor,
+        bias,
+        weight_file=weight.source.base_file,
+        bias_file=bias_file,
+    )
+    init = init_of(state.config)
+    formula = f"weight of peft {installed_peft()}'s LoRA merge after its {init} init: {module} + lora_A, lora_B"
+    source = Source(SourceKind.COMPUTED, weight.source.tensor, migration=migration, formula=formula, payload=fold)
+    return PlannedTensor(name, weight.shape, weight.dtype, source)
 
 
 def ia3_feedforward(config: dict[str, Any], module: str) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError, UnrecoverableError
 from ckpt_migrate.core.heads import lora_modules, plan_fold
+from ckpt_migrate.core.lora_init import init_of, is_replayed, replay_refusal
 from ckpt_migrate.core.peft_layout import head_root, parse_lora_key, parse_module_key, strip_prefix
 from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState, PlannedTensor, Source, SourceKind
 from ckpt_migrate.core.tuners import (
@@ -27,6 +28,8 @@ from ckpt_migrate.core.tuners import (
     installed_peft,
     math_differs,
     module_fold,
+    replay_unsupported,
+    replayed_lora_weight,
     tuner_modules,
     tuner_of,
 )
@@ -69,6 +72,12 @@ def _refuse_unsupported(repair: CheckpointPlan) -> Tuner | None:
     if config.get("peft_type") == "LORA":
         if any(".lora_embedding_" in name for name in repair.after.tensors):
             raise UnrecoverableError("export does not merge embedding LoRA (lora_embedding_A/B) yet", repair.source)
+        why = replay_refusal(config)
+        if why:
+            raise UnrecoverableError(f"export: {why}, so the weights training ran on cannot be rebuilt", repair.source)
+        why = replay_unsupported(config) if is_replayed(config) else None
+        if why:
+            raise UnrecoverableError(f"export: {why}", repair.source)
         return None
     tuner = tuner_of(config)
     if tuner is None or tuner.refuse:
@@ -113,7 +122,10 @@ def plan_export(
     state = repair.after
     lora = lora_modules(state)
     tuned = tuner_modules(state, tuner) if tuner else {}
-    _check_linear(base, tuner, tuned, repair)
+    _check_linear(base, tuner.name if tuner else "", tuned, repair)
+    replayed = tuner is None and is_replayed(state.config)
+    if replayed:
+        _check_linear(base, f"LoRA with init_lora_weights={init_of(state.config)!r}", lora, repair)
 
     def is_delta(name: str) -> bool:
         return bool(parse_lora_key(name) if tuner is None else parse_module_key(name, tuner.kinds))
@@ -129,7 +141,10 @@ def plan_export(
             planned.append(_renamed(whole.pop(name), name))
             continue
         weight = base.planned(name)
-        if param == "weight" and module in lora:
+        if param == "weight" and module in lora and replayed:
+            planned.append(_replayed_merge(state, module, lora.pop(module), base, weight))
+            merged.add(module)
+        elif param == "weight" and module in lora:
             folded = plan_fold(state, module, lora.pop(module), weight, conv1d=module in conv1d)
             planned.append(_renamed(folded, name))
             merged.add(module)
@@ -161,8 +176,9 @@ def plan_export(
     )
 
 
-def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], repair: CheckpointPlan) -> None:
-    """peft's merge of a non-LoRA tuner is rebuilt on a plain nn.Linear: refuse any other module class."""
+def _check_linear(base: BaseModel, what: str, tuned: dict[str, Any], repair: CheckpointPlan) -> None:
+    """peft's merge of ``what`` (a non-LoRA tuner, a replayed LoRA init) is rebuilt on a plain nn.Linear: refuse any
+    other module class."""
     if not tuned:
         return
     modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
@@ -177,7 +193,7 @@ def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], r
     other = {m: type(modules.get(m)).__name__ for m in tuned if type(modules.get(m)).__name__ != "Linear"}
     if other:
         listed = ", ".join(f"{m} ({cls})" for m, cls in sorted(other.items())[:3])
-        raise UnrecoverableError(f"export merges {tuner.name} into nn.Linear modules only, not {listed}", repair.source)
+        raise UnrecoverableError(f"export merges {what} into nn.Linear modules only, not {listed}", repair.source)
 
 
 def _tuner_merge(
@@ -200,6 +216,17 @@ def _tuner_merge(
     formula = f"{param} of the installed peft's {tuner.name} merge: {module} + {', '.join(sorted(parts))}"
     source = Source(SourceKind.COMPUTED, base_tensor.name, migration=TUNER_MERGE, formula=formula, payload=fold)
     return PlannedTensor(base_tensor.name, base_tensor.shape, base_tensor.dtype, source)
+
+
+def _replayed_merge(
+    state: CheckpointState, module: str, parts: dict[str, str], base: BaseModel, base_tensor: PlannedTensor
+) -> PlannedTensor:
+    """``module.weight``: peft's LoRA layer replays the init on the base weight (PiSSA, OLoRA), then merges A/B."""
+    bias = base.locate(f"{module}.bias")[0].path if base.has(f"{module}.bias") else None
+    try:
+        return replayed_lora_weight(state, module, parts, base_tensor, bias, TUNER_MERGE, base_tensor.name)
+    except ValueError as exc:
+        raise UnrecoverableError(f"export: {exc}", state.source_dir) from None
 
 
 def _conv1d_modules(base: BaseModel, lora: dict[str, dict[str, str]], state: Any) -> set[str]:

@@ -6,6 +6,10 @@ injects exactly as it injects a real model. The trained copy's tensors are loade
 (every tensor the layer holds must come from the checkpoint, every checkpoint tensor must find its
 place), the unmerged layer is probed, ``merge()`` is called in float64, and the merged weights must
 give the unmerged layer's outputs. No formula of any tuner is re-derived here.
+
+The same code merges a LoRA module whose init rewrote its base weight (PiSSA, OLoRA; see
+:mod:`ckpt_migrate.core.lora_init`): the layer is built in the base weight's dtype, so that peft's own init
+replaces it by the residual training ran on, then turned float64 before the saved A/B are loaded and merged.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ ADAPTER = "default"
 MERGE_TOLERANCE = 1e-5
 
 
-def _holder(module: str, weight: Any, bias: Any) -> Any:
-    """A model holding only ``module``: empty containers along its path, a float64 nn.Linear at its end."""
+def _holder(module: str, weight: Any, bias: Any, dtype: Any) -> Any:
+    """A model holding only ``module``: empty containers along its path, an nn.Linear of ``dtype`` at its end."""
     import torch
 
     root = parent = torch.nn.Module()
@@ -37,7 +41,7 @@ def _holder(module: str, weight: Any, bias: Any) -> Any:
         parent.add_module(name, child)
         parent = child
     out_features, in_features = weight.shape
-    linear = torch.nn.Linear(in_features, out_features, bias=bias is not None, dtype=torch.float64)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias is not None, dtype=dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
@@ -84,7 +88,8 @@ def _load(layer: Any, fold: TunerFold, read: TensorSource) -> None:
     """Every tensor of the trained copy into the layer; every adapter tensor of the layer from the checkpoint."""
     import torch
 
-    tuner = TUNERS[fold.peft_type]
+    tuner = TUNERS.get(fold.peft_type)  # None: LoRA, whose layer has no shared or derived tensors
+    shared, derived = (tuner.shared, tuner.derived) if tuner else ((), ())
     expected = {k for k in layer.state_dict() if not k.startswith("base_layer.")}
     state: dict[str, Any] = {}
     for kind, name in fold.tensors:
@@ -93,7 +98,7 @@ def _load(layer: Any, fold: TunerFold, read: TensorSource) -> None:
         key = f"{first}.{ADAPTER}" + (f".{rest}" if rest else "")
         if key in expected:
             container = getattr(layer, first)
-            if first in tuner.shared and not rest and container[ADAPTER].shape != value.shape:
+            if first in shared and not rest and container[ADAPTER].shape != value.shape:
                 # Shared projections are sized by the whole model's largest layer; the layer slices them.
                 container[ADAPTER] = value.clone()
             state[key] = value
@@ -105,7 +110,7 @@ def _load(layer: Any, fold: TunerFold, read: TensorSource) -> None:
                 raise UnrecoverableError(f"{fold.module}.{kind}: the installed peft derives another value")
         else:
             raise UnrecoverableError(f"{fold.module}.{kind}: the installed peft's layer has no such tensor")
-    missing = sorted(expected - set(state) - {f"{kind}.{ADAPTER}" for kind in tuner.derived})
+    missing = sorted(expected - set(state) - {f"{kind}.{ADAPTER}" for kind in derived})
     if missing:
         raise UnrecoverableError(f"{fold.module}: the installed peft's layer also needs {', '.join(missing)}")
     own_shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
@@ -125,10 +130,13 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    weight = read(fold.weight, fold.weight_file).to(torch.float64)
-    bias = read(fold.bias, fold.bias_file).to(torch.float64) if fold.bias else None
+    weight = read(fold.weight, fold.weight_file)
+    bias = read(fold.bias, fold.bias_file) if fold.bias else None
     in_features = weight.shape[1]
-    holder = _holder(fold.module, weight, bias)
+    # A LoRA layer is built to replay its init (PiSSA, OLoRA: they rewrite the base weight, in the dtype training
+    # loaded it in, and refuse float64); every other tuner's layer is built in float64 at once.
+    replay = fold.peft_type == "LORA"
+    holder = _holder(fold.module, weight, bias, weight.dtype if replay else torch.float64)
     del weight, bias  # the holder's layer has its own copies: memory holds about four copies of one weight at most
     with warnings.catch_warnings():
         # peft's setup chatter (BOFT's CUDA extension, AdaLoRA's unused r): what matters is checked below.
@@ -138,6 +146,8 @@ def merged_module(fold: TunerFold, read: TensorSource) -> tuple[Any, Any]:
     layer = holder.get_submodule(fold.module)
     if not isinstance(layer, BaseTunerLayer):
         raise UnrecoverableError(f"{fold.module}: the installed peft did not wrap it with its {fold.peft_type} layer")
+    if replay:
+        layer.double()  # the residual as the init computed it, then float64 like every other fold
     layer.eval()
     with torch.no_grad():
         _load(layer, fold, read)

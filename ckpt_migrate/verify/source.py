@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckpt_migrate.core.lora_init import rewrites_base
 from ckpt_migrate.core.peft_layout import (
     PREFIX,
     WRAPPER_SEGMENTS,
@@ -140,6 +141,12 @@ def source_logits(
     if peft_type != "LORA":
         return _tuner_source_logits(source, base_model, auto_name, input_ids)
     parts = _split_source(load_adapter_tensors(state.source_dir, state.weights_file))
+    if rewrites_base(state.config):
+        # PiSSA/OLoRA rewrote a LoRA-only head's weight too, and neither the source nor the base holds the result:
+        # peft computes such a head as it does the body (its init replayed, the LoRA unmerged).
+        for module in [m for m in parts.unmerged if "weight" not in parts.base_layer.get(m, {})]:
+            kinds = parts.unmerged.pop(module)
+            parts.body.update({f"{PREFIX}{module}.{kind}.weight": tensor for kind, tensor in kinds.items()})
     if parts.ignored:
         return None, f"source tensors outside {PREFIX}*: {listed(parts.ignored)}"
     for module, kinds in parts.unmerged.items():
