@@ -1,0 +1,322 @@
+"""The static proof: before the tool says "repaired", the output adapter is shown to load into the target model.
+
+No weights are read. The target model is built on the meta device from the base's ``config.json``; the
+repaired adapter config goes through the installed peft's own config class and injection
+(``get_peft_model``, which adds a task's head to modules_to_save as loading does), and the planned output
+tensors -- names, shapes and dtypes from the plan, as meta tensors -- through peft's own
+``set_peft_model_state_dict`` (its key renames, transformers-5 conversions and shape checks included).
+Three things are established:
+
+(a) peft builds the config and injects it (an empty ``target_modules``, a target the model lacks: peft's own error);
+(b) every planned adapter tensor lands on a parameter of the same shape, and every tensor peft would save for this
+    config (``get_peft_model_state_dict``) is planned;
+(c) every other parameter on the forward path is in the base model's safetensors (header names, mapped to
+    parameter names by transformers' own checkpoint-key renaming; tied weights count once) or loaded from the
+    adapter: none is left to random initialisation.
+
+A failure names its cause: the adapter (exit 4), or the base model when adapter tensors do not fit its module
+names or shapes (the wrong architecture or size) or it lacks body weights (exit 5). Only the ``prove_*``
+functions import torch, transformers and peft; :data:`CHECKS` and :class:`Proof` are plain data for dry runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ckpt_migrate.core.errors import CkptMigrateError, UnreadableInputError, UnrecoverableError
+from ckpt_migrate.core.peft_layout import PREFIX, head_root
+from ckpt_migrate.core.text import describe_exception, listed
+
+if TYPE_CHECKING:
+    from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState
+    from ckpt_migrate.formats.base_model import BaseModel
+
+PROVEN, FAILED, NOT_RUN = "proven", "failed", "not run"
+CAUSE_ADAPTER, CAUSE_BASE = "adapter", "base"
+
+#: What a passed proof establishes, in the order it is checked (the dry run shows these as what will be checked).
+CHECKS = (
+    "the adapter config builds and injects with the installed peft's own code",
+    "every adapter tensor lands on a parameter of the same shape, and every tensor the config implies is present",
+    "every other parameter on the forward path is in the base model's weights: none is left random",
+)
+#: Segments of an adapter tensor name that start the tuner's own part (the module it adapts comes before).
+_TUNER_SEGMENTS = re.compile(
+    r"\.(lora_[A-Za-z_]+|modules_to_save|original_module|base_layer|hada_\w+|lokr_\w+|ia3_l|oft_\w+|boft_\w+|"
+    r"vera_\w+|fourierft_\w+|hra_\w+|ln_tuning_layers|poly_\w+|adaption_\w+|ranknum)(\.|$)"
+)
+_SHAPE = r"(?:torch\.Size\()?\[?([\d, ]*)\]?\)?"
+_SIZE_MISMATCH = re.compile(
+    rf"size mismatch for ([^:\s]+): copying a param with shape {_SHAPE} from checkpoint, the shape in current model is "
+    rf"{_SHAPE}"
+)
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What the static proof established about one checkpoint's output adapter(s), and how.
+
+    ``state``: proven, failed, or not run (no base model at hand, or its config builds no model). ``cause`` of a
+    failure: ``"adapter"`` (exit 4) or ``"base"`` (exit 5).
+    """
+
+    state: str
+    established: tuple[str, ...] = ()
+    how: str = ""
+    reason: str = ""
+    cause: str = ""
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.state == PROVEN
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "established": list(self.established),
+            "how": self.how,
+            "reason": self.reason or None,
+            "cause": self.cause or None,
+            "notes": list(self.notes),
+            "seconds": round(self.seconds, 3),
+        }
+
+    def error(self, where: Any = None) -> CkptMigrateError:
+        """The refusal of a failed proof: exit 5 when the base does not fit, else exit 4."""
+        cls = UnreadableInputError if self.cause == CAUSE_BASE else UnrecoverableError
+        return cls(f"static proof failed, nothing written: {self.reason}", where)
+
+
+def not_run(reason: str) -> Proof:
+    return Proof(NOT_RUN, reason=reason)
+
+
+@dataclass
+class _Cache:
+    """Proofs by (base, config, tensor layout): the checkpoints of one run share theirs."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    proofs: dict[str, Proof] = field(default_factory=dict)
+
+
+_CACHE = _Cache()
+
+
+def _layout_key(state: CheckpointState, base: BaseModel) -> str:
+    tensors = sorted((t.name, t.shape, t.dtype) for t in state.tensors.values())
+    return json.dumps([str(base.directory.resolve()), state.config, tensors], sort_keys=True, default=str)
+
+
+def prove_plan(plan: CheckpointPlan, base: BaseModel | None) -> Proof:
+    """The static proof of every adapter ``plan`` writes (the top one, each subfolder's), combined."""
+    if base is None:
+        return not_run("no base model at hand (pass --base-model)")
+    states = ([("", plan.after)] if plan.after.weights_file else []) + [
+        (f"{a.relative}/", a.after) for a in plan.adapters if a.after.weights_file
+    ]
+    if not states:
+        return not_run("no adapter in the output")
+    proofs = [(prefix, prove_adapter(state, base)) for prefix, state in states]
+    for prefix, proof in proofs:
+        if not proof.passed:
+            reason = f"adapter {prefix.rstrip('/')}: {proof.reason}" if prefix else proof.reason
+            return Proof(proof.state, proof.established, proof.how, reason, proof.cause, proof.notes, proof.seconds)
+    notes = tuple(f"{p.rstrip('/')}: {n}" if p else n for p, proof in proofs for n in proof.notes)
+    seconds = sum(proof.seconds for _, proof in proofs)
+    return Proof(PROVEN, CHECKS, proofs[0][1].how, notes=notes, seconds=seconds)
+
+
+def prove_adapter(state: CheckpointState, base: BaseModel) -> Proof:
+    """The static proof of one adapter (config and planned tensors) on ``base``; cached by layout."""
+    key = _layout_key(state, base)
+    with _CACHE.lock:
+        cached = _CACHE.proofs.get(key)
+    if cached is not None:
+        return cached
+    start = time.perf_counter()
+    proof = _prove(state, base)
+    proof = Proof(proof.state, proof.established, proof.how, proof.reason, proof.cause, proof.notes,
+                  time.perf_counter() - start)
+    with _CACHE.lock:
+        _CACHE.proofs[key] = proof
+    return proof
+
+
+def _failed(cause: str, reason: str, how: str, established: tuple[str, ...] = ()) -> Proof:
+    return Proof(FAILED, established, how, reason, cause)
+
+
+def _prove(state: CheckpointState, base: BaseModel) -> Proof:
+    try:
+        model = base.meta_model()
+    except UnreadableInputError as exc:
+        return not_run(f"the target model cannot be built from the base's config: {exc.message}")
+    import peft
+    import torch
+    import transformers
+
+    arch = type(model).__name__
+    how = (
+        f"peft {peft.__version__} injection and loading on {arch} built on the meta device from "
+        f"{base.directory / 'config.json'} (transformers {transformers.__version__}); no weights read"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _prove_on(state, base, model, how, peft, torch)
+
+
+def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, peft: Any, torch: Any) -> Proof:
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from ckpt_migrate.formats.dtypes import to_torch
+
+    arch = type(model).__name__
+    model_keys = set(model.state_dict())
+    # (a) the config, by the installed peft's own class (unknown keys dropped as PeftConfig.from_pretrained does)
+    try:
+        config = peft.PeftConfig.from_peft_type(**state.config)
+        config.inference_mode = True
+    except Exception as exc:  # noqa: BLE001 - any refusal by peft is the verdict
+        return _failed(CAUSE_ADAPTER, f"peft {peft.__version__} rejects the adapter config: "
+                       f"{describe_exception(exc, 200)}", how)
+    misfits = misfitting_tensors(model, state)
+    if misfits:
+        return _base_misfit(misfits, arch, how)
+    try:
+        peft_model = _inject(peft, torch, model, config)
+    except Exception as exc:  # noqa: BLE001
+        return _failed(CAUSE_ADAPTER, f"peft {peft.__version__} cannot inject the adapter into {arch}: "
+                       f"{describe_exception(exc, 200)}", how)
+    # (b) the planned tensors through peft's own loading, as meta tensors of the planned shapes
+    tensors = {t.name: torch.empty(t.shape, dtype=to_torch(t.dtype), device="meta") for t in state.tensors.values()}
+    try:
+        loaded = set_peft_model_state_dict(peft_model, tensors, low_cpu_mem_usage=True)
+    except Exception as exc:  # noqa: BLE001 - peft's refusal (a size mismatch, a missing modules_to_save key)
+        mismatched = _SIZE_MISMATCH.findall(str(exc)) if isinstance(exc, RuntimeError) else []
+        if not mismatched:
+            return _failed(CAUSE_ADAPTER, f"peft cannot load the adapter tensors: {describe_exception(exc, 200)}",
+                           how, CHECKS[:1])
+        shown = [f"{name} ({theirs}) vs ({ours})" for name, theirs, ours in mismatched]
+        return _failed(CAUSE_BASE, f"{len(mismatched)} adapter tensors do not fit {arch}'s shapes (a base of "
+                       f"another size?): {listed(shown, 3)}", how, CHECKS[:1])
+    adapter_params = {n for n, _ in peft_model.named_parameters(remove_duplicate=False)} - set(loaded.missing_keys)
+    buffers = {n for n, _ in peft_model.named_buffers(remove_duplicate=False)}
+    unused = sorted(k for k in loaded.unexpected_keys if k not in buffers)
+    derived = sorted(set(loaded.unexpected_keys) - set(unused))
+    if unused:
+        return _failed(CAUSE_ADAPTER, f"{len(unused)} adapter tensors are not used by peft on {arch}: "
+                       f"{listed(unused, 3)}", how, CHECKS[:1])
+    implied = set(get_peft_model_state_dict(peft_model, adapter_name="default", save_embedding_layers=False))
+    missing = sorted(implied - set(tensors))
+    if missing:
+        return _failed(CAUSE_ADAPTER, f"{len(missing)} tensors the adapter config implies are not in the output: "
+                       f"{listed(missing, 3)}", how, CHECKS[:1])
+    # (c) every other parameter on the forward path: from the base weights or the adapter
+    unloaded = _unloaded_parameters(peft_model, adapter_params, _base_parameter_names(model_keys, base, model))
+    notes = (f"buffers peft derives itself were planned as tensors: {listed(derived, 3)}",) if derived else ()
+    if unloaded:
+        heads = sorted({h for n in unloaded if (h := head_root(n))})
+        body = [n for n in unloaded if not head_root(n)]
+        if body:
+            return _failed(CAUSE_BASE, f"{len(body)} weights {arch} needs are in neither the base model nor the "
+                           f"adapter, so they would be random on every load (the wrong or an incomplete base?): "
+                           f"{listed(body, 3)}", how, CHECKS[:2])
+        return _failed(CAUSE_ADAPTER, f"head {', '.join(heads)} would be random on every load: "
+                       f"{listed(unloaded, 3)} {'is' if len(unloaded) == 1 else 'are'} in neither the base model "
+                       "nor the adapter", how, CHECKS[:2])
+    return Proof(PROVEN, CHECKS, how, notes=notes)
+
+
+def _inject(peft: Any, torch: Any, model: Any, config: Any) -> Any:
+    """peft's own injection (the PeftModel class of the config's task, as loading picks it), adapters on meta."""
+    try:
+        return peft.get_peft_model(model, config, low_cpu_mem_usage=True)
+    except TypeError as exc:  # peft < 0.13 has no low_cpu_mem_usage: build the adapter layers on meta instead
+        if "low_cpu_mem_usage" not in str(exc):
+            raise
+    with torch.device("meta"):
+        return peft.get_peft_model(model, config)
+
+
+def _base_misfit(misfits: list[str], arch: str, how: str) -> Proof:
+    return _failed(CAUSE_BASE, f"the base model ({arch}) does not fit the adapter, the wrong architecture or size? "
+                   f"{len(misfits)} adapter tensors name modules it lacks or other shapes: {listed(misfits, 3)}", how)
+
+
+def misfitting_tensors(model: Any, state: CheckpointState) -> list[str]:
+    """Adapter tensors whose module the model lacks, or whose full weight has another shape than the model's.
+
+    Header-level facts only (names and shapes), so that a failure is blamed on the base model only when the
+    adapter's own tensors say it was trained on another one.
+    """
+    modules = dict(model.named_modules())
+    params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    out = []
+    for tensor in state.tensors.values():
+        name = tensor.name.removeprefix(PREFIX)
+        match = _TUNER_SEGMENTS.search(name)
+        module = name[: match.start()] if match else name.rpartition(".")[0]
+        if module and module not in modules:
+            out.append(tensor.name)
+            continue
+        kind = match.group(1) if match else None
+        weight = params.get(f"{module}.weight" if module else "weight")
+        if kind is None or kind in ("modules_to_save", "base_layer"):
+            leaf = name.rpartition(".")[2]
+            full = f"{module}.{leaf}" if module else leaf
+            if full in params and params[full] != tuple(tensor.shape):
+                out.append(f"{tensor.name} {tuple(tensor.shape)} vs {params[full]}")
+        elif kind in ("lora_A", "lora_B") and weight is not None and len(weight) == len(tensor.shape) == 2:
+            # lora_A is (r, in), lora_B (out, r); a weight is (out, in), or (in, out) for a transposed Conv1D
+            size = tensor.shape[1] if kind == "lora_A" else tensor.shape[0]
+            if size not in weight:
+                out.append(f"{tensor.name} {tuple(tensor.shape)} vs {module}.weight {weight}")
+    return out
+
+
+def _base_parameter_names(model_keys: set[str], base: BaseModel, model: Any) -> set[str]:
+    """The model's parameter names the base's safetensors provide, by transformers' own key renaming."""
+    names = base.tensor_names()
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: keys as saved, with or without the base model's prefix
+        prefix = getattr(model, "base_model_prefix", "")
+        return {n for k in names for n in (k, f"{prefix}.{k}", k.removeprefix(f"{prefix}.")) if n in model_keys}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    prefix = model.base_model_prefix
+    found = set()
+    for key in names:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, dict.fromkeys(model_keys, True))
+        if renamed not in model_keys and key in model_keys:
+            renamed = key
+        found.add(renamed)
+    return found & model_keys
+
+
+def _unloaded_parameters(peft_model: Any, from_adapter: set[str], from_base: set[str]) -> list[str]:
+    """Parameters on the forward path that neither file provides, by the base model's names (tied: once)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in peft_model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    adapter = ".default"
+    out = []
+    for names in groups.values():
+        if any(n in from_adapter for n in names):
+            continue
+        if any(f"{adapter}." in n or n.endswith(adapter) or ".original_module." in n for n in names):
+            continue  # adapter parameters are (b)'s; a modules_to_save wrapper's original is off the forward path
+        plain = [n.removeprefix(PREFIX).replace(".base_layer.", ".") for n in names]
+        if not any(n in from_base for n in plain):
+            out.append(plain[0])
+    return sorted(out)
