@@ -21,6 +21,7 @@ functions import torch, transformers and peft; :data:`CHECKS` and :class:`Proof`
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
     from ckpt_migrate.core.plan import CheckpointPlan, CheckpointState
     from ckpt_migrate.formats.base_model import BaseModel
 
-PROVEN, FAILED, NOT_RUN = "proven", "failed", "not run"
+PROVEN, FAILED, NOT_RUN, PLANNED = "proven", "failed", "not run", "will run"
+#: ``fix`` checks the output numerically (``verify``) without being asked when the base's safetensors are at most
+#: this large: two loads of the base plus the source's own logits stay within seconds and a few GB.
+AUTO_VERIFY_MAX_BYTES = 10**9
 CAUSE_ADAPTER, CAUSE_BASE = "adapter", "base"
 
 #: What a passed proof establishes, in the order it is checked (the dry run shows these as what will be checked).
@@ -99,6 +103,84 @@ def not_run(reason: str) -> Proof:
     return Proof(NOT_RUN, reason=reason)
 
 
+def planned(base: BaseModel | None) -> Proof:
+    """What a dry run promises: the proof that will run before publishing (or why none can)."""
+    if base is None:
+        return not_run("no base model at hand (pass --base-model): the output would be written but not proven")
+    how = (
+        f"before publishing, with the installed peft on the model {base.directory / 'config.json'} describes, "
+        "built on the meta device (no weights read)"
+    )
+    return Proof(PLANNED, CHECKS, how)
+
+
+def base_weights_bytes(base: BaseModel) -> int:
+    """Bytes of the base's safetensors files (what ``verify`` loads, twice)."""
+    return sum(path.stat().st_size for path in base.directory.glob("*.safetensors") if path.is_file())
+
+
+def reproduction(plan: CheckpointPlan, proof: Proof | None, verification: dict[str, Any] | None) -> dict[str, Any]:
+    """Whether the output was shown to reproduce the trained model, and how: ``{"shown": .., "text": ..}``.
+
+    ``"numerically"``: ``verify`` compared its logits with the source's own (computed unmerged by peft);
+    ``"by construction"``: the static proof passed and every tensor is a byte copy of the source adapter or a
+    LoRA fold computed in float64 (rounded once to the stored dtype); ``"no"`` otherwise, saying what is missing.
+    """
+    if plan.losses:
+        return {"shown": "no", "text": "lossy: trained values were never saved (see the losses)"}
+    adapters = [verification] + list((verification or {}).get("adapters", {}).values()) if verification else []
+    if verification and verification.get("ok") and all(a.get("max_logit_diff_vs_source") is not None
+                                                         for a in adapters if a):
+        diff = max(a["max_logit_diff_vs_source"] for a in adapters if a)
+        return {
+            "shown": "numerically",
+            "text": f"max |logit diff| {diff:.3g} against the source checkpoint computed unmerged by peft "
+            f"(tolerance {verification.get('tolerance', 0):g}, {verification.get('dtype') or 'as stored'}), "
+            "two loads under different seeds identical",
+        }
+    missing = []
+    if proof is None or not proof.passed:
+        missing.append("the static proof did not run" + (f" ({proof.reason})" if proof and proof.reason else ""))
+    why_not = _why_not_by_construction(plan)
+    if not missing and why_not is None:
+        folds = any(t.source.kind == "fold" for _, a in _adapters(plan) for t in a.after.tensors.values())
+        how = " or LoRA folds W + s*B@A computed in float64 and rounded once to the stored dtype" if folds else ""
+        return {
+            "shown": "by construction",
+            "text": f"every output tensor is a byte copy of the source adapter{how}, and the static proof placed "
+            "each on the parameter it trained",
+        }
+    if why_not:
+        missing.append(why_not)
+    if verification is None:
+        missing.append("not compared numerically (verify did not run)")
+    elif not verification.get("ok"):
+        missing.append("verify failed")
+    else:
+        missing.append("verify could not compute the source's own logits")
+    return {"shown": "no", "text": "; ".join(missing)}
+
+
+def _adapters(plan: CheckpointPlan) -> list[tuple[str, CheckpointPlan]]:
+    return [("", plan)] + [(f"{a.relative}/", a) for a in plan.adapters]
+
+
+def _why_not_by_construction(plan: CheckpointPlan) -> str | None:
+    """Why the output's values are not the trained ones by their formula alone, or None."""
+    for _, adapter in _adapters(plan):
+        for tensor in adapter.after.tensors.values():
+            source = tensor.source
+            if source.base_file is not None:
+                return "head weights come from the base model: right only if they are those training started from"
+            if source.kind == "computed":
+                return f"{tensor.name} is computed ({source.formula or source.migration}), not a copy or LoRA fold"
+    return None
+
+
+def verify_command(output: Any, base: Any, source: Any) -> str:
+    return f"ckpt-migrate verify {output} --base-model {base or 'BASE'} --source {source}"
+
+
 @dataclass
 class _Cache:
     """Proofs by (base, config, tensor layout): the checkpoints of one run share theirs."""
@@ -142,7 +224,12 @@ def prove_adapter(state: CheckpointState, base: BaseModel) -> Proof:
     if cached is not None:
         return cached
     start = time.perf_counter()
-    proof = _prove(state, base)
+    try:
+        proof = _prove(state, base)
+    except CkptMigrateError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a proof that cannot run proves nothing; it must not crash the repair
+        proof = not_run(f"the static proof could not run: {describe_exception(exc, 200)}")
     proof = Proof(proof.state, proof.established, proof.how, proof.reason, proof.cause, proof.notes,
                   time.perf_counter() - start)
     with _CACHE.lock:
@@ -182,7 +269,8 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
     model_keys = set(model.state_dict())
     # (a) the config, by the installed peft's own class (unknown keys dropped as PeftConfig.from_pretrained does)
     try:
-        config = peft.PeftConfig.from_peft_type(**state.config)
+        # a deep copy: peft's task classes extend the config's lists (modules_to_save) in place
+        config = peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config))
         config.inference_mode = True
     except Exception as exc:  # noqa: BLE001 - any refusal by peft is the verdict
         return _failed(CAUSE_ADAPTER, f"peft {peft.__version__} rejects the adapter config: "
