@@ -337,17 +337,15 @@ def export(
             _refuse_misfitting_base(repair, base)
         raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
     chosen = _chosen_adapter(repair, adapter, report.notes)
-    report.export = plan_export(chosen, base, dtype, max_shard_bytes)
-    if dry_run or out_path is None:
-        from ckpt_migrate.proof import planned
+    from ckpt_migrate.proof import planned, prove_adapter
 
-        result.proof = planned(base)
-        return report
-    from ckpt_migrate.proof import prove_adapter
-
-    result.proof = prove_adapter(chosen.after, base)  # before anything is written
+    # before anything is planned to be written: a base that does not fit is named as such (exit 5)
+    result.proof = planned(base) if dry_run or out_path is None else prove_adapter(chosen.after, base)
     if result.proof.state == "failed":
         raise result.proof.error(result.source)
+    report.export = plan_export(chosen, base, dtype, max_shard_bytes)
+    if dry_run or out_path is None:
+        return report
     from tqdm import tqdm
 
     from ckpt_migrate.execute.export import output_bytes, write_export
@@ -426,7 +424,7 @@ def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: st
     if base is not None and base.has_safetensors() and (directory / ADAPTER_CONFIG).is_file():
         proof = prove_adapter(load_state(directory), base)
         if proof.state == "failed" and proof.cause == CAUSE_BASE:
-            raise proof.error(directory)
+            raise proof.error(directory, "the static proof failed")
     verdict = verify_checkpoint(checkpoint, base_model, source_dir=source)
     if proof is not None and proof.state == "failed":
         verdict.reasons.insert(0, f"static proof: {proof.reason}")

@@ -14,8 +14,8 @@ Three things are established:
     parameter names by transformers' own checkpoint-key renaming; tied weights count once) or loaded from the
     adapter: none is left to random initialisation.
 
-A failure names its cause: the adapter (exit 4), or the base model when adapter tensors do not fit its module
-names or shapes (the wrong architecture or size) or it lacks body weights (exit 5). Only the ``prove_*``
+A failure names its cause: the base model when the adapter's tensors do not fit its module names or shapes (the
+wrong architecture or size; exit 5), else the adapter (exit 4). Only the ``prove_*``
 functions import torch, transformers and peft; :data:`CHECKS` and :class:`Proof` are plain data for dry runs.
 """
 
@@ -93,10 +93,10 @@ class Proof:
             "seconds": round(self.seconds, 3),
         }
 
-    def error(self, where: Any = None) -> CkptMigrateError:
+    def error(self, where: Any = None, what: str = "static proof failed, nothing written") -> CkptMigrateError:
         """The refusal of a failed proof: exit 5 when the base does not fit, else exit 4."""
         cls = UnreadableInputError if self.cause == CAUSE_BASE else UnrecoverableError
-        return cls(f"static proof failed, nothing written: {self.reason}", where)
+        return cls(f"{what}: {self.reason}", where)
 
 
 def not_run(reason: str) -> Proof:
@@ -310,16 +310,11 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
     # (c) every other parameter on the forward path: from the base weights or the adapter
     unloaded = _unloaded_parameters(peft_model, adapter_params, _base_parameter_names(model_keys, base, model))
     notes = (f"buffers peft derives itself were planned as tensors: {listed(derived, 3)}",) if derived else ()
-    if unloaded:
-        heads = sorted({h for n in unloaded if (h := head_root(n))})
-        body = [n for n in unloaded if not head_root(n)]
-        if body:
-            return _failed(CAUSE_BASE, f"{len(body)} weights {arch} needs are in neither the base model nor the "
-                           f"adapter, so they would be random on every load (the wrong or an incomplete base?): "
-                           f"{listed(body, 3)}", how, CHECKS[:2])
-        return _failed(CAUSE_ADAPTER, f"head {', '.join(heads)} would be random on every load: "
-                       f"{listed(unloaded, 3)} {'is' if len(unloaded) == 1 else 'are'} in neither the base model "
-                       "nor the adapter", how, CHECKS[:2])
+    if unloaded:  # a LoRA-only head or projector whose base weights exist nowhere, or an incomplete base
+        modules = sorted({head_root(n) or n.rpartition(".")[0] for n in unloaded})
+        return _failed(CAUSE_ADAPTER, f"{listed(modules, 3)} would be random on every load: {len(unloaded)} "
+                       f"weights ({listed(unloaded, 3)}) are in neither the base model nor the adapter", how,
+                       CHECKS[:2])
     return Proof(PROVEN, CHECKS, how, notes=notes)
 
 
