@@ -244,7 +244,7 @@ def _start_proofs(results: list[CheckpointResult], base: BaseModel | None) -> di
     outside the GIL), and its verdict is awaited before that checkpoint is published."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from ckpt_migrate.proof import not_run, prove_plan
+    from ckpt_migrate.proof import import_before_writing, not_run, prove_plan
 
     to_write = [r for r in results if r.status is Status.REPAIRABLE and r.plan is not None]
     if base is None:
@@ -253,6 +253,7 @@ def _start_proofs(results: list[CheckpointResult], base: BaseModel | None) -> di
             done[result.relative] = Future()
             done[result.relative].set_result(not_run("no base model at hand (pass --base-model)"))
         return done
+    import_before_writing([r.plan for r in to_write if r.plan is not None])
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
     try:
         return {r.relative: pool.submit(prove_plan, r.plan, base) for r in to_write}

@@ -197,6 +197,18 @@ def _layout_key(state: CheckpointState, base: BaseModel) -> str:
     return json.dumps([str(base.directory.resolve()), state.config, tensors], sort_keys=True, default=str)
 
 
+def import_before_writing(plans: list[CheckpointPlan]) -> None:
+    """Import peft now when a writer will import it too (a tuner merge computes tensors with peft's layers).
+
+    Two threads importing peft at once can meet its modules half-initialised (peft.mapping and peft.utils import
+    each other, and a submodule import does not wait for its package), so the proof thread may import it alone
+    only when the writer does not need it; torch alone (folds) is safe to import on both.
+    """
+    tensors = [t for p in plans for _, a in _adapters(p) for t in a.after.tensors.values()]
+    if any(t.source.kind == "computed" for t in tensors):
+        import peft  # noqa: F401
+
+
 def prove_plan(plan: CheckpointPlan, base: BaseModel | None) -> Proof:
     """The static proof of every adapter ``plan`` writes (the top one, each subfolder's), combined."""
     if base is None:
@@ -242,13 +254,17 @@ def _failed(cause: str, reason: str, how: str, established: tuple[str, ...] = ()
 
 
 def _prove(state: CheckpointState, base: BaseModel) -> Proof:
+    # peft first, whole: it imports transformers' Auto classes, and the writer (a tuner merge) may import peft on
+    # another thread meanwhile; while one thread imports peft the other waits for it, instead of meeting a
+    # half-imported transformers.
+    import peft
+    import torch
+    import transformers
+
     try:
         model = base.meta_model()
     except UnreadableInputError as exc:
         return not_run(f"the target model cannot be built from the base's config: {exc.message}")
-    import peft
-    import torch
-    import transformers
 
     arch = type(model).__name__
     how = (
@@ -258,6 +274,13 @@ def _prove(state: CheckpointState, base: BaseModel) -> Proof:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _prove_on(state, base, model, how, peft, torch)
+
+
+def _inject_anew(base: BaseModel, peft: Any, config: Any) -> Any:
+    """Injection into a fresh meta model with the adapter layers built on the CPU: a tuner whose initialisation
+    reads values (BOFT calls ``.item()``) cannot build them on the meta device. peft moves them to the meta
+    device of the layers they adapt."""
+    return peft.get_peft_model(base.meta_model(), config)
 
 
 def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, peft: Any, torch: Any) -> Proof:
@@ -279,7 +302,12 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
     if misfits:
         return _base_misfit(misfits, arch, how)
     try:
-        peft_model = _inject(peft, torch, model, config)
+        try:
+            peft_model = _inject(peft, torch, model, config)
+        except Exception as exc:  # noqa: BLE001
+            if "meta" not in str(exc):
+                raise
+            peft_model = _inject_anew(base, peft, peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config)))
     except Exception as exc:  # noqa: BLE001
         return _failed(CAUSE_ADAPTER, f"peft {peft.__version__} cannot inject the adapter into {arch}: "
                        f"{describe_exception(exc, 200)}", how)
@@ -319,12 +347,11 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
 
 
 def _inject(peft: Any, torch: Any, model: Any, config: Any) -> Any:
-    """peft's own injection (the PeftModel class of the config's task, as loading picks it), adapters on meta."""
-    try:
-        return peft.get_peft_model(model, config, low_cpu_mem_usage=True)
-    except TypeError as exc:  # peft < 0.13 has no low_cpu_mem_usage: build the adapter layers on meta instead
-        if "low_cpu_mem_usage" not in str(exc):
-            raise
+    """peft's own injection (the PeftModel class of the config's task, as loading picks it), adapters on meta.
+
+    Not ``low_cpu_mem_usage=True``: peft then patches ``nn.Module.register_parameter`` process-wide, and the
+    proof runs on a thread beside the writer's own torch work. torch's device context is per thread.
+    """
     with torch.device("meta"):
         return peft.get_peft_model(model, config)
 
@@ -344,6 +371,8 @@ def misfitting_tensors(model: Any, state: CheckpointState) -> list[str]:
     params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     out = []
     for tensor in state.tensors.values():
+        if not tensor.name.startswith(PREFIX):
+            continue  # a tensor of the tuner itself (VeRA's shared vera_A/vera_B), not of a module of the model
         name = tensor.name.removeprefix(PREFIX)
         match = _TUNER_SEGMENTS.search(name)
         module = name[: match.start()] if match else name.rpartition(".")[0]
