@@ -55,6 +55,7 @@ _TUNER_SEGMENTS = re.compile(
     r"\.(lora_[A-Za-z_]+|modules_to_save|original_module|base_layer|hada_\w+|lokr_\w+|ia3_l|oft_\w+|boft_\w+|"
     r"vera_\w+|fourierft_\w+|hra_\w+|ln_tuning_layers|poly_\w+|adaption_\w+|ranknum)(\.|$)"
 )
+_WRAPPERS = re.compile(r"\.(modules_to_save|original_module|base_layer)\.")
 _SHAPE = r"(?:torch\.Size\()?\[?([\d, ]*)\]?\)?"
 _SIZE_MISMATCH = re.compile(
     rf"size mismatch for ([^:\s]+): copying a param with shape {_SHAPE} from checkpoint, the shape in current model is "
@@ -332,18 +333,25 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
                        f"{listed(unused, 3)}", how, CHECKS[:1])
     implied = set(get_peft_model_state_dict(peft_model, adapter_name="default", save_embedding_layers=False))
     missing = sorted(implied - set(tensors))
+    from_base = _base_parameter_names(model_keys, base, model)
+    notes = [f"buffers peft derives itself were planned as tensors: {listed(derived, 3)}"] if derived else []
+    # a trained tensor peft saves under a base layer's name (bias="lora_only") loads the base's value when absent
+    lost = [n for n in missing if ".base_layer." in n and _plain(n) in from_base]
+    if lost and state.losses:
+        notes.append(f"recorded as lost (--allow-lossy), loaded from the base model instead: {listed(lost, 3)}")
+        missing = [n for n in missing if n not in lost]
     if missing:
-        return _failed(CAUSE_ADAPTER, f"{len(missing)} tensors the adapter config implies are not in the output: "
-                       f"{listed(missing, 3)}", how, CHECKS[:1])
+        where = " (peft would load the base model's values there, not the trained ones)" if lost else ""
+        return _failed(CAUSE_ADAPTER, f"{len(missing)} tensors the adapter config implies are not in the output"
+                       f"{where}: {listed(missing, 3)}", how, CHECKS[:1])
     # (c) every other parameter on the forward path: from the base weights or the adapter
-    unloaded = _unloaded_parameters(peft_model, adapter_params, _base_parameter_names(model_keys, base, model))
-    notes = (f"buffers peft derives itself were planned as tensors: {listed(derived, 3)}",) if derived else ()
+    unloaded = _unloaded_parameters(peft_model, adapter_params, from_base)
     if unloaded:  # a LoRA-only head or projector whose base weights exist nowhere, or an incomplete base
         modules = sorted({head_root(n) or n.rpartition(".")[0] for n in unloaded})
         return _failed(CAUSE_ADAPTER, f"{listed(modules, 3)} would be random on every load: {len(unloaded)} "
                        f"weights ({listed(unloaded, 3)}) are in neither the base model nor the adapter", how,
                        CHECKS[:2])
-    return Proof(PROVEN, CHECKS, how, notes=notes)
+    return Proof(PROVEN, CHECKS, how, notes=tuple(notes))
 
 
 def _inject(peft: Any, torch: Any, model: Any, config: Any) -> Any:
@@ -373,7 +381,8 @@ def misfitting_tensors(model: Any, state: CheckpointState) -> list[str]:
     for tensor in state.tensors.values():
         if not tensor.name.startswith(PREFIX):
             continue  # a tensor of the tuner itself (VeRA's shared vera_A/vera_B), not of a module of the model
-        name = tensor.name.removeprefix(PREFIX)
+        # the module a wrapper holds a copy of: judged as that module (a double-wrapped head's LoRA, peft <= 0.12)
+        name = _WRAPPERS.sub(".", tensor.name.removeprefix(PREFIX))
         match = _TUNER_SEGMENTS.search(name)
         module = name[: match.start()] if match else name.rpartition(".")[0]
         if module and module not in modules:
@@ -381,7 +390,7 @@ def misfitting_tensors(model: Any, state: CheckpointState) -> list[str]:
             continue
         kind = match.group(1) if match else None
         weight = params.get(f"{module}.weight" if module else "weight")
-        if kind is None or kind in ("modules_to_save", "base_layer"):
+        if kind is None:
             leaf = name.rpartition(".")[2]
             full = f"{module}.{leaf}" if module else leaf
             if full in params and params[full] != tuple(tensor.shape):
@@ -416,6 +425,11 @@ def _base_parameter_names(model_keys: set[str], base: BaseModel, model: Any) -> 
     return found & model_keys
 
 
+def _plain(name: str) -> str:
+    """A peft model's parameter name as the base model names it."""
+    return name.removeprefix(PREFIX).replace(".base_layer.", ".")
+
+
 def _unloaded_parameters(peft_model: Any, from_adapter: set[str], from_base: set[str]) -> list[str]:
     """Parameters on the forward path that neither file provides, by the base model's names (tied: once)."""
     groups: dict[int, list[str]] = {}
@@ -428,7 +442,7 @@ def _unloaded_parameters(peft_model: Any, from_adapter: set[str], from_base: set
             continue
         if any(f"{adapter}." in n or n.endswith(adapter) or ".original_module." in n for n in names):
             continue  # adapter parameters are (b)'s; a modules_to_save wrapper's original is off the forward path
-        plain = [n.removeprefix(PREFIX).replace(".base_layer.", ".") for n in names]
+        plain = [_plain(n) for n in names]
         if not any(n in from_base for n in plain):
             out.append(plain[0])
     return sorted(out)
