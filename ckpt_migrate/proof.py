@@ -130,8 +130,11 @@ def reproduction(plan: CheckpointPlan, proof: Proof | None, verification: dict[s
     if plan.losses:
         return {"shown": "no", "text": "lossy: trained values were never saved (see the losses)"}
     adapters = [verification] + list((verification or {}).get("adapters", {}).values()) if verification else []
-    if verification and verification.get("ok") and all(a.get("max_logit_diff_vs_source") is not None
-                                                         for a in adapters if a):
+    if (
+        verification
+        and verification.get("ok")
+        and all(a.get("max_logit_diff_vs_source") is not None for a in adapters if a)
+    ):
         diff = max(a["max_logit_diff_vs_source"] for a in adapters if a)
         return {
             "shown": "numerically",
@@ -142,7 +145,7 @@ def reproduction(plan: CheckpointPlan, proof: Proof | None, verification: dict[s
     missing = []
     if proof is None or not proof.passed:
         missing.append("the static proof did not run" + (f" ({proof.reason})" if proof and proof.reason else ""))
-    why_not = _why_not_by_construction(plan)
+    why_not = why_not_by_construction(plan)
     if not missing and why_not is None:
         folds = any(t.source.kind == "fold" for _, a in _adapters(plan) for t in a.after.tensors.values())
         how = " or LoRA folds W + s*B@A computed in float64 and rounded once to the stored dtype" if folds else ""
@@ -166,7 +169,7 @@ def _adapters(plan: CheckpointPlan) -> list[tuple[str, CheckpointPlan]]:
     return [("", plan)] + [(f"{a.relative}/", a) for a in plan.adapters]
 
 
-def _why_not_by_construction(plan: CheckpointPlan) -> str | None:
+def why_not_by_construction(plan: CheckpointPlan) -> str | None:
     """Why the output's values are not the trained ones by their formula alone, or None."""
     for _, adapter in _adapters(plan):
         for tensor in adapter.after.tensors.values():
@@ -243,8 +246,9 @@ def prove_adapter(state: CheckpointState, base: BaseModel) -> Proof:
         raise
     except Exception as exc:  # noqa: BLE001 - a proof that cannot run proves nothing; it must not crash the repair
         proof = not_run(f"the static proof could not run: {describe_exception(exc, 200)}")
-    proof = Proof(proof.state, proof.established, proof.how, proof.reason, proof.cause, proof.notes,
-                  time.perf_counter() - start)
+    proof = Proof(
+        proof.state, proof.established, proof.how, proof.reason, proof.cause, proof.notes, time.perf_counter() - start
+    )
     with _CACHE.lock:
         _CACHE.proofs[key] = proof
     return proof
@@ -297,8 +301,9 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
         config = peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config))
         config.inference_mode = True
     except Exception as exc:  # noqa: BLE001 - any refusal by peft is the verdict
-        return _failed(CAUSE_ADAPTER, f"peft {peft.__version__} rejects the adapter config: "
-                       f"{describe_exception(exc, 200)}", how)
+        return _failed(
+            CAUSE_ADAPTER, f"peft {peft.__version__} rejects the adapter config: {describe_exception(exc, 200)}", how
+        )
     misfits = misfitting_tensors(model, state)
     if misfits:
         return _base_misfit(misfits, arch, how)
@@ -310,8 +315,11 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
                 raise
             peft_model = _inject_anew(base, peft, peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config)))
     except Exception as exc:  # noqa: BLE001
-        return _failed(CAUSE_ADAPTER, f"peft {peft.__version__} cannot inject the adapter into {arch}: "
-                       f"{describe_exception(exc, 200)}", how)
+        return _failed(
+            CAUSE_ADAPTER,
+            f"peft {peft.__version__} cannot inject the adapter into {arch}: {describe_exception(exc, 200)}",
+            how,
+        )
     # (b) the planned tensors through peft's own loading, as meta tensors of the planned shapes
     tensors = {t.name: torch.empty(t.shape, dtype=to_torch(t.dtype), device="meta") for t in state.tensors.values()}
     try:
@@ -319,18 +327,28 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
     except Exception as exc:  # noqa: BLE001 - peft's refusal (a size mismatch, a missing modules_to_save key)
         mismatched = _SIZE_MISMATCH.findall(str(exc)) if isinstance(exc, RuntimeError) else []
         if not mismatched:
-            return _failed(CAUSE_ADAPTER, f"peft cannot load the adapter tensors: {describe_exception(exc, 200)}",
-                           how, CHECKS[:1])
+            return _failed(
+                CAUSE_ADAPTER, f"peft cannot load the adapter tensors: {describe_exception(exc, 200)}", how, CHECKS[:1]
+            )
         shown = [f"{name} ({theirs}) vs ({ours})" for name, theirs, ours in mismatched]
-        return _failed(CAUSE_BASE, f"{len(mismatched)} adapter tensors do not fit {arch}'s shapes (a base of "
-                       f"another size?): {listed(shown, 3)}", how, CHECKS[:1])
+        return _failed(
+            CAUSE_BASE,
+            f"{len(mismatched)} adapter tensors do not fit {arch}'s shapes (a base of "
+            f"another size?): {listed(shown, 3)}",
+            how,
+            CHECKS[:1],
+        )
     adapter_params = {n for n, _ in peft_model.named_parameters(remove_duplicate=False)} - set(loaded.missing_keys)
     buffers = {n for n, _ in peft_model.named_buffers(remove_duplicate=False)}
     unused = sorted(k for k in loaded.unexpected_keys if k not in buffers)
     derived = sorted(set(loaded.unexpected_keys) - set(unused))
     if unused:
-        return _failed(CAUSE_ADAPTER, f"{len(unused)} adapter tensors are not used by peft on {arch}: "
-                       f"{listed(unused, 3)}", how, CHECKS[:1])
+        return _failed(
+            CAUSE_ADAPTER,
+            f"{len(unused)} adapter tensors are not used by peft on {arch}: {listed(unused, 3)}",
+            how,
+            CHECKS[:1],
+        )
     implied = set(get_peft_model_state_dict(peft_model, adapter_name="default", save_embedding_layers=False))
     missing = sorted(implied - set(tensors))
     from_base = _base_parameter_names(model_keys, base, model)
@@ -342,15 +360,23 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
         missing = [n for n in missing if n not in lost]
     if missing:
         where = " (peft would load the base model's values there, not the trained ones)" if lost else ""
-        return _failed(CAUSE_ADAPTER, f"{len(missing)} tensors the adapter config implies are not in the output"
-                       f"{where}: {listed(missing, 3)}", how, CHECKS[:1])
+        return _failed(
+            CAUSE_ADAPTER,
+            f"{len(missing)} tensors the adapter config implies are not in the output{where}: {listed(missing, 3)}",
+            how,
+            CHECKS[:1],
+        )
     # (c) every other parameter on the forward path: from the base weights or the adapter
     unloaded = _unloaded_parameters(peft_model, adapter_params, from_base)
     if unloaded:  # a LoRA-only head or projector whose base weights exist nowhere, or an incomplete base
         modules = sorted({head_root(n) or n.rpartition(".")[0] for n in unloaded})
-        return _failed(CAUSE_ADAPTER, f"{listed(modules, 3)} would be random on every load: {len(unloaded)} "
-                       f"weights ({listed(unloaded, 3)}) are in neither the base model nor the adapter", how,
-                       CHECKS[:2])
+        return _failed(
+            CAUSE_ADAPTER,
+            f"{listed(modules, 3)} would be random on every load: {len(unloaded)} "
+            f"weights ({listed(unloaded, 3)}) are in neither the base model nor the adapter",
+            how,
+            CHECKS[:2],
+        )
     return Proof(PROVEN, CHECKS, how, notes=tuple(notes))
 
 
@@ -365,8 +391,12 @@ def _inject(peft: Any, torch: Any, model: Any, config: Any) -> Any:
 
 
 def _base_misfit(misfits: list[str], arch: str, how: str) -> Proof:
-    return _failed(CAUSE_BASE, f"the base model ({arch}) does not fit the adapter, the wrong architecture or size? "
-                   f"{len(misfits)} adapter tensors name modules it lacks or other shapes: {listed(misfits, 3)}", how)
+    return _failed(
+        CAUSE_BASE,
+        f"the base model ({arch}) does not fit the adapter, the wrong architecture or size? "
+        f"{len(misfits)} adapter tensors name modules it lacks or other shapes: {listed(misfits, 3)}",
+        how,
+    )
 
 
 def misfitting_tensors(model: Any, state: CheckpointState) -> list[str]:

@@ -43,17 +43,24 @@ def _adapter_status(result: CheckpointResult, adapter: Any) -> Status:
 
 def _reproduces(result: CheckpointResult, base: Any) -> dict[str, Any] | None:
     """Whether the output was shown to reproduce the trained model, how, and the command that checks it."""
-    from ckpt_migrate.proof import reproduction, verify_command
+    from ckpt_migrate.proof import reproduction, verify_command, why_not_by_construction
 
     plan = result.plan
     if plan is None or result.status not in (Status.REPAIRABLE, Status.REPAIRED, Status.WRITTEN):
         return None
     if result.status is Status.REPAIRABLE:
-        claim = reproduction(plan, None, None)
-        shown = "numerically by verify, or " if base else ""
-        text = f"not yet (dry run): a real run shows it {shown}by construction once the static proof passes"
-        if claim["text"] and "static proof" not in claim["text"].split(";")[0]:
-            text += f"; not by construction here: {claim['text'].split(';')[0]}"
+        if result.proof is not None and result.proof.state == "not run":
+            text = f"not yet (dry run), and a real run will not show it: {result.proof.reason}"
+            return {"shown": "no", "text": text, "check_with": verify_command("OUT", base, result.source)}
+        if plan.losses:
+            return {
+                "shown": "no",
+                "text": "lossy: trained values were never saved (see the losses)",
+                "check_with": None,
+            }
+        text = "not yet (dry run): a real run shows it numerically by verify (bases up to 1 GB)"
+        why_not = why_not_by_construction(plan)
+        text += f"; not by construction: {why_not}" if why_not else ", or by construction once the static proof passes"
         return {"shown": "no", "text": text, "check_with": None}
     claim = reproduction(plan, result.proof, result.verification)
     output = result.output or "OUT"
