@@ -142,3 +142,31 @@ def test_export_proves_before_writing(tmp_path):
     )
     assert code == 0 and json.loads(report)["checkpoints"][0]["proof"]["state"] == "proven"
     assert Path(tmp_path / "m" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_weights_count_once_and_an_untied_missing_weight_is_named(tmp_path, tied):
+    """transformers saves a tied lm_head once (as the embedding): the proof must not call it random; untied, the
+    same file lacks lm_head.weight and the proof names it."""
+    import transformers
+
+    from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
+
+    config = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=50, tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "tie_word_embeddings": tied}))
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{module}.{part}.weight": PlannedTensor(f"{module}.{part}.weight", shape, "F32", Source(SourceKind.ADAPTER))
+        for part, shape in (("lora_A", (4, 16)), ("lora_B", (16, 4)))
+    }
+    adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    proof = prove_adapter(CheckpointState(tmp_path, adapter, tensors, {}, "x"), BaseModel.open(tmp_path))
+    if tied:
+        assert proof.state == PROVEN, proof.reason
+    else:
+        assert proof.state == FAILED and "lm_head.weight" in proof.reason and "random" in proof.reason
