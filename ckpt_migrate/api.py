@@ -56,7 +56,12 @@ def _base_model(src: Path, relatives: list[str], base_model: str | Path | None, 
     return None
 
 
-def _plan_all(src: Path, base_model: str | Path | None, options: Options, notes: list[str]) -> list[CheckpointResult]:
+def _plan_all(
+    src: Path, base_model: str | Path | None, options: Options, notes: list[str]
+) -> tuple[list[CheckpointResult], BaseModel | None]:
+    """Every checkpoint's plan, each with the static proof it will get (no torch), and the base model used."""
+    from ckpt_migrate.proof import planned
+
     relatives = find_checkpoints(src)
     base = _base_model(src, relatives, base_model, notes)
     results = []
@@ -70,8 +75,9 @@ def _plan_all(src: Path, base_model: str | Path | None, options: Options, notes:
             results.append(CheckpointResult(relative, directory, Status.UNREADABLE, error=str(exc)))
             continue
         error = "; ".join(plan.unrecoverable) or None
-        results.append(CheckpointResult(relative, directory, plan.status, plan, error=error))
-    return results
+        proof = planned(base) if plan.status is Status.REPAIRABLE else None
+        results.append(CheckpointResult(relative, directory, plan.status, plan, error=error, proof=proof))
+    return results, base
 
 
 def inspect(
@@ -102,7 +108,8 @@ def inspect(
     options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
     src = resolve(src, what="SRC")
     report = Report("inspect", src, dry_run=True)
-    report.checkpoints = _plan_all(src, base_model, options, report.notes)
+    report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
+    report.base_model = base.directory if base is not None else None
     return report
 
 
@@ -116,7 +123,7 @@ def fix(
     optimizer: str = "drop",
     target_transformers: str | None = None,
     target_peft: str | None = None,
-    verify: bool = False,
+    verify: bool | None = None,
     allow_lossy: bool = False,
     executor: str = "local",
 ) -> Report:
@@ -127,8 +134,11 @@ def fix(
     when stderr is a terminal). ``optimizer``: ``"drop"`` the stale ``optimizer.pt`` (default) or
     ``"remap"`` it onto the repaired parameters (needs ``base_model`` for the parameter order).
     ``target_transformers`` / ``target_peft``: the releases that will resume the checkpoint
-    (default: the installed ones). ``verify`` runs :func:`verify` on each staged checkpoint against its
-    source and publishes only those that pass (needs ``base_model``). ``allow_lossy``: write the best repair of a
+    (default: the installed ones). Before anything is published, each output gets the static proof
+    (:mod:`ckpt_migrate.proof`) on the base model, when one is at hand; a failed proof refuses the checkpoint
+    (exit 4, or 5 when the base does not fit the adapter). ``verify`` runs :func:`verify` on each staged checkpoint
+    against its source and publishes only those that pass (needs a base model; ``None``: when the base's weights
+    are at most ``proof.AUTO_VERIFY_MAX_BYTES``). ``allow_lossy``: write the best repair of a
     checkpoint that lost trained values (refused by default), recording the loss in the report and the manifest.
     ``src``, ``out`` and ``base_model`` may be URLs (``s3://``...); ``executor``: ``"local"``, ``"dask"`` or
     ``"dask://HOST:PORT"`` (one task per checkpoint, see :mod:`ckpt_migrate.remote.fleet`).
@@ -164,18 +174,35 @@ def fix(
         if hashes is not None:
             hash_ahead(src, options, hashes)
         report = Report("fix", src, dry_run, out_path)
-        report.checkpoints = _plan_all(src, base_model, options, report.notes)
-        _write_all(report, out_path, base_model, verify, progress, hashes)
+        report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
+        report.base_model = base.directory if base is not None else None
+        _write_all(report, out_path, base, _verify_wanted(verify, base, report.notes), progress, hashes)
     finally:
         if hashes is not None:
             hashes.close()
     return report
 
 
+def _verify_wanted(verify: bool | None, base: BaseModel | None, notes: list[str]) -> bool:
+    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly."""
+    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes
+
+    if verify is not None or base is None:
+        return bool(verify)
+    size = base_weights_bytes(base)
+    if size <= AUTO_VERIFY_MAX_BYTES:
+        return True
+    notes.append(
+        f"not verified numerically: the base's weights ({size / 1e9:.1f} GB) exceed {AUTO_VERIFY_MAX_BYTES / 1e9:g} "
+        "GB (pass --verify to load it anyway)"
+    )
+    return False
+
+
 def _write_all(
     report: Report,
     out_path: Path | None,
-    base_model: str | Path | None,
+    base: BaseModel | None,
     verify: bool,
     progress: bool | None,
     hashes: Hashes | None,
@@ -194,11 +221,25 @@ def _write_all(
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
         return
 
+    proofs = _start_proofs(report.checkpoints, base)
+
+    def checked(result: CheckpointResult, staged: Path) -> bool:
+        """The static proof (it ran while the checkpoint was written), then ``verify`` when wanted."""
+        result.proof = proofs[result.relative].result()
+        if result.proof.state == "failed":
+            error = result.proof.error(result.source)
+            if single:
+                raise error
+            status = Status.UNREADABLE if isinstance(error, UnreadableInputError) else Status.UNRECOVERABLE
+            result.status, result.error = status, str(error.message)
+            return False
+        return not verify or verified(result, staged)
+
     def verified(result: CheckpointResult, staged: Path) -> bool:
         # every adapter of the checkpoint: the one at its top, and each in a subfolder ("adapters" in the record)
         subfolders = [a.relative for a in result.plan.adapters] if result.plan else []
         places = ([] if result.plan and result.plan.before.weights_file is None else ["."]) + subfolders
-        verdicts = {p: _verify(staged / p, base_model, source=result.source / p) for p in places}
+        verdicts = {p: _verify(staged / p, base.directory, source=result.source / p) for p in places}
         reasons = [f"{p}: {r}" if p != "." else r for p, v in verdicts.items() for r in v.reasons]
         top = verdicts[places[0]].to_dict()  # the top adapter's verdict (else the first subfolder's), "ok" for all
         result.verification = {**top, "ok": not reasons, "adapters": {p: verdicts[p].to_dict() for p in subfolders}}
@@ -210,8 +251,36 @@ def _write_all(
         result.status, result.error = Status.VERIFY_FAILED, message
         return False
 
-    check = verified if verify else None
-    write_and_publish(report.checkpoints, out_path, single=single, check=check, progress=progress, hashes=hashes)
+    try:
+        write_and_publish(report.checkpoints, out_path, single=single, check=checked, progress=progress, hashes=hashes)
+    finally:
+        for future in proofs.values():
+            future.cancel()
+    for result in report.checkpoints:  # "repaired" only where the static proof passed
+        if result.status is Status.REPAIRED and not (result.proof and result.proof.passed):
+            result.status = Status.WRITTEN
+
+
+def _start_proofs(results: list[CheckpointResult], base: BaseModel | None) -> dict[str, Any]:
+    """The static proof of each checkpoint to write, started on a thread: it overlaps the copies (the kernel's,
+    outside the GIL), and its verdict is awaited before that checkpoint is published."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from ckpt_migrate.proof import import_before_writing, not_run, prove_plan
+
+    to_write = [r for r in results if r.status is Status.REPAIRABLE and r.plan is not None]
+    if base is None:
+        done: dict[str, Any] = {}
+        for result in to_write:
+            done[result.relative] = Future()
+            done[result.relative].set_result(not_run("no base model at hand (pass --base-model)"))
+        return done
+    import_before_writing([r.plan for r in to_write if r.plan is not None])
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
+    try:
+        return {r.relative: pool.submit(prove_plan, r.plan, base) for r in to_write}
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _chosen_adapter(repair: CheckpointPlan, name: str | None, notes: list[str]) -> CheckpointPlan:
@@ -278,6 +347,7 @@ def export(
     base = _base_model(src, relatives, base_model, report.notes)
     if base is None:
         raise UnreadableInputError("export needs --base-model (the adapter's base_model_name_or_path is not at hand)")
+    report.base_model = base.directory
     if out_path is not None:
         from ckpt_migrate.execute.publish import check_output_target
 
@@ -287,8 +357,17 @@ def export(
     result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
     report.checkpoints = [result]
     if repair.status is Status.UNRECOVERABLE:
+        if not dry_run:  # a base that does not fit the adapter is the reason to give (exit 5), not what follows
+            _refuse_misfitting_base(repair, base)
         raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
-    report.export = plan_export(_chosen_adapter(repair, adapter, report.notes), base, dtype, max_shard_bytes)
+    chosen = _chosen_adapter(repair, adapter, report.notes)
+    from ckpt_migrate.proof import planned, prove_adapter
+
+    # before anything is planned to be written: a base that does not fit is named as such (exit 5)
+    result.proof = planned(base) if dry_run or out_path is None else prove_adapter(chosen.after, base)
+    if result.proof.state == "failed":
+        raise result.proof.error(result.source)
+    report.export = plan_export(chosen, base, dtype, max_shard_bytes)
     if dry_run or out_path is None:
         return report
     from tqdm import tqdm
@@ -322,8 +401,26 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     if len(relatives) != 1:
         raise UnreadableInputError(f"load takes one checkpoint; this holds {', '.join(relatives)}", src)
     plan = plan_checkpoint(src / relatives[0], relatives[0], base, Options())
+    if plan.status is Status.UNRECOVERABLE:
+        _refuse_misfitting_base(plan, base)
+    elif plan.after.config:
+        from ckpt_migrate.proof import prove_plan
+
+        proof = prove_plan(plan, base)
+        if proof.state == "failed":
+            raise proof.error(plan.source)
     auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json")
     return load_repaired(plan, base, auto_class, is_trainable)
+
+
+def _refuse_misfitting_base(plan: CheckpointPlan, base: BaseModel) -> None:
+    """Exit 5 when the source adapter's own tensors do not fit the base (another architecture or size)."""
+    from ckpt_migrate.proof import CAUSE_BASE, prove_adapter
+
+    for state in [plan.before] * bool(plan.before.weights_file) + [a.before for a in plan.adapters]:
+        proof = prove_adapter(state, base)
+        if proof.state == "failed" and proof.cause == CAUSE_BASE:
+            raise proof.error(plan.source)
 
 
 def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None) -> VerifyResult:
@@ -339,6 +436,21 @@ def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path
 
 
 def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: str | Path | None) -> VerifyResult:
+    """``verify``, after the static proof: a base that does not fit the adapter is exit 5, any other failed proof
+    a reason of the verdict (exit 8)."""
+    from ckpt_migrate.formats.checkpoint import load_state
+    from ckpt_migrate.proof import CAUSE_BASE, prove_adapter
     from ckpt_migrate.verify import verify_checkpoint
 
-    return verify_checkpoint(checkpoint, base_model, source_dir=source)
+    proof = None
+    directory = Path(checkpoint)
+    base = BaseModel(resolve(base_model, what="--base-model")) if base_model is not None else None
+    if base is not None and base.has_safetensors() and (directory / ADAPTER_CONFIG).is_file():
+        proof = prove_adapter(load_state(directory), base)
+        if proof.state == "failed" and proof.cause == CAUSE_BASE:
+            raise proof.error(directory, "the static proof failed")
+    verdict = verify_checkpoint(checkpoint, base_model, source_dir=source)
+    if proof is not None and proof.state == "failed":
+        verdict.reasons.insert(0, f"static proof: {proof.reason}")
+        verdict.ok = False
+    return verdict

@@ -129,9 +129,10 @@ def main() -> None:
 @TARGET_PEFT
 @ALLOW_LOSSY
 @click.option(
-    "--verify",
-    is_flag=True,
-    help="Check each staged checkpoint with `verify` (needs --base-model); publish only passes.",
+    "--verify/--no-verify",
+    default=None,
+    help="Check each staged checkpoint with `verify` (needs a base model); publish only passes. Default: when a "
+    "base model is at hand and its weights are at most 1 GB.",
 )
 @click.option(
     "--executor",
@@ -153,7 +154,7 @@ def fix(
     target_transformers: str | None,
     target_peft: str | None,
     allow_lossy: bool,
-    verify: bool,
+    verify: bool | None,
     executor: str,
     quiet: bool,
     debug: bool,

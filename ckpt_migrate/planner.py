@@ -19,8 +19,8 @@ from ckpt_migrate.formats.checkpoint import load_state, load_subfolder_adapters
 from ckpt_migrate.formats.trainer_files import classify
 
 RETRAIN_WARNING = (
-    "retraining is preferred: this repair reproduces the trained model exactly, but a run resumed "
-    "from it is not identical to an uninterrupted one"
+    "retraining is preferred: a run resumed from this repair is not identical to an uninterrupted one "
+    "(what the repair itself reproduces is under 'reproduces')"
 )
 LOSSY_RETRAIN_WARNING = (
     "retraining is preferred: this repair is lossy, it does NOT reproduce the trained model (see the losses), "

@@ -40,11 +40,38 @@ def _adapter_fields(plan: CheckpointPlan | None) -> dict[str, Any]:
 
 def _adapter_status(result: CheckpointResult, adapter: Any) -> Status:
     """A subfolder adapter's status: planned as repairable, repaired once its checkpoint was written."""
-    written = result.status is Status.REPAIRED and adapter.status is Status.REPAIRABLE
-    return Status.REPAIRED if written else adapter.status
+    written = result.status in (Status.REPAIRED, Status.WRITTEN) and adapter.status is Status.REPAIRABLE
+    return result.status if written else adapter.status
 
 
-def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
+def _reproduces(result: CheckpointResult, base: Any) -> dict[str, Any] | None:
+    """Whether the output was shown to reproduce the trained model, how, and the command that checks it."""
+    from ckpt_migrate.proof import reproduction, verify_command, why_not_by_construction
+
+    plan = result.plan
+    if plan is None or result.status not in (Status.REPAIRABLE, Status.REPAIRED, Status.WRITTEN):
+        return None
+    if result.status is Status.REPAIRABLE:
+        if result.proof is not None and result.proof.state == "not run":
+            text = f"not yet (dry run), and a real run will not show it: {result.proof.reason}"
+            return {"shown": "no", "text": text, "check_with": verify_command("OUT", base, result.source)}
+        if plan.losses:
+            return {
+                "shown": "no",
+                "text": "lossy: trained values were never saved (see the losses)",
+                "check_with": None,
+            }
+        text = "not yet (dry run): a real run shows it numerically by verify (bases up to 1 GB)"
+        why_not = why_not_by_construction(plan)
+        text += f"; not by construction: {why_not}" if why_not else ", or by construction once the static proof passes"
+        return {"shown": "no", "text": text, "check_with": None}
+    claim = reproduction(plan, result.proof, result.verification)
+    output = result.output or "OUT"
+    claim["check_with"] = None if claim["shown"] == "numerically" else verify_command(output, base, result.source)
+    return claim
+
+
+def checkpoint_dict(result: CheckpointResult, base: Any = None) -> dict[str, Any]:
     plan = result.plan
     entry: dict[str, Any] = {
         "source": str(result.source),
@@ -79,6 +106,8 @@ def checkpoint_dict(result: CheckpointResult) -> dict[str, Any]:
     }
     if result.verification is not None:
         entry["verification"] = result.verification
+    entry["proof"] = result.proof.to_dict() if result.proof is not None else None
+    entry["reproduces"] = _reproduces(result, base)
     return entry
 
 
@@ -92,7 +121,7 @@ def to_dict(report: Report) -> dict[str, Any]:
         "out": str(report.out) if report.out else None,
         "exit_code": report.exit_code,
         "notes": list(report.notes),
-        "checkpoints": [checkpoint_dict(c) for c in report.checkpoints],
+        "checkpoints": [checkpoint_dict(c, report.base_model) for c in report.checkpoints],
         **({"export": export_dict(report.export)} if report.export is not None else {}),
     }
 
@@ -124,7 +153,9 @@ def _status_text(report: Report, entry: dict[str, Any]) -> str:
     if report.command == "fix" and status == Status.REPAIRABLE:
         return "repairable (dry run: nothing written)"
     if status == Status.REPAIRED:
-        return f"repaired -> {entry['output']}"
+        return f"repaired -> {entry['output']} (static proof passed)"
+    if status == Status.WRITTEN:
+        return f"written, NOT proven -> {entry['output']}"
     if report.command == "fix" and status == Status.CLEAN:
         return "clean: nothing to do, nothing written"
     return status
@@ -163,8 +194,29 @@ def _applied(plan: CheckpointPlan | None) -> tuple[str, ...]:
     return tuple(f"{m} (--optimizer remap)" if m == STALE_OPTIMIZER and m in rewrote else m for m in plan.migrations)
 
 
+def _proof_lines(entry: dict[str, Any]) -> list[Line]:
+    """What the static proof established (or will, or why it did not run) and what the output reproduces."""
+    lines = []
+    proof = entry.get("proof")
+    if proof is not None:
+        state = proof["state"]
+        if state in ("proven", "will run"):
+            what = "; ".join(proof["established"])
+            lines.append(Line("proof", f"{state}: {what} ({proof['how']})"))
+        else:
+            lines.append(Line("proof", f"{state}: {proof['reason']}"))
+        lines += [Line("proof note", note) for note in proof["notes"]]
+    claim = entry.get("reproduces")
+    if claim is not None:
+        shown = {"numerically": "shown numerically", "by construction": "exactly, by construction"}
+        lines.append(Line("reproduces the trained model", f"{shown.get(claim['shown'], 'not shown')}: {claim['text']}"))
+        if claim.get("check_with"):
+            lines.append(Line("check with", claim["check_with"]))
+    return lines
+
+
 def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
-    entry = checkpoint_dict(result)
+    entry = checkpoint_dict(result, report.base_model)
     if report.command == "export":  # the repair feeds the export in memory: no checkpoint files are written
         blocks: list[Line | Diff | Table] = [Line("migrations", code=tuple(entry["migrations"]))]
         blocks += [
@@ -173,6 +225,7 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
         if entry["losses"]:
             text = "LOSSY: the exported model does not reproduce the trained model: " + "; ".join(entry["losses"])
             blocks.append(Line("WARNING", text))
+        blocks += [line for line in _proof_lines(entry) if line.label.startswith("proof")]
         return Section(f"{result.source}: {entry['status']} (repaired in memory)", blocks)
     section = Section(f"{result.source}: {_status_text(report, entry)}")
     blocks = section.blocks
@@ -189,7 +242,8 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
             text = f"{adapter['status']}: {', '.join(adapter['migrations'])}"
             blocks.append(Line(f"adapter {adapter['path']} ({adapter['path']}/)", text))
             blocks += _adapter_blocks(adapter, f"{adapter['path']}/")
-    written = entry["status"] in (Status.REPAIRABLE, Status.REPAIRED)
+    written = entry["status"] in (Status.REPAIRABLE, Status.REPAIRED, Status.WRITTEN)
+    blocks += _proof_lines(entry)
     if written:  # every file: copied, rewritten, dropped or copied unexamined, and why
         rows = tuple((f["name"], _size(f["bytes"]), f["verdict"], f["reason"]) for f in entry["files"])
         blocks.append(Table("files", ("file", "size", "verdict", "why"), rows))

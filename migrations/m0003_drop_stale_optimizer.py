@@ -180,15 +180,17 @@ def _plan_remap(before: CheckpointState, after: CheckpointState, context: Contex
         raise RemapProofFailed(f"the parameter layout of {before.config.get('peft_type')} adapters is not modelled")
     if context.base_model is None:
         raise RemapProofFailed("the parameter order comes from the base model's config: pass --base-model DIR")
+    base_dir = context.base_model.directory
     try:
         model = context.base_model.meta_model()
+        _refuse_misfitting_base(model, before, base_dir)
         old_groups = _groups(trainable_layout(model, before))
         new_groups = _groups(trainable_layout(model, after))
         saved = _load_optimizer(before.source_dir / OPTIMIZER_FILE)
         by_index = _check_against_saved(saved, old_groups)
     except (UnreadableInputError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        if isinstance(exc, UnreadableInputError) and exc.path == before.source_dir / OPTIMIZER_FILE:
-            raise  # a hostile or corrupt optimizer.pt is the input's fault, not an unprovable layout
+        if isinstance(exc, UnreadableInputError) and exc.path in (before.source_dir / OPTIMIZER_FILE, base_dir):
+            raise  # a hostile or corrupt optimizer.pt, or a base of another model: the input's fault, not unprovable
         raise RemapProofFailed(f"could not prove the old parameter layout ({exc})") from exc
     old_index = {param.name: index for index, param in by_index.items()}
     old_shapes = {param.name: param.shape for param in by_index.values()}
@@ -209,6 +211,22 @@ def _plan_remap(before: CheckpointState, after: CheckpointState, context: Contex
         listed=(("kept", kept), ("reset", reset), ("dropped", dropped)),
         payload=RemapPayload(mapping),
     )
+
+
+def _refuse_misfitting_base(model: Any, before: CheckpointState, base_dir: Path) -> None:
+    """A base whose modules or shapes do not fit the adapter's tensors is the wrong base (exit 5), not a layout
+    to fall back from."""
+    from ckpt_migrate.core.text import listed
+    from ckpt_migrate.proof import misfitting_tensors
+
+    misfits = misfitting_tensors(model, before)
+    if misfits:
+        raise UnreadableInputError(
+            f"--optimizer remap: the base model ({type(model).__name__}) does not fit the adapter, the wrong "
+            f"architecture or size? {len(misfits)} adapter tensors name modules it lacks or other shapes: "
+            f"{listed(misfits, 3)}",
+            base_dir,
+        )
 
 
 def remapped(saved: dict[str, Any], mapping: tuple[tuple[int | None, ...], ...]) -> dict[str, Any]:

@@ -24,7 +24,8 @@ def base_args(case_dir: Path) -> list[str]:
 
 def strip_outcome(report: dict) -> list[dict]:
     """The per-checkpoint content, minus the fields that differ between a dry and a real run."""
-    return [{k: v for k, v in c.items() if k not in ("status", "output")} for c in report["checkpoints"]]
+    outcome = ("status", "output", "proof", "reproduces", "verification")
+    return [{k: v for k, v in c.items() if k not in outcome} for c in report["checkpoints"]]
 
 
 @pytest.mark.parametrize("case_dir", CASES, ids=lambda p: p.name)
@@ -42,8 +43,13 @@ def test_dry_run_predicts_exactly_what_fix_writes(tmp_path, case_dir):
     assert strip_outcome(dry) == strip_outcome(real)
     assert tree_digest(src) == before, "source modified"
 
+    for entry in dry["checkpoints"]:  # the dry run promises only the proof it will run, or says there is none
+        assert entry["proof"]["state"] == ("will run" if base_args(case_dir) else "not run")
+        assert entry["reproduces"]["shown"] == "no"
     for entry in real["checkpoints"]:
-        assert entry["status"] == "repaired"
+        # "repaired" only where the static proof ran on a base model; else written, and said to be unproven
+        assert entry["status"] == ("repaired" if base_args(case_dir) else "written"), entry["proof"]
+        assert entry["reproduces"]["shown"] != "no" or entry["reproduces"]["check_with"]
         source, written = Path(entry["source"]), Path(entry["output"])
         source_tensors = _tensors(source)
         output_tensors = _tensors(written)
@@ -224,7 +230,7 @@ def test_batch_rerun_adds_new_checkpoints_and_skips_repaired_ones(tmp_path):
     assert code == 0
     statuses = {Path(c["source"]).name: c for c in json.loads(stdout)["checkpoints"]}
     assert any("skipped" in w for w in statuses["checkpoint-2"]["warnings"])
-    assert statuses["checkpoint-4"]["status"] == "repaired"
+    assert statuses["checkpoint-4"]["status"] == "written"  # no base model: written, not proven
     assert {k: v for k, v in tree_digest(out).items() if k.partition("/")[0] == "checkpoint-2"} == first
     assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
     # Anything else in --out is still refused.
@@ -241,7 +247,7 @@ def test_final_adapter_beside_checkpoints_is_repaired_with_each_of_them(tmp_path
     out = tmp_path / "fixed"
     code, stdout, _ = run_cli("fix", src, "--out", out, "--quiet", "--format", "json")
     assert code == 0
-    assert [c["status"] for c in json.loads(stdout)["checkpoints"]] == ["repaired"] * 3
+    assert [c["status"] for c in json.loads(stdout)["checkpoints"]] == ["written"] * 3
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",

@@ -56,7 +56,8 @@ def lossy(tmp_path_factory):
 
 def test_allow_lossy_records_the_loss_in_report_manifest_and_final_warning(lossy):
     out, entry, text = lossy
-    assert entry["status"] == "repaired" and "0008_refuse_unsaved_lora_only_bias" in entry["migrations"]
+    assert entry["status"] == "written" and "0008_refuse_unsaved_lora_only_bias" in entry["migrations"]
+    assert entry["reproduces"]["shown"] == "no" and "lossy" in entry["reproduces"]["text"]
     (loss,) = entry["losses"]
     assert all(name in loss for name in LOST)
     manifest = json.loads((out / "ckpt_migrate_manifest.json").read_text())

@@ -22,7 +22,8 @@ class Status(str, Enum):
 
     CLEAN = "clean"
     REPAIRABLE = "repairable"
-    REPAIRED = "repaired"
+    REPAIRED = "repaired"  # written, and the static proof showed it loads into the target model (ckpt_migrate.proof)
+    WRITTEN = "written"  # written, not proven: no base model at hand to prove it on
     UNRECOVERABLE = "unrecoverable"
     UNREADABLE = "unreadable"
     VERIFY_FAILED = "verify_failed"

@@ -36,6 +36,7 @@ class CheckpointResult:
     output: Path | None = None
     error: str | None = None
     verification: dict[str, Any] | None = None
+    proof: Any = None  # the static proof (ckpt_migrate.proof.Proof): what was proven about the output, and how
 
     @property
     def failed(self) -> bool:
@@ -53,6 +54,7 @@ class Report:
     checkpoints: list[CheckpointResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # about the whole command, e.g. which base model was used
     export: Any = None  # the ExportPlan of ``export``
+    base_model: Path | None = None  # the base model the outputs were proven (and verified) on
 
     @property
     def exit_code(self) -> int:

@@ -116,7 +116,11 @@ def file_verdicts(plan: CheckpointPlan) -> list[tuple[str, int, Verdict, str]]:
         elif name in rewritten:
             adapter = rewritten[name]
             changed = adapter.tensors_added or adapter.tensors_removed or adapter.config_changes
-            why = "adapter repaired" if changed else "adapter unchanged, written anew (migrations in its metadata)"
+            why = (
+                "adapter rewritten by the repair"
+                if changed
+                else "adapter unchanged, written anew (migrations in its metadata)"
+            )
             verdict = Verdict.REWRITTEN
         elif name == MANIFEST:
             verdict, why = Verdict.REWRITTEN, "replaced by the manifest of this repair"
