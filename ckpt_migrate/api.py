@@ -285,7 +285,8 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     """The peft model of ``checkpoint`` on ``base_model`` with the repair applied in memory; nothing is written.
 
     Refuses what ``fix`` refuses (a LoRA-only head whose base weights are not in ``base_model``, …). The
-    transformers Auto class comes from the base's ``architectures``, else the adapter's ``task_type``.
+    transformers Auto class comes from the base's ``architectures``, else its ``model_type`` and the adapter's
+    ``task_type`` (or, without one, the top-level modules its tensors use).
 
     >>> model = load("acme/tiny-llama", "run/checkpoint-500")  # doctest: +SKIP
     >>> model(input_ids=ids).logits  # the trained model's logits  # doctest: +SKIP
@@ -299,7 +300,7 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     if len(relatives) != 1:
         raise UnreadableInputError(f"load takes one checkpoint; this holds {', '.join(relatives)}", src)
     plan = plan_checkpoint(src / relatives[0], relatives[0], base, Options())
-    auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json")
+    auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json", plan.after.tensors)
     return load_repaired(plan, base, auto_class, is_trainable)
 
 

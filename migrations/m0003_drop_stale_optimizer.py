@@ -181,7 +181,7 @@ def _plan_remap(before: CheckpointState, after: CheckpointState, context: Contex
     if context.base_model is None:
         raise RemapProofFailed("the parameter order comes from the base model's config: pass --base-model DIR")
     try:
-        model = context.base_model.meta_model()
+        model = context.base_model.meta_model(before.config, before.tensors)
         old_groups = _groups(trainable_layout(model, before))
         new_groups = _groups(trainable_layout(model, after))
         saved = _load_optimizer(before.source_dir / OPTIMIZER_FILE)

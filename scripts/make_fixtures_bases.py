@@ -36,7 +36,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_fixtures as mf  # noqa: E402  (re-executes this script with PYTHONHASHSEED=0, as make_fixtures does)
-
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -121,8 +120,7 @@ CASES = {
         lora=lora(),
         shape="lora_only",
         heads=["classifier"],
-        notes="ViT image classification, all-linear, no task_type (peft has no image task type): classifier "
-        "LoRA-only",
+        notes="ViT image classification, all-linear, no task_type (peft has no image task type): classifier LoRA-only",
     ),
     "wav2vec2_audio_cls": mf.case(
         "wav2vec2",
@@ -295,7 +293,7 @@ def build(name, spec, out_root):
     assert torch.equal(final, cb.logits[checkpoints[-1]]), "final logits != logits captured at the last save"
     diff_vs_init = (final - init_logits).abs().max().item()
     diff_vs_head_reset = (final - head_reset_logits(peft_model, spec["heads"], ref_inputs)).abs().max().item()
-    print(f"  max|trained - init| = {diff_vs_init:.4g}; max|trained - trained with init head| = {diff_vs_head_reset:.4g}")
+    print(f"  max|trained - init| = {diff_vs_init:.4g}; with the init head: {diff_vs_head_reset:.4g}")
     assert diff_vs_init > 20 * tol and diff_vs_head_reset > 20 * tol, "training did not move the head measurably"
 
     last = os.path.join(run_dir, checkpoints[-1])

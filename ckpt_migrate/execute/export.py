@@ -92,9 +92,12 @@ def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_la
     config = dict(base.config())
     architectures = list(config.get("architectures") or [])
     suffix = _HEAD_SUFFIXES.get(repair.after.config.get("task_type") or "")
-    if suffix and architectures and not architectures[0].endswith(suffix):
+    if not architectures:  # a config AutoConfig wrote: the class transformers maps model_type to for this adapter
+        config["architectures"] = [base.choose(repair.after.config, repair.after.tensors).model_class]
+    elif suffix and not architectures[0].endswith(suffix):
         stem = re.sub(r"(For[A-Za-z]+|Model)$", "", architectures[0])
         config["architectures"] = [stem + suffix]
+    if config.get("architectures") != architectures:
         if num_labels is not None and "id2label" not in config:
             config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
             config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
@@ -165,7 +168,9 @@ def _check_linear(base: BaseModel, tuner: Tuner | None, tuned: dict[str, Any], r
     """peft's merge of a non-LoRA tuner is rebuilt on a plain nn.Linear: refuse any other module class."""
     if not tuned:
         return
-    modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    state = repair.after
+    # the architecture on the meta device: classes, no weights
+    modules = dict(base.meta_model(state.config, state.tensors).named_modules())
     absent = sorted(m for m in tuned if m not in modules)
     if absent:
         raise UnrecoverableError(
@@ -211,7 +216,8 @@ def _conv1d_modules(base: BaseModel, lora: dict[str, dict[str, str]], state: Any
     ]
     if not square:
         return set()
-    modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    # the architecture on the meta device: classes, no weights
+    modules = dict(base.meta_model(state.config, state.tensors).named_modules())
     return {m for m in square if type(modules.get(m)).__name__ == "Conv1D"}
 
 
