@@ -30,11 +30,19 @@ def _base_with_random_head(case_dir: Path):
     return base
 
 
+#: The model inputs a reference file may hold (text: input_ids + attention_mask; images; raw audio; filterbanks).
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "input_values", "input_features")
+
+
 def _logits(model, reference):
+    """The model's logits on the reference inputs; question answering: start and end logits stacked last."""
     import torch
 
     with torch.no_grad():
-        return model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits.float()
+        out = model(**{key: reference[key] for key in MODEL_INPUTS if key in reference})
+    if getattr(out, "logits", None) is None:
+        return torch.stack([out.start_logits, out.end_logits], dim=-1).float()
+    return out.logits.float()
 
 
 def max_logit_error(

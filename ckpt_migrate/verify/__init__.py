@@ -117,8 +117,9 @@ def _recorded_losses(checkpoint: Path, state: CheckpointState | None) -> list[st
     return list((read_manifest(checkpoint, EXPORT_MANIFEST) or {}).get("losses", []))
 
 
-def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, input_ids: Any) -> tuple[Any, str]:
-    """A checkpoint's own logits on ``input_ids``, every LoRA-wrapped head computed unmerged.
+def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, inputs: Any) -> tuple[Any, str]:
+    """A checkpoint's own logits on ``inputs`` (token ids, or a dict of the model's inputs: ``pixel_values``, ...),
+    every LoRA-wrapped head computed unmerged.
 
     Returns ``(logits, "")``, or ``(None, why)`` when the source's function cannot be computed
     independently (e.g. its head base weights are random). ``verify_checkpoint(..., source_dir=)``
@@ -132,7 +133,7 @@ def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, in
     state = load_state(source)
     auto_name = choose_auto_class(base.config(), state.config, base.directory / "config.json", state.tensors)
     with quiet(), preserved_rng():
-        return source_logits(source, state, base, auto_name, input_ids)
+        return source_logits(source, state, base, auto_name, inputs)
 
 
 def choose_auto_class(
