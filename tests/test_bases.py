@@ -10,6 +10,7 @@ and peft 0.12; the export gives them under plain transformers (newest and 4.44.2
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -134,6 +135,37 @@ def test_verify_passes_the_export(exported, case_dir):
         assert result.max_logit_diff_vs_source is not None and result.max_logit_diff_vs_source <= result.tolerance
 
 
+VERIFY_OLD = """
+import json, sys
+from ckpt_migrate.verify import verify_checkpoint
+out = {}
+for checkpoint, base, source in json.load(sys.stdin):
+    result = verify_checkpoint(checkpoint, base, source_dir=source)
+    out[checkpoint] = [result.ok, result.max_logit_diff_vs_source, result.reasons, result.transformers_version]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
+def test_verify_passes_both_outputs_under_peft_0_12(repaired, exported):
+    """Under transformers 4.44.2 the ViT adapter loads too: every output is compared with its source."""
+    sources = [(c, str(c / "base"), str(c / "run" / checkpoint(c))) for c in CASES]
+    jobs = [(str(out[c.name]), base, source) for c, base, source in sources for out in (repaired, exported)]
+    proc = subprocess.run(
+        [old_python(), "-c", VERIFY_OLD],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(TESTS.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for checkpoint_dir, (ok, vs_source, reasons, version) in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        assert version == "4.44.2"
+        assert ok, (checkpoint_dir, reasons)
+        assert vs_source is not None and vs_source <= 1e-4, (checkpoint_dir, vs_source)
+
+
 @pytest.mark.parametrize("name", ["wav2vec2_audio_cls", "albert_qa"])
 def test_fix_verify_passes_audio_and_question_answering(tmp_path, name):
     case_dir = BASES / name
@@ -252,3 +284,26 @@ def test_resolver_refuses_an_ambiguous_head_in_one_line_naming_the_candidates():
     assert "\n" not in message
     assert "BertForSequenceClassification" in message and "BertForTokenClassification" in message
     assert "architectures" in message
+
+
+def test_fixtures_were_written_by_peft_0_12_and_are_not_called_clean():
+    from ckpt_migrate import inspect
+
+    for case_dir in CASES:
+        case = load_case(case_dir)
+        assert (case["peft_version"], case["transformers_version"]) == ("0.12.0", "4.44.2")
+        (result,) = inspect(case_dir / "run" / checkpoint(case_dir)).checkpoints
+        assert result.status != "clean", case_dir.name
+
+
+def test_dry_run_of_an_audio_classifier_does_not_import_torch():
+    import sys
+
+    case_dir = BASES / "wav2vec2_audio_cls"
+    code = (
+        "import sys, ckpt_migrate; "
+        f"r = ckpt_migrate.fix({str(case_dir / 'run')!r}, base_model={str(case_dir / 'base')!r}, dry_run=True); "
+        "assert r.checkpoints[0].status == 'repairable', r.checkpoints[0].status; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -93,7 +93,8 @@ def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_la
     architectures = list(config.get("architectures") or [])
     suffix = _HEAD_SUFFIXES.get(repair.after.config.get("task_type") or "")
     if not architectures:  # a config AutoConfig wrote: the class transformers maps model_type to for this adapter
-        config["architectures"] = [base.choose(repair.after.config, repair.after.tensors).model_class]
+        model_class = base.choose(repair.after.config, repair.after.tensors).model_class
+        config["architectures"] = [model_class] if model_class else []
     elif suffix and not architectures[0].endswith(suffix):
         stem = re.sub(r"(For[A-Za-z]+|Model)$", "", architectures[0])
         config["architectures"] = [stem + suffix]

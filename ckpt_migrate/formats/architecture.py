@@ -48,10 +48,11 @@ PEFT_TASKS = {
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """``auto_class`` loads the base (None: only ``model_class`` is known); ``how``: why, for messages."""
+    """``auto_class`` loads the base (None: only ``model_class`` is known); ``model_class`` builds it (None: the
+    task's mapping has no class for the config's ``model_type``); ``how``: why, for messages."""
 
     auto_class: str | None
-    model_class: str
+    model_class: str | None
     how: str
 
 
@@ -100,11 +101,7 @@ def choose_model(
         names = by_task[auto]
         known = [a for a in architectures if a in names.values()]
         model_class = known[0] if known else names.get(model_type) if isinstance(model_type, str) else None
-        if model_class is None:
-            raise UnreadableInputError(
-                f"task_type {task_type} needs an {auto} class, and transformers has none for model_type {model_type!r}",
-                where,
-            )
+        # No class: the Auto class still says how to load it (transformers then judges model_type itself).
         return ModelChoice(auto, model_class, f"model_type {model_type} and task_type {task_type}")
     if architectures and tasks is ANY_TASK:
         return ModelChoice(None, architectures[0], f"architectures {architectures[0]}")

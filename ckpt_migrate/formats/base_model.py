@@ -130,10 +130,11 @@ class BaseModel:
         from ckpt_migrate.formats.architecture import ANY_TASK, meta_instance
 
         choice = self.choose(adapter_config, tensor_names, ANY_TASK)
-        model_class = getattr(transformers, choice.model_class, None)
+        model_class = getattr(transformers, choice.model_class or "", None)
         if model_class is None:
+            named = f"class {choice.model_class!r}" if choice.model_class else f"{choice.auto_class} class"
             raise UnreadableInputError(
-                f"transformers {transformers.__version__} has no class {choice.model_class!r} ({choice.how})",
+                f"transformers {transformers.__version__} has no {named} ({choice.how})",
                 self.directory / CONFIG,
             )
         config = transformers.AutoConfig.from_pretrained(self.directory)
