@@ -307,3 +307,18 @@ def test_dry_run_of_an_audio_classifier_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_meta_model_of_a_base_without_architectures_takes_the_adapter_config():
+    from ckpt_migrate.formats.base_model import BaseModel
+
+    base = BaseModel(BASES / "opt_no_architectures" / "base")
+    adapter_config = json.loads(
+        (BASES / "opt_no_architectures" / "run" / "checkpoint-2" / "adapter_config.json").read_text()
+    )
+    model = base.meta_model(adapter_config)
+    assert type(model).__name__ == "OPTForSequenceClassification"
+    assert model.score.weight.is_meta
+    with pytest.raises(UnreadableInputError, match="cannot tell which model to load") as caught:
+        base.meta_model()  # no task, no tensors: OPTModel, OPTForCausalLM, ... all fit
+    assert "\n" not in str(caught.value)
