@@ -204,11 +204,14 @@ def test_a_head_module_the_base_lacks_is_refused_by_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _base_without_architectures(case_dir: Path, where: Path) -> Path:
+def _base_with_architectures(case_dir: Path, where: Path, architectures: list[str] | None) -> Path:
+    """A copy of the case's base whose config.json names ``architectures`` (None: none, as AutoConfig writes it)."""
     base = where / "base"
     shutil.copytree(case_dir / "base", base)
     config = json.loads((base / "config.json").read_text())
-    del config["architectures"]
+    config.pop("architectures")
+    if architectures is not None:
+        config["architectures"] = architectures
     (base / "config.json").write_text(json.dumps(config))
     return base
 
@@ -217,7 +220,7 @@ def test_no_architectures_and_no_task_type_resolved_by_the_head_modules(tmp_path
     """An audio classifier's base without architectures, its adapter without task_type: projector + classifier
     name Wav2Vec2ForSequenceClassification (the frame classifier has no projector)."""
     case_dir = BASES / "wav2vec2_audio_cls"
-    base = _base_without_architectures(case_dir, tmp_path)
+    base = _base_with_architectures(case_dir, tmp_path, None)
     result = verify(repaired[case_dir.name], base, source=case_dir / "run" / checkpoint(case_dir))
     assert result.ok, result.reasons
     assert result.model_class == "AutoModelForAudioClassification"
@@ -322,3 +325,17 @@ def test_meta_model_of_a_base_without_architectures_takes_the_adapter_config():
     with pytest.raises(UnreadableInputError, match="cannot tell which model to load") as caught:
         base.meta_model()  # no task, no tensors: OPTModel, OPTForCausalLM, ... all fit
     assert "\n" not in str(caught.value)
+
+
+def test_a_bare_backbone_base_of_an_audio_classifier_is_resolved_by_the_head_modules(tmp_path, repaired):
+    """facebook/wav2vec2-base says Wav2Vec2ForPreTraining, google/vit-base-... ViTModel: bases of classifiers that
+    peft trains without a task_type (it has none for images or audio)."""
+    case_dir = BASES / "wav2vec2_audio_cls"
+    base = _base_with_architectures(case_dir, tmp_path, ["Wav2Vec2Model"])
+    result = verify(repaired[case_dir.name], base, source=case_dir / "run" / checkpoint(case_dir))
+    assert result.ok, result.reasons
+    assert result.model_class == "AutoModelForAudioClassification"
+    report = export(case_dir / "run", tmp_path / "m", base_model=base, progress=False)
+    assert report.exit_code == 0
+    written = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert written["architectures"] == ["Wav2Vec2ForSequenceClassification"]

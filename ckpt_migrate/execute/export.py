@@ -43,6 +43,8 @@ CARRIED_FILES = re.compile(
     r"generation_config\.json|preprocessor_config\.json|chat_template\..*)$"
 )
 _HEAD_SUFFIXES = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}
+#: A class name of a task head (``...ForImageClassification``, ``...ForQuestionAnswering``): nothing to resolve.
+_TASK_CLASS = re.compile(r"For\w*(Classification|QuestionAnswering)$")
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
@@ -92,9 +94,18 @@ def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_la
     config = dict(base.config())
     architectures = list(config.get("architectures") or [])
     suffix = _HEAD_SUFFIXES.get(repair.after.config.get("task_type") or "")
+    task_type = repair.after.config.get("task_type")
     if not architectures:  # a config AutoConfig wrote: the class transformers maps model_type to for this adapter
         model_class = base.choose(repair.after.config, repair.after.tensors).model_class
         config["architectures"] = [model_class] if model_class else []
+    elif not task_type and not _TASK_CLASS.search(architectures[0]):
+        # A bare backbone (ViTModel, Wav2Vec2ForPreTraining) under a classifier peft trained without a task_type:
+        # the class its head modules fit, when exactly one does (transformers is imported only here).
+        try:
+            model_class = base.choose(repair.after.config, repair.after.tensors).model_class
+        except UnreadableInputError:
+            model_class = None
+        config["architectures"] = [model_class] if model_class else architectures
     elif suffix and not architectures[0].endswith(suffix):
         stem = re.sub(r"(For[A-Za-z]+|Model)$", "", architectures[0])
         config["architectures"] = [stem + suffix]

@@ -78,13 +78,15 @@ def choose_model(
 ) -> ModelChoice:
     """The class of the base model among ``tasks``' Auto classes.
 
-    1. a class of ``architectures`` that one of ``tasks`` maps;
+    1. a class of ``architectures`` that one of ``tasks``' classification mappings maps;
     2. the adapter's ``task_type`` (the architecture's own class when the task's mapping has it, else the
        task's class for ``model_type``: a ``LlamaForCausalLM`` base of a SEQ_CLS adapter is loaded as
        ``LlamaForSequenceClassification``, as peft's training did);
-    3. with ``tasks`` = :data:`ANY_TASK`, the first class of ``architectures`` as it is;
-    4. without ``architectures``: the classes ``tasks`` map ``model_type`` to whose top-level modules hold
-       every top-level module of ``tensor_names`` (built on the meta device); exactly one must remain.
+    3. the classes ``tasks`` map ``model_type`` to whose top-level modules hold every top-level module of
+       ``tensor_names`` (built on the meta device), when exactly one does: a ``ViTModel`` or
+       ``Wav2Vec2ForPreTraining`` base fine-tuned as a classifier (peft has no image or audio task type), or a
+       config without ``architectures``;
+    4. with ``tasks`` = :data:`ANY_TASK`, the first class of ``architectures`` as it is.
     """
     architectures = base_config.get("architectures") or []
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
@@ -94,7 +96,7 @@ def choose_model(
     by_task = {auto: class_names(auto) for auto in tasks}
     for architecture in architectures:
         for auto, names in by_task.items():
-            if architecture in names.values():
+            if auto in CLASSIFICATION and architecture in names.values():
                 return ModelChoice(auto, architecture, f"architectures {architecture}")
     auto = PEFT_TASKS.get(task_type) if isinstance(task_type, str) else None
     if auto in tasks:
@@ -103,53 +105,43 @@ def choose_model(
         model_class = known[0] if known else names.get(model_type) if isinstance(model_type, str) else None
         # No class: the Auto class still says how to load it (transformers then judges model_type itself).
         return ModelChoice(auto, model_class, f"model_type {model_type} and task_type {task_type}")
-    if architectures and tasks is ANY_TASK:
-        return ModelChoice(None, architectures[0], f"architectures {architectures[0]}")
-    if architectures:
-        raise UnreadableInputError(
-            f"cannot tell which model to load: architectures {listed(architectures)} has no "
-            f"{_kinds(tasks)} class and the adapter's task_type is {task_type!r}",
-            where,
+    used = top_level_modules(tensor_names)
+    candidates: dict[str, str] = {}
+    for auto, names in by_task.items():
+        if isinstance(model_type, str) and model_type in names:
+            candidates.setdefault(names[model_type], auto)
+    fitting = {cls: a for cls, a in candidates.items() if used <= _children(base_config, cls)} if used else {}
+    if len(fitting) == 1:
+        ((model_class, auto),) = fitting.items()
+        return ModelChoice(
+            auto, model_class, f"model_type {model_type} and the adapter's modules {listed(sorted(used))}"
         )
-    return _by_modules(base_config, model_type, task_type, by_task, top_level_modules(tensor_names), where)
+    if architectures and tasks is ANY_TASK:
+        auto = next((a for a, names in by_task.items() if architectures[0] in names.values()), None)
+        return ModelChoice(auto, architectures[0], f"architectures {architectures[0]}")
+    described = (
+        f"architectures {listed(architectures)} names no {_kinds(tasks)} class"
+        if architectures
+        else "config.json has no 'architectures'"
+        if isinstance(model_type, str)
+        else "config.json has neither 'architectures' nor 'model_type'"
+    )
+    if not candidates:
+        fit = f"transformers has no {_kinds(tasks)} class for model_type {model_type!r}"
+    elif not used:
+        fit = "the adapter has no tensors to tell by"
+    else:
+        fits = f"fit {listed(sorted(fitting))}" if fitting else f"fit none of {listed(sorted(candidates))}"
+        fit = f"its modules {listed(sorted(used))} {fits}"
+    raise UnreadableInputError(
+        f"cannot tell which model to load: {described}, the adapter's task_type is {task_type!r} and {fit}; add "
+        '"architectures" to config.json or task_type to adapter_config.json',
+        where,
+    )
 
 
 def _kinds(tasks: Mapping[str, str]) -> str:
-    return "/".join(auto.removeprefix("AutoModelFor") or "base" for auto in tasks)
-
-
-def _by_modules(
-    base_config: Mapping[str, Any],
-    model_type: Any,
-    task_type: Any,
-    by_task: dict[str, dict[str, str]],
-    used: set[str],
-    where: Path | None,
-) -> ModelChoice:
-    if not isinstance(model_type, str):
-        raise UnreadableInputError("config.json has neither 'architectures' nor 'model_type'", where)
-    candidates: dict[str, str] = {}
-    for auto, names in by_task.items():
-        if model_type in names:
-            candidates.setdefault(names[model_type], auto)
-    if not candidates:
-        raise UnreadableInputError(
-            f"cannot tell which model to load: no 'architectures' in config.json, the adapter's task_type is "
-            f"{task_type!r}, and transformers has no {_kinds(by_task)} class for model_type {model_type!r}",
-            where,
-        )
-    fitting = {cls: auto for cls, auto in candidates.items() if used <= _children(base_config, cls)}
-    if len(fitting) == 1:
-        ((model_class, auto),) = fitting.items()
-        modules = f"modules {listed(sorted(used))}" if used else "nothing else"
-        return ModelChoice(auto, model_class, f"model_type {model_type} and the adapter's {modules}")
-    fit = f"fit {listed(sorted(fitting))}" if fitting else f"fit none of {listed(sorted(candidates))}"
-    raise UnreadableInputError(
-        f"cannot tell which model to load: no 'architectures' in config.json, the adapter's task_type is "
-        f'{task_type!r}, and its modules {listed(sorted(used)) or "(none)"} {fit}; add "architectures" to '
-        "config.json or task_type to adapter_config.json",
-        where,
-    )
+    return "/".join(auto.removeprefix("AutoModelFor") if auto != "AutoModel" else "base model" for auto in tasks)
 
 
 def _children(base_config: Mapping[str, Any], model_class: str) -> set[str]:
