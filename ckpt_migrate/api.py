@@ -91,6 +91,14 @@ def inspect(
     >>> inspect("run/checkpoint-500").exit_code  # doctest: +SKIP
     3
     """
+    from ckpt_migrate.remote import as_local, wants_fleet
+
+    src, base_model = as_local(src), as_local(base_model)
+    if wants_fleet(src, base_model):  # a URL: the planner on a sparse local mirror (headers only)
+        from ckpt_migrate.remote.fleet import inspect as inspect_remote
+
+        choices = {"optimizer": optimizer, "target_transformers": target_transformers, "target_peft": target_peft}
+        return inspect_remote(str(src), base_model=base_model, allow_lossy=allow_lossy, **choices)
     options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
     src = resolve(src, what="SRC")
     report = Report("inspect", src, dry_run=True)
@@ -110,6 +118,7 @@ def fix(
     target_peft: str | None = None,
     verify: bool = False,
     allow_lossy: bool = False,
+    executor: str = "local",
 ) -> Report:
     """Repair every broken checkpoint at ``src`` into ``out`` (mirroring a run directory's layout).
 
@@ -121,10 +130,23 @@ def fix(
     (default: the installed ones). ``verify`` runs :func:`verify` on each staged checkpoint against its
     source and publishes only those that pass (needs ``base_model``). ``allow_lossy``: write the best repair of a
     checkpoint that lost trained values (refused by default), recording the loss in the report and the manifest.
+    ``src``, ``out`` and ``base_model`` may be URLs (``s3://``...); ``executor``: ``"local"``, ``"dask"`` or
+    ``"dask://HOST:PORT"`` (one task per checkpoint, see :mod:`ckpt_migrate.remote.fleet`).
 
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
+    from ckpt_migrate.remote import as_local, wants_fleet
+
+    src, out, base_model = as_local(src), as_local(out), as_local(base_model)
+    if wants_fleet(src, out, base_model, executor=executor):
+        from ckpt_migrate.remote.fleet import fix as fix_fleet
+
+        choices = {"optimizer": optimizer, "target_transformers": target_transformers, "target_peft": target_peft}
+        return fix_fleet(
+            str(src), None if out is None else str(out), base_model=base_model, dry_run=dry_run, progress=progress,
+            executor=executor, verify=verify, allow_lossy=allow_lossy, **choices,
+        )  # fmt: skip
     from ckpt_migrate.execute.publish import check_output_target
     from ckpt_migrate.execute.write import hash_ahead
 

@@ -133,6 +133,14 @@ def main() -> None:
     is_flag=True,
     help="Check each staged checkpoint with `verify` (needs --base-model); publish only passes.",
 )
+@click.option(
+    "--executor",
+    default="local",
+    show_default=True,
+    metavar="local|dask|dask://HOST:PORT",
+    help="Where the checkpoints of a batch are repaired: here one after another, on a Dask LocalCluster (one task "
+    "per checkpoint), or on a running Dask scheduler. SRC, --out and --base-model may be URLs (s3://, gs://, ...).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @DEBUG
 def fix(
@@ -146,6 +154,7 @@ def fix(
     target_peft: str | None,
     allow_lossy: bool,
     verify: bool,
+    executor: str,
     quiet: bool,
     debug: bool,
 ) -> None:
@@ -171,6 +180,7 @@ def fix(
             target_peft=target_peft,
             verify=verify,
             allow_lossy=allow_lossy,
+            executor=executor,
         )
         code = _emit(report, fmt)
         for result in report.checkpoints:
@@ -323,16 +333,10 @@ def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: st
 @FORMAT
 def migrations(fmt: str) -> None:
     """List the known migrations, in the order they run."""
-    import json
-
     from ckpt_migrate.api import list_migrations
+    from ckpt_migrate.render import render_migrations
 
-    known = list_migrations()
-    if fmt == "json":
-        click.echo(json.dumps([{"id": m.ID, "summary": m.SUMMARY, "caused_by": m.CAUSED_BY} for m in known], indent=2))
-        return
-    for m in known:
-        click.echo(f"{m.ID}\n    {m.SUMMARY}\n    caused by: {m.CAUSED_BY}")
+    click.echo(render_migrations(list_migrations(), fmt), nl=False)
 
 
 def entry_point() -> None:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from ckpt_migrate import __version__
+from ckpt_migrate.core.migration import Migration
 from ckpt_migrate.core.plan import CheckpointPlan, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.core.text import listed
 from ckpt_migrate.formats.trainer_files import file_verdicts
-from ckpt_migrate.render_sections import Diff, Line, Section, Table, draw_markdown, draw_text
+from ckpt_migrate.render_sections import Diff, Line, Section, Table, draw_markdown, draw_text, markdown_table
 from ckpt_migrate.verify.result import SEEDS, VerifyResult
 
 SCHEMA_VERSION = 1
+STALE_OPTIMIZER = "0003_drop_stale_optimizer"  # its id says drop; with --optimizer remap it rewrites the file
 
 
 # ------------------------------------------------------------------------------------ fix / inspect
@@ -151,6 +154,15 @@ def _adapter_blocks(entry: dict[str, Any], prefix: str) -> list[Line | Diff | Ta
     return blocks
 
 
+def _applied(plan: CheckpointPlan | None) -> tuple[str, ...]:
+    """The applied migration ids, each named by what it did where its id says less: 0003 rewrites
+    ``optimizer.pt`` under ``--optimizer remap``, and a remap must not read as a drop."""
+    if plan is None:
+        return ()
+    rewrote = {rewrite.migration for _, rewrite in plan.files_rewritten}
+    return tuple(f"{m} (--optimizer remap)" if m == STALE_OPTIMIZER and m in rewrote else m for m in plan.migrations)
+
+
 def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
     entry = checkpoint_dict(result)
     if report.command == "export":  # the repair feeds the export in memory: no checkpoint files are written
@@ -165,7 +177,7 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
     section = Section(f"{result.source}: {_status_text(report, entry)}")
     blocks = section.blocks
     if entry["migrations"]:
-        blocks.append(Line("migrations", code=tuple(entry["migrations"])))
+        blocks.append(Line("migrations", code=_applied(result.plan)))
     if entry["migrations_not_needed"]:
         blocks.append(Line("not needed", code=tuple(entry["migrations_not_needed"])))
     if report.command == "inspect":
@@ -255,11 +267,26 @@ def verify_sections(verdict: VerifyResult) -> list[Section]:
 
 def render_report(report: Report, fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(to_dict(report), indent=2)
+        return json.dumps(to_dict(report), indent=2) + "\n"
     sections = report_sections(report)
     if fmt == "markdown":
         return draw_markdown(f"ckpt-migrate {report.command} report", sections)
     return draw_text(sections)
+
+
+def render_migrations(known: Sequence[Migration], fmt: str, caused_by: bool = True) -> str:
+    """``ckpt-migrate migrations``: the known migrations in order (``caused_by=False``: id and summary only)."""
+    rows = [{"id": m.ID, "summary": m.SUMMARY, "caused_by": m.CAUSED_BY} for m in known]
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "markdown":
+        headers = ("id", "summary", "caused by") if caused_by else ("id", "summary")
+        cells = tuple(tuple(row.values())[: len(headers)] for row in rows)
+        return "\n".join(markdown_table(Table("", headers, cells))) + "\n"
+    lines: list[str] = []
+    for r in rows:
+        lines += [r["id"], f"    {r['summary']}"] + ([f"    caused by: {r['caused_by']}"] if caused_by else [])
+    return "".join(line + "\n" for line in lines)
 
 
 def render_verdict(verdict: VerifyResult, fmt: str) -> str:

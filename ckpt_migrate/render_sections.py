@@ -74,6 +74,14 @@ def draw_text(sections: list[Section], headings: str = "== ") -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _sentence_start(label: str) -> str:
+    """``label`` with its first word capitalised, unless that word is a name (``rng_state.pth``, ``task_b/...``),
+    which stays as written; nothing after the first word changes case (paths, ``LOSSY``)."""
+    label = label.strip()
+    first = label.split(" ", 1)[0]
+    return first.capitalize() + label[len(first) :] if first.isalpha() else label
+
+
 def _markdown_line(line: Line) -> str:
     code = ", ".join(f"`{c}`" for c in line.code)
     value = code + (": " if code and line.text else "") + line.text
@@ -81,7 +89,13 @@ def _markdown_line(line: Line) -> str:
         return f"> **Error:** {value}"
     if line.label == "-":
         return f"- {value}"
-    return f"- **{line.label.strip().capitalize()}:** {value}"
+    return f"- **{_sentence_start(line.label)}:** {value}"
+
+
+def markdown_table(table: Table) -> list[str]:
+    lines = [f"**{_sentence_start(table.title)}**", ""] if table.title else []
+    lines += ["| " + " | ".join(table.headers) + " |", "|" + "---|" * len(table.headers)]
+    return lines + ["| " + " | ".join(_cell(c, i) for i, c in enumerate(row)) + " |" for row in table.rows]
 
 
 def draw_markdown(title: str, sections: list[Section]) -> str:
@@ -99,9 +113,7 @@ def draw_markdown(title: str, sections: list[Section]) -> str:
                     lines += [f"- {key}: {before}", f"+ {key}: {after}"]
                 lines += ["```"]
             else:
-                lines += [f"**{block.title.capitalize()}**", ""] if block.title else []
-                lines += ["| " + " | ".join(block.headers) + " |", "|" + "---|" * len(block.headers)]
-                lines += ["| " + " | ".join(_cell(c, i) for i, c in enumerate(row)) + " |" for row in block.rows]
+                lines += markdown_table(block)
             lines.append("")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -205,7 +205,7 @@ def _plan_remap(before: CheckpointState, after: CheckpointState, context: Contex
     counts = f"{len(kept)} states kept, {len(reset)} reset, {len(dropped)} dropped"
     return FileRewrite(
         migration=ID,
-        reason=f"rebuilt for the repaired parameters: {counts}",
+        reason=f"remapped (--optimizer remap) onto the repaired parameters: {counts}",
         listed=(("kept", kept), ("reset", reset), ("dropped", dropped)),
         payload=RemapPayload(mapping),
     )

@@ -179,17 +179,37 @@ def test_migrations_command_lists_them_in_order():
     assert all(m["caused_by"] and m["summary"] for m in json.loads(stdout))
 
 
-def test_wheel_ships_the_migrations(tmp_path):
+def test_wheel_ships_every_module_and_the_migrations(tmp_path):
+    """Every .py of the source tree is in the wheel (scripts/wheel_check.sh also installs and runs it)."""
     root = Path(__file__).parents[1]
+    # Built from the files a clone has: a stale ckpt_migrate.egg-info or build/ left in the working tree lists every
+    # module, and setuptools would ship modules the package list leaves out as package data.
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    )
+    clone = tmp_path / "clone"
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (root / name).is_file() and not name.startswith("tests/"):
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, clone / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, root],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, clone],
         check=True,
     )
     (wheel,) = tmp_path.glob("*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    shipped = {Path(n).name for n in names if n.startswith("ckpt_migrate/migrations/")}
-    expected = {p.name for p in (root / "migrations").glob("m*.py")}
-    assert expected and expected <= shipped
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+
+    def sources(directory: str, installed_as: str) -> set[str]:
+        return {
+            f"{installed_as}/{p.relative_to(root / directory).as_posix()}" for p in (root / directory).rglob("*.py")
+        }
+
+    expected = sources("ckpt_migrate", "ckpt_migrate") | sources("migrations", "ckpt_migrate/migrations")
+    assert {"ckpt_migrate/core/plan.py", "ckpt_migrate/migrations/m0001_fold_double_wrapped_head.py"} <= expected
+    assert sorted(expected - shipped) == []
 
 
 def test_batch_rerun_adds_new_checkpoints_and_skips_repaired_ones(tmp_path):

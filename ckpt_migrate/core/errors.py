@@ -36,7 +36,8 @@ class CkptMigrateError(Exception):
     def __init__(self, message: str, path: str | Path | None = None):
         super().__init__(message)
         self.message = message
-        self.path = Path(path) if path is not None else None
+        # a URL (s3://...) stays a string: Path would fold its "//"
+        self.path = path if isinstance(path, str) and "://" in path else Path(path) if path is not None else None
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path is not None else self.message

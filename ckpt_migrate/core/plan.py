@@ -26,6 +26,7 @@ class Status(str, Enum):
     UNRECOVERABLE = "unrecoverable"
     UNREADABLE = "unreadable"
     VERIFY_FAILED = "verify_failed"
+    FAILED = "failed"  # a fleet task did not finish (its output failed, its worker was lost): re-run to resume
 
     __str__ = str.__str__  # f-strings and reports show the value
 

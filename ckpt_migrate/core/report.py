@@ -8,6 +8,7 @@ from typing import Any
 
 from ckpt_migrate.core.errors import (
     EXIT_OK,
+    EXIT_OUTPUT,
     EXIT_PARTIAL,
     EXIT_REPAIRABLE,
     EXIT_UNREADABLE,
@@ -20,6 +21,7 @@ FAILURE_CODES = {
     Status.UNRECOVERABLE: EXIT_UNRECOVERABLE,
     Status.UNREADABLE: EXIT_UNREADABLE,
     Status.VERIFY_FAILED: EXIT_VERIFY_FAILED,
+    Status.FAILED: EXIT_OUTPUT,
 }
 
 

@@ -1,0 +1,108 @@
+"""A real S3 endpoint on loopback for the tests and benchmarks: moto's server (as s3fs tests itself), with
+the bytes and requests it serves counted at the server, in its WSGI app."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class Served:
+    """What the server answered: GET requests and the body bytes they carried (all object reads)."""
+
+    gets: int = 0
+    get_bytes: int = 0
+    requests: int = 0
+
+    def reset(self) -> None:
+        self.gets = self.get_bytes = self.requests = 0
+
+
+class CountingMotoServer:
+    """``moto.server.ThreadedMotoServer`` whose app counts what it serves."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.served = Served()
+        self._lock = threading.Lock()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server._server_entry = self._entry  # the same entry, with the app wrapped
+
+    def _entry(self) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+
+        class QuietHandler(MotoRequestHandler):
+            def log_request(self, *args, **kwargs) -> None:  # one line per request would drown the test output
+                pass
+
+        def counted(environ, start_response):
+            body = app(environ, start_response)
+            size = 0
+            try:
+                for chunk in body:
+                    size += len(chunk)
+                    yield chunk
+            finally:
+                if hasattr(body, "close"):
+                    body.close()
+                with self._lock:
+                    self.served.requests += 1
+                    if environ["REQUEST_METHOD"] == "GET":
+                        self.served.gets += 1
+                        self.served.get_bytes += size
+
+        server = self._server
+        server._server = make_server(server._ip_address, server._port, counted, True, request_handler=QuietHandler)
+        server._server_ready_event.set()
+        server._server.serve_forever()
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.get_host_and_port()
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextmanager
+def s3_endpoint() -> Iterator[CountingMotoServer]:
+    """A started server, with the standard AWS environment (AWS_ENDPOINT_URL included) pointing at it."""
+    server = CountingMotoServer()
+    server.start()
+    saved = {k: os.environ.get(k) for k in [*ENVIRONMENT, "AWS_ENDPOINT_URL"]}
+    os.environ.update(ENVIRONMENT, AWS_ENDPOINT_URL=server.endpoint)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def s3fs_for(server: CountingMotoServer):
+    """An s3fs filesystem on the endpoint, for putting fixtures in and reading outputs back."""
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=server.endpoint, key="testing", secret="testing", skip_instance_cache=True)
