@@ -282,7 +282,14 @@ def export(
         from ckpt_migrate.execute.publish import check_output_target
 
         check_output_target(src, out_path)
-    repair = plan_checkpoint(src / relatives[0], relatives[0], base, Options(allow_lossy=allow_lossy))
+    # The deltas merge into the base checkpoint's own tensor names: module renames (0012) target the transformers
+    # release that wrote it, not the installed one (transformers converts the merged model's names on load).
+    written_by = base.config().get("transformers_version")
+    try:
+        options = Options.parse("drop", written_by if isinstance(written_by, str) else None, None, allow_lossy)
+    except ValueError:  # no readable release: the installed one, as fix does
+        options = Options(allow_lossy=allow_lossy)
+    repair = plan_checkpoint(src / relatives[0], relatives[0], base, options)
     result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
     report.checkpoints = [result]
     if repair.status is Status.UNRECOVERABLE:

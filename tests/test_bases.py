@@ -257,7 +257,7 @@ def test_optimizer_remap_on_a_base_without_architectures(tmp_path):
     out = tmp_path / "out" / checkpoint(case_dir)
     assert (out / "optimizer.pt").exists()  # rebuilt, not dropped for an unprovable layout
     rewrite = report.checkpoints[0].plan.after.rewritten_files["optimizer.pt"]
-    assert rewrite.reason.startswith("rebuilt for the repaired parameters"), rewrite.reason
+    assert "states kept" in rewrite.reason and "fell back" not in " ".join(report.checkpoints[0].plan.warnings)
 
 
 WAV2VEC2_TENSORS = [
