@@ -352,7 +352,15 @@ def export(
         from ckpt_migrate.execute.publish import check_output_target
 
         check_output_target(src, out_path)
-    options = Options(allow_lossy=allow_lossy, merge_into_base=True)  # merged: an adapter peft would refuse is fine
+    # The deltas merge into the base checkpoint's own tensor names: module renames (0012) target the transformers
+    # release that wrote it, not the installed one (transformers converts the merged model's names on load).
+    # merge_into_base: an adapter peft would refuse to load (a head-only one) is fine to merge.
+    written_by = base.config().get("transformers_version")
+    try:
+        target = Options.parse("drop", written_by if isinstance(written_by, str) else None, None).target_transformers
+    except ValueError:  # no readable release: the installed one, as fix does
+        target = None
+    options = Options(target_transformers=target, allow_lossy=allow_lossy, merge_into_base=True)
     repair = plan_checkpoint(src / relatives[0], relatives[0], base, options)
     result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
     report.checkpoints = [result]
@@ -387,7 +395,8 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     """The peft model of ``checkpoint`` on ``base_model`` with the repair applied in memory; nothing is written.
 
     Refuses what ``fix`` refuses (a LoRA-only head whose base weights are not in ``base_model``, …). The
-    transformers Auto class comes from the base's ``architectures``, else the adapter's ``task_type``.
+    transformers Auto class comes from the base's ``architectures``, else its ``model_type`` and the adapter's
+    ``task_type`` (or, without one, the top-level modules its tensors use).
 
     >>> model = load("acme/tiny-llama", "run/checkpoint-500")  # doctest: +SKIP
     >>> model(input_ids=ids).logits  # the trained model's logits  # doctest: +SKIP
@@ -409,7 +418,7 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
         proof = prove_plan(plan, base)
         if proof.state == "failed":
             raise proof.error(plan.source)
-    auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json")
+    auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json", plan.after.tensors)
     return load_repaired(plan, base, auto_class, is_trainable)
 
 

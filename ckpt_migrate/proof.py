@@ -267,7 +267,7 @@ def _prove(state: CheckpointState, base: BaseModel) -> Proof:
     import transformers
 
     try:
-        model = base.meta_model()
+        model = base.meta_model(state.config, state.tensors)
     except UnreadableInputError as exc:
         return not_run(f"the target model cannot be built from the base's config: {exc.message}")
 
@@ -281,11 +281,11 @@ def _prove(state: CheckpointState, base: BaseModel) -> Proof:
         return _prove_on(state, base, model, how, peft, torch)
 
 
-def _inject_anew(base: BaseModel, peft: Any, config: Any) -> Any:
+def _inject_anew(base: BaseModel, state: CheckpointState, peft: Any, config: Any) -> Any:
     """Injection into a fresh meta model with the adapter layers built on the CPU: a tuner whose initialisation
     reads values (BOFT calls ``.item()``) cannot build them on the meta device. peft moves them to the meta
     device of the layers they adapt."""
-    return peft.get_peft_model(base.meta_model(), config)
+    return peft.get_peft_model(base.meta_model(state.config, state.tensors), config)
 
 
 def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, peft: Any, torch: Any) -> Proof:
@@ -313,7 +313,7 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
         except Exception as exc:  # noqa: BLE001
             if "meta" not in str(exc):
                 raise
-            peft_model = _inject_anew(base, peft, peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config)))
+            peft_model = _inject_anew(base, state, peft, peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config)))
     except Exception as exc:  # noqa: BLE001
         return _failed(
             CAUSE_ADAPTER,
