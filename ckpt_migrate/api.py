@@ -22,7 +22,7 @@ from ckpt_migrate.formats.hub import resolve, resolve_cached
 from ckpt_migrate.planner import plan_checkpoint
 
 if TYPE_CHECKING:
-    from ckpt_migrate.verify import VerifyResult
+    from ckpt_migrate.verification import VerifyResult
 
 __all__ = ["CheckpointResult", "Report", "export", "fix", "inspect", "list_migrations", "load", "verify"]
 
@@ -402,7 +402,7 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     >>> model(input_ids=ids).logits  # the trained model's logits  # doctest: +SKIP
     """
     from ckpt_migrate.execute.in_memory import load_repaired
-    from ckpt_migrate.verify import choose_auto_class
+    from ckpt_migrate.verification import choose_auto_class
 
     base = BaseModel.open(resolve(base_model, what="base model"))
     src = resolve(checkpoint, what="checkpoint")
@@ -436,7 +436,7 @@ def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path
     """Load ``checkpoint`` onto ``base_model`` with the installed transformers and peft and judge it.
 
     With ``source`` (the broken original) also compare with the source's own function, computed
-    without folding. See :mod:`ckpt_migrate.verify` for every check.
+    without folding. See :mod:`ckpt_migrate.verification` for every check.
 
     >>> verify("fixed/checkpoint-500", "bart-base", source="run/checkpoint-500").ok  # doctest: +SKIP
     True
@@ -449,7 +449,7 @@ def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: st
     a reason of the verdict (exit 8)."""
     from ckpt_migrate.formats.checkpoint import load_state
     from ckpt_migrate.proof import CAUSE_BASE, prove_adapter
-    from ckpt_migrate.verify import verify_checkpoint
+    from ckpt_migrate.verification import verify_checkpoint
 
     proof = None
     directory = Path(checkpoint)

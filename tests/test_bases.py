@@ -144,7 +144,7 @@ def test_verify_passes_the_export(exported, case_dir):
 
 VERIFY_OLD = """
 import json, sys
-from ckpt_migrate.verify import verify_checkpoint
+from ckpt_migrate.verification import verify_checkpoint
 out = {}
 for checkpoint, base, source in json.load(sys.stdin):
     result = verify_checkpoint(checkpoint, base, source_dir=source)

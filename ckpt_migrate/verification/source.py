@@ -26,8 +26,8 @@ from ckpt_migrate.core.plan import CheckpointState
 from ckpt_migrate.core.text import describe_exception, listed
 from ckpt_migrate.formats.adapter import load_adapter_tensors
 from ckpt_migrate.formats.base_model import BaseModel
-from ckpt_migrate.verify.probes import logits
-from ckpt_migrate.verify.result import SEEDS
+from ckpt_migrate.verification.probes import logits
+from ckpt_migrate.verification.result import SEEDS
 
 
 def _unmerged_module_class() -> type:

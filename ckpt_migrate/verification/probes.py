@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt_migrate.core.peft_layout import short_name
-from ckpt_migrate.verify.result import AUDIO_FRAMES, AUDIO_SAMPLES, BATCH, INPUT_SEED, SEQ_LEN
+from ckpt_migrate.verification.result import AUDIO_FRAMES, AUDIO_SAMPLES, BATCH, INPUT_SEED, SEQ_LEN
 
 
 @contextlib.contextmanager

@@ -9,9 +9,9 @@ from ckpt_migrate.core.peft_layout import LORA_KINDS, PREFIX, parse_lora_key, wr
 from ckpt_migrate.core.plan import CheckpointState
 from ckpt_migrate.core.text import describe_exception, listed
 from ckpt_migrate.formats.base_model import BaseModel
-from ckpt_migrate.verify.probes import Probe, probe, probe_inputs
-from ckpt_migrate.verify.result import REPRODUCIBLE_FRACTION, SEEDS, TOLERANCES, VerifyResult
-from ckpt_migrate.verify.source import source_logits
+from ckpt_migrate.verification.probes import Probe, probe, probe_inputs
+from ckpt_migrate.verification.result import REPRODUCIBLE_FRACTION, SEEDS, TOLERANCES, VerifyResult
+from ckpt_migrate.verification.source import source_logits
 
 
 def _explain_load_failure(exc: BaseException, state: CheckpointState, result: VerifyResult) -> str:

@@ -33,7 +33,7 @@ from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, EXPORT_MANIFEST, read_m
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import load_state
 from ckpt_migrate.formats.hub import resolve
-from ckpt_migrate.verify.result import SEEDS, TOLERANCES, VerifyResult
+from ckpt_migrate.verification.result import SEEDS, TOLERANCES, VerifyResult
 
 __all__ = [
     "EXIT_VERIFY_FAILED",
@@ -97,8 +97,8 @@ def verify_checkpoint(
         peft_version=peft.__version__,
         transformers_version=transformers.__version__,
     )
-    from ckpt_migrate.verify.checks import run_checks, run_merged_checks
-    from ckpt_migrate.verify.probes import preserved_rng, quiet
+    from ckpt_migrate.verification.checks import run_checks, run_merged_checks
+    from ckpt_migrate.verification.probes import preserved_rng, quiet
 
     with quiet(), preserved_rng():
         if state is None:  # a model written by ``export``: plain transformers, no adapter
@@ -125,8 +125,8 @@ def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, in
     independently (e.g. its head base weights are random). ``verify_checkpoint(..., source_dir=)``
     compares against exactly this.
     """
-    from ckpt_migrate.verify.probes import preserved_rng, quiet
-    from ckpt_migrate.verify.source import source_logits
+    from ckpt_migrate.verification.probes import preserved_rng, quiet
+    from ckpt_migrate.verification.source import source_logits
 
     source = _adapter_dir(source_dir, "source")
     base = _base_model(base_model_dir)
