@@ -7,6 +7,7 @@ computes tensors or loads a model.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,7 @@ def _plan_all(
             results.append(CheckpointResult(relative, directory, Status.UNREADABLE, error=str(exc)))
             continue
         error = "; ".join(plan.unrecoverable) or None
-        proof = planned(base) if plan.status is Status.REPAIRABLE else None
+        proof = planned(base, options.target_transformers) if plan.status is Status.REPAIRABLE else None
         results.append(CheckpointResult(relative, directory, plan.status, plan, error=error, proof=proof))
     return results, base
 
@@ -176,19 +177,24 @@ def fix(
         report = Report("fix", src, dry_run, out_path)
         report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
         report.base_model = base.directory if base is not None else None
-        _write_all(report, out_path, base, _verify_wanted(verify, base, report.notes), progress, hashes)
+        wanted = _verify_wanted(verify, base, options.target_transformers, report.notes)
+        _write_all(report, out_path, base, wanted, progress, hashes, options.target_transformers)
     finally:
         if hashes is not None:
             hashes.close()
     return report
 
 
-def _verify_wanted(verify: bool | None, base: BaseModel | None, notes: list[str]) -> bool:
-    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly."""
-    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes
+def _verify_wanted(verify: bool | None, base: BaseModel | None, target: str | None, notes: list[str]) -> bool:
+    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly and the output is
+    for the installed transformers' major (``verify`` loads it with the installed stack)."""
+    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes, untestable_target
 
     if verify is not None or base is None:
         return bool(verify)
+    if untestable_target(target) is not None:
+        notes.append(f"not verified numerically: {untestable_target(target)}")
+        return False
     size = base_weights_bytes(base)
     if size <= AUTO_VERIFY_MAX_BYTES:
         return True
@@ -206,6 +212,7 @@ def _write_all(
     verify: bool,
     progress: bool | None,
     hashes: Hashes | None,
+    target_transformers: str | None = None,
 ) -> None:
     from ckpt_migrate.execute.publish import earlier_batch_output, write_and_publish
 
@@ -221,7 +228,7 @@ def _write_all(
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
         return
 
-    proofs = _start_proofs(report.checkpoints, base)
+    proofs = _start_proofs(report.checkpoints, base, target_transformers)
 
     def checked(result: CheckpointResult, staged: Path) -> bool:
         """The static proof (it ran while the checkpoint was written), then ``verify`` when wanted."""
@@ -261,19 +268,22 @@ def _write_all(
             result.status = Status.WRITTEN
 
 
-def _start_proofs(results: list[CheckpointResult], base: BaseModel | None) -> dict[str, Any]:
+def _start_proofs(
+    results: list[CheckpointResult], base: BaseModel | None, target_transformers: str | None = None
+) -> dict[str, Any]:
     """The static proof of each checkpoint to write, started on a thread: it overlaps the copies (the kernel's,
     outside the GIL), and its verdict is awaited before that checkpoint is published."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from ckpt_migrate.proof import import_before_writing, not_run, prove_plan
+    from ckpt_migrate.proof import import_before_writing, not_run, prove_plan, untestable_target
 
     to_write = [r for r in results if r.status is Status.REPAIRABLE and r.plan is not None]
-    if base is None:
+    why_not = "no base model at hand (pass --base-model)" if base is None else untestable_target(target_transformers)
+    if why_not is not None:
         done: dict[str, Any] = {}
         for result in to_write:
             done[result.relative] = Future()
-            done[result.relative].set_result(not_run("no base model at hand (pass --base-model)"))
+            done[result.relative].set_result(not_run(why_not))
         return done
     import_before_writing([r.plan for r in to_write if r.plan is not None])
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
@@ -369,10 +379,18 @@ def export(
             _refuse_misfitting_base(repair, base)
         raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
     chosen = _chosen_adapter(repair, adapter, report.notes)
-    from ckpt_migrate.proof import planned, prove_adapter
+    from ckpt_migrate.proof import planned, prove_adapter, untestable_target
 
     # before anything is planned to be written: a base that does not fit is named as such (exit 5)
-    result.proof = planned(base) if dry_run or out_path is None else prove_adapter(chosen.after, base)
+    if dry_run or out_path is None:
+        result.proof = planned(base)
+    else:  # proven as the installed stack loads it: a plan for another major keeps that major's module names
+        installed = chosen
+        if untestable_target(options.target_transformers) is not None:
+            for_installed = replace(options, target_transformers=None)
+            replanned = plan_checkpoint(src / relatives[0], relatives[0], base, for_installed)
+            installed = _chosen_adapter(replanned, adapter, [])
+        result.proof = prove_adapter(installed.after, base, merged=True)
     if result.proof.state == "failed":
         raise result.proof.error(result.source)
     report.export = plan_export(chosen, base, dtype, max_shard_bytes)
