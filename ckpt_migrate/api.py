@@ -379,7 +379,7 @@ def export(
             _refuse_misfitting_base(repair, base)
         raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
     chosen = _chosen_adapter(repair, adapter, report.notes)
-    from ckpt_migrate.proof import planned, prove_adapter, untestable_target
+    from ckpt_migrate.proof import CAUSE_BASE, planned, prove_adapter, untestable_target
 
     # before anything is planned to be written: a base that does not fit is named as such (exit 5)
     if dry_run or out_path is None:
@@ -391,9 +391,11 @@ def export(
             replanned = plan_checkpoint(src / relatives[0], relatives[0], base, for_installed)
             installed = _chosen_adapter(replanned, adapter, [])
         result.proof = prove_adapter(installed.after, base, merged=True)
+    if result.proof.state == "failed" and result.proof.cause == CAUSE_BASE:
+        raise result.proof.error(result.source)
+    report.export = plan_export(chosen, base, dtype, max_shard_bytes)  # its refusals name what the merge lacks
     if result.proof.state == "failed":
         raise result.proof.error(result.source)
-    report.export = plan_export(chosen, base, dtype, max_shard_bytes)
     if dry_run or out_path is None:
         return report
     from tqdm import tqdm
