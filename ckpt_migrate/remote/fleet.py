@@ -228,7 +228,7 @@ def _repair_in(job: FixJob, mirrors: Mirrors) -> CheckpointResult:
         staged = mirrors.root / "out" if target is not None else local_out
         report = api.fix(local_src, staged, base_model=base, progress=False, **options)
         result = report.checkpoints[0]
-        if result.status is Status.REPAIRED:
+        if result.status in (Status.REPAIRED, Status.WRITTEN):  # written: published, not proven (no base model)
             if target is not None:
                 upload_checkpoint(staged, target, identity)
                 result.output = target.url  # type: ignore[assignment]
