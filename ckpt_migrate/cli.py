@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Callable
 
 import click
 
-from ckpt_migrate import __version__
-from ckpt_migrate.core.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, CkptMigrateError
+from ckpt_migrate import __version__, interrupts
+from ckpt_migrate.core.errors import EXIT_CODES_HELP, EXIT_INTERNAL, CkptMigrateError
 from ckpt_migrate.core.text import one_line
 
 FORMATS = ["text", "json", "markdown"]
@@ -73,31 +72,37 @@ ALLOW_LOSSY = click.option(
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
-def _raise_interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt
-
-
 def _run(debug: bool, action: Callable[[], int]) -> None:
-    """Run a command: one line on stderr and a documented exit code for every failure."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    """Run a command: one line on stderr and a documented exit code for every failure.
+
+    An interrupt (Ctrl-C, SIGTERM) is exit 130 and one line, whatever exception it surfaced as (see
+    :mod:`ckpt_migrate.interrupts`); what this run staged is removed.
+    """
+    previous = interrupts.install()
     try:
-        code = action()
-    except CkptMigrateError as exc:
-        if debug:
-            raise
-        click.echo(f"ckpt-migrate: error: {one_line(str(exc))}", err=True)
-        code = exc.exit_code
+        code = _outcome(debug, action)
+    finally:
+        interrupts.restore(previous)
+    sys.exit(code)
+
+
+def _outcome(debug: bool, action: Callable[[], int]) -> int:
+    try:
+        return action()
     except KeyboardInterrupt:
-        click.echo("ckpt-migrate: interrupted; nothing was published", err=True)
-        code = EXIT_INTERRUPTED
+        return interrupts.finish_interrupted()
     except Exception as exc:  # noqa: BLE001
+        if interrupts.is_interrupt(exc):
+            return interrupts.finish_interrupted()
         if debug:
             raise
+        if isinstance(exc, CkptMigrateError):
+            click.echo(f"ckpt-migrate: error: {one_line(str(exc))}", err=True)
+            return exc.exit_code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         message = f"{type(exc).__name__}: {first}"
         click.echo(f"ckpt-migrate: internal error: {one_line(message)} (rerun with --debug)", err=True)
-        code = EXIT_INTERNAL
-    sys.exit(code)
+        return EXIT_INTERNAL
 
 
 def _emit(report, fmt: str) -> int:

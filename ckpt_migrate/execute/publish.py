@@ -10,9 +10,11 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ckpt_migrate import interrupts
 from ckpt_migrate.core.errors import OutputError, UnreadableInputError, UnrecoverableError
 from ckpt_migrate.core.plan import Status
 from ckpt_migrate.core.report import CheckpointResult
@@ -23,26 +25,58 @@ from ckpt_migrate.formats.files import fsync_directory, fsync_tree
 STAGING_MARK = ".ckpt-migrate-staging-"
 
 
-def _pid_alive(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (clock ticks since boot; Linux), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name, in parentheses, may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _host() -> str:
+    return "".join(c for c in socket.gethostname() if c.isalnum() or c == ".")[:64] or "host"
+
+
+def _owner_tag() -> str:
+    """``PID-STARTTIME-HOST``: enough for a later run to tell a dead owner from a live one (a reused pid has
+    another start time; a staging directory on a shared filesystem from another host is never touched)."""
+    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}-{_host()}"
+
+
+def _owner_dead(tag: str) -> bool:
+    """Whether the run that made a staging directory tagged ``tag`` is certainly gone."""
+    pid_text, _, rest = tag.partition("-")
+    start, _, host = rest.partition("-")
+    if not pid_text.isdigit() or (rest and host != _host()):
+        return False  # not ours to judge: a foreign name, or another host's run
+    pid = int(pid_text)
+    if pid == os.getpid():  # this process owns no staging directory yet: an earlier process with this pid left it
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        pass  # alive, another user's
+    started = _start_time(pid)
+    return bool(rest) and start != "0" and started is not None and started != start  # the pid was reused
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove staging directories a killed earlier run left beside ``out``."""
+    """Remove the staging directories killed earlier runs left beside ``out`` (for any output in that directory;
+    a live run's are kept)."""
     removed = []
-    prefix = f".{out.name}{STAGING_MARK}"
-    for candidate in out.parent.iterdir():  # not glob(): --out names may contain [, * or ?
-        pid_text = candidate.name[len(prefix) :]
-        if not candidate.name.startswith(prefix) or not pid_text.isdigit():
+    try:
+        candidates = list(out.parent.iterdir())  # not glob(): names may contain [, * or ?
+    except OSError:
+        return removed
+    for candidate in candidates:
+        name, mark, tag = candidate.name.rpartition(STAGING_MARK)
+        if not mark or not name.startswith(".") or not candidate.is_dir() or candidate.is_symlink():
             continue
-        # our own pid cannot own a staging dir yet: it was left by an earlier process that had this pid
-        if candidate.is_dir() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
+        if _owner_dead(tag):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
@@ -106,11 +140,12 @@ def staged_output(out: Path) -> Iterator[Path]:
     """
     out = out.resolve()
     remove_stale_staging(out)
-    staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}"
+    staging = out.parent / f".{out.name}{STAGING_MARK}{_owner_tag()}"
     try:
         staging.mkdir()
     except OSError as exc:
         raise OutputError(f"cannot create staging directory: {exc.strerror}", staging) from exc
+    interrupts.live_staging.add(staging)
     try:
         yield staging
         if not any(staging.iterdir()):
@@ -125,12 +160,17 @@ def staged_output(out: Path) -> Iterator[Path]:
             staging.rmdir()
         else:
             os.rename(staging, out)
+        interrupts.live_staging.discard(staging)
+        interrupts.published.append(out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"writing failed: {exc.strerror or exc}", exc.filename or out) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if not staging.exists():
+            interrupts.live_staging.discard(staging)
     # Published: --out is complete. Making the rename durable is best effort; failing it must not report
     # "nothing was published" nor remove anything.
     with contextlib.suppress(OSError):
