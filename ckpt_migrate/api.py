@@ -10,7 +10,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError, VerificationFailedError
+from ckpt_migrate.core.errors import (
+    CkptMigrateError,
+    UnreadableInputError,
+    UsageError,
+    VerificationFailedError,
+)
 from ckpt_migrate.core.migration import Migration
 from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
@@ -18,7 +23,7 @@ from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import find_checkpoints
 from ckpt_migrate.formats.digests import Hashes
-from ckpt_migrate.formats.hub import resolve, resolve_cached
+from ckpt_migrate.formats.hub import resolve, resolve_cached, resolve_model
 from ckpt_migrate.planner import plan_checkpoint
 
 if TYPE_CHECKING:
@@ -41,7 +46,7 @@ def list_migrations() -> list[Migration]:
 def _base_model(src: Path, relatives: list[str], base_model: str | Path | None, notes: list[str]) -> BaseModel | None:
     """``--base-model`` (a path or a Hub id), else the adapter's ``base_model_name_or_path`` if it is at hand."""
     if base_model is not None:
-        return BaseModel.open(resolve(base_model, what="--base-model"))
+        return BaseModel.open(resolve_model(base_model))
     for relative in relatives:
         config = src / relative / ADAPTER_CONFIG
         try:
@@ -164,9 +169,7 @@ def fix(
     src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
-        raise OutputError("--out is required unless --dry-run is given")
-    if verify and base_model is None:
-        raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
+        raise UsageError("--out is required unless --dry-run is given")
     if out_path is not None:
         check_output_target(src, out_path, allow_earlier_batch=True)
     hashes = Hashes() if not dry_run else None
@@ -176,6 +179,11 @@ def fix(
         report = Report("fix", src, dry_run, out_path)
         report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
         report.base_model = base.directory if base is not None else None
+        if verify and base is None:  # asked for, and no base at hand: the command line is incomplete
+            raise UsageError(
+                "--verify needs a base model: pass --base-model DIR (the adapter's base_model_name_or_path is not "
+                "at hand)"
+            )
         _write_all(report, out_path, base, _verify_wanted(verify, base, report.notes), progress, hashes)
     finally:
         if hashes is not None:
@@ -240,6 +248,8 @@ def _write_all(
         subfolders = [a.relative for a in result.plan.adapters] if result.plan else []
         places = ([] if result.plan and result.plan.before.weights_file is None else ["."]) + subfolders
         verdicts = {p: _verify(staged / p, base.directory, source=result.source / p) for p in places}
+        for place, verdict in verdicts.items():  # the report names the output, not the staging directory
+            verdict.checkpoint = str(out_path / result.relative / place if place != "." else out_path / result.relative)
         reasons = [f"{p}: {r}" if p != "." else r for p, v in verdicts.items() for r in v.reasons]
         top = verdicts[places[0]].to_dict()  # the top adapter's verdict (else the first subfolder's), "ok" for all
         result.verification = {**top, "ok": not reasons, "adapters": {p: verdicts[p].to_dict() for p in subfolders}}
@@ -339,7 +349,7 @@ def export(
     src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
-        raise OutputError("--out is required unless --dry-run is given")
+        raise UsageError("--out is required unless --dry-run is given")
     relatives = find_checkpoints(src)
     if len(relatives) != 1:
         raise UnreadableInputError(f"export takes one checkpoint; this holds {', '.join(relatives)}", src)
@@ -383,6 +393,12 @@ def export(
     return report
 
 
+RETRAIN_ON_LOAD = (
+    "ckpt-migrate: retraining is preferred: this model was repaired in memory, and training on from it starts "
+    "with fresh optimizer state, so the run is not identical to an uninterrupted one"
+)
+
+
 def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool = False) -> Any:
     """The peft model of ``checkpoint`` on ``base_model`` with the repair applied in memory; nothing is written.
 
@@ -395,7 +411,7 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     from ckpt_migrate.execute.in_memory import load_repaired
     from ckpt_migrate.verify import choose_auto_class
 
-    base = BaseModel.open(resolve(base_model, what="base model"))
+    base = BaseModel.open(resolve_model(base_model))
     src = resolve(checkpoint, what="checkpoint")
     relatives = find_checkpoints(src)
     if len(relatives) != 1:
@@ -410,6 +426,10 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
         if proof.state == "failed":
             raise proof.error(plan.source)
     auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json")
+    if is_trainable and plan.status is Status.REPAIRABLE:
+        import warnings
+
+        warnings.warn(RETRAIN_ON_LOAD, UserWarning, stacklevel=2)
     return load_repaired(plan, base, auto_class, is_trainable)
 
 
@@ -444,7 +464,7 @@ def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: st
 
     proof = None
     directory = Path(checkpoint)
-    base = BaseModel(resolve(base_model, what="--base-model")) if base_model is not None else None
+    base = BaseModel(resolve_model(base_model)) if base_model is not None else None
     if base is not None and base.has_safetensors() and (directory / ADAPTER_CONFIG).is_file():
         proof = prove_adapter(load_state(directory), base)
         if proof.state == "failed" and proof.cause == CAUSE_BASE:

@@ -23,8 +23,7 @@ FORMAT = click.option(
 )
 BASE_MODEL = click.option(
     "--base-model",
-    type=click.Path(file_okay=False, path_type=str),
-    default=None,
+    default=None,  # not click.Path(file_okay=False): every command words a missing or file base model alike
     help="Hugging Face model directory or Hub id (default: the adapter's base_model_name_or_path when it is at "
     "hand); only the tensors a repair needs are read (needed for LoRA-only heads).",
 )
@@ -306,7 +305,6 @@ def export(
 @click.option(
     "--base-model",
     required=True,
-    type=click.Path(file_okay=False, path_type=str),
     help="Local Hugging Face model directory the adapter belongs to.",
 )
 @click.option(

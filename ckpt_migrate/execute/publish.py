@@ -124,9 +124,12 @@ def check_output_target(src: Path, out: Path, allow_earlier_batch: bool = False)
         raise OutputError(f"cannot inspect the output directory: {exc.strerror or exc}", out) from exc
     if occupied and not (allow_earlier_batch and earlier_batch_output(src, out)):
         raise OutputError("--out exists and is not an empty directory; refusing to overwrite", out)
-    if not out_resolved.parent.is_dir():
-        problem = "is not a directory" if out_resolved.parent.exists() else "does not exist"
-        raise OutputError(f"parent directory {problem}", out_resolved.parent)
+    if not out_resolved.parent.is_dir():  # as cp and rsync: --out itself is created, never its parents
+        if out_resolved.parent.exists():
+            raise OutputError("the parent of --out is not a directory", out_resolved.parent)
+        raise OutputError(
+            "the parent of --out does not exist (only --out itself is created: mkdir -p it)", out_resolved.parent
+        )
     if not os.access(out_resolved.parent, os.W_OK):
         raise OutputError("parent directory is not writable", out_resolved.parent)
 
