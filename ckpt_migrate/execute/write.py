@@ -19,6 +19,7 @@ from ckpt_migrate.formats import files
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, BIN_WEIGHTS, MANIFEST, SAFETENSORS_WEIGHTS
 from ckpt_migrate.formats.digests import Hashes, OnBytes
 from ckpt_migrate.formats.safetensors import read_header, write_safetensors
+from ckpt_migrate.formats.trainer_files import rewritten_adapter_files
 
 METADATA_KEY = "ckpt_migrate"
 
@@ -40,8 +41,7 @@ def rewrite_file(
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
     """Source files split into (copied byte for byte, read to be rewritten, dropped unread)."""
     before, after = plan.before, plan.after
-    adapter = {p + name for p, a in plan.rewritten_adapters for name in (ADAPTER_CONFIG, a.before.weights_file)}
-    read_to_rewrite = adapter | {MANIFEST} | set(after.rewritten_files)
+    read_to_rewrite = rewritten_adapter_files(plan) | {MANIFEST} | set(after.rewritten_files)
     copied = [n for n in sorted(before.files) if n in after.files and n not in read_to_rewrite]
     rewritten = [n for n in sorted(before.files) if n in read_to_rewrite]
     dropped = [n for n in sorted(before.files) if n not in after.files and n not in read_to_rewrite]
@@ -53,7 +53,7 @@ def bytes_to_process(plan: CheckpointPlan) -> int:
     and rewritten files counted at their source's size)."""
     copied, rewritten, _ = _inputs_by_handling(plan)
     files = plan.before.files
-    weights = sum(files[p + a.before.weights_file] for p, a in plan.rewritten_adapters)
+    weights = sum(files[p + a.before.weights_file] for p, a in plan.rewritten_adapters if a.weights_changed)
     rewrites = sum(files.get(n, 0) for n in plan.after.rewritten_files)
     return sum(files[n] for n in copied + rewritten) + 2 * sum(files[n] for n in copied) + 2 * weights + rewrites
 
@@ -177,19 +177,23 @@ def _largest_first(plan: CheckpointPlan, copied: list[str]) -> list[tuple[int, s
 
 
 def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None) -> dict[str, str]:
-    """The new adapter weights (copied, folded) and config; their sha256 by file name."""
+    """Of the adapter's weights (tensors copied, folded) and config, the ones that change; their sha256 by file name.
+
+    The other is in the checkpoint's byte-for-byte copies."""
     after = plan.after
-    reader = TensorReader.of(plan)
-    metadata = reader.source_metadata
-    record = {"migrations_applied": after.applied, "tool_version": __version__}
-    metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
-    tensors = output_tensors(plan.after.tensors.values(), reader)
-    config_text = json.dumps(after.config, indent=2, sort_keys=True)
-    phase = reader.source_data_start
-    return {
-        after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress, phase),
-        ADAPTER_CONFIG: files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8")),
-    }
+    written: dict[str, str] = {}
+    if plan.config_changed:
+        config_text = json.dumps(after.config, indent=2, sort_keys=True)
+        written[ADAPTER_CONFIG] = files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8"))
+    if plan.weights_changed:
+        reader = TensorReader.of(plan)
+        metadata = reader.source_metadata
+        record = {"migrations_applied": after.applied, "tool_version": __version__}
+        metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
+        tensors = output_tensors(plan.after.tensors.values(), reader)
+        phase = reader.source_data_start
+        written[after.weights_file] = write_safetensors(target / after.weights_file, tensors, metadata, progress, phase)
+    return written
 
 
 def verify_written(plan: CheckpointPlan, target: Path) -> None:
