@@ -25,6 +25,7 @@ from ckpt_migrate.formats.checkpoint import find_checkpoints
 from ckpt_migrate.formats.digests import Hashes
 from ckpt_migrate.formats.hub import resolve, resolve_cached, resolve_model
 from ckpt_migrate.planner import plan_checkpoint
+from ckpt_migrate.progress import label, phase
 
 if TYPE_CHECKING:
     from ckpt_migrate.verify import VerifyResult
@@ -177,7 +178,8 @@ def fix(
         if hashes is not None:
             hash_ahead(src, options, hashes)
         report = Report("fix", src, dry_run, out_path)
-        report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
+        with phase(f"planning {src.name or src} (headers only)", progress):
+            report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
         report.base_model = base.directory if base is not None else None
         if verify and base is None:  # asked for, and no base at hand: the command line is incomplete
             raise UsageError(
@@ -189,6 +191,9 @@ def fix(
         if hashes is not None:
             hashes.close()
     return report
+
+
+VERIFY_PHASE = "loading it on the base model twice (two seeds), and the source unmerged"
 
 
 def _verify_wanted(verify: bool | None, base: BaseModel | None, notes: list[str]) -> bool:
@@ -229,11 +234,13 @@ def _write_all(
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
         return
 
-    proofs = _start_proofs(report.checkpoints, base)
+    proofs = _start_proofs(report.checkpoints, base, progress)
 
     def checked(result: CheckpointResult, staged: Path) -> bool:
         """The static proof (it ran while the checkpoint was written), then ``verify`` when wanted."""
-        result.proof = proofs[result.relative].result()
+        name = label(result.relative, result.source)
+        with phase(f"static proof of {name}: building the model on the meta device", progress):
+            result.proof = proofs[result.relative].result()
         if result.proof.state == "failed":
             error = result.proof.error(result.source)
             if single:
@@ -247,7 +254,11 @@ def _write_all(
         # every adapter of the checkpoint: the one at its top, and each in a subfolder ("adapters" in the record)
         subfolders = [a.relative for a in result.plan.adapters] if result.plan else []
         places = ([] if result.plan and result.plan.before.weights_file is None else ["."]) + subfolders
-        verdicts = {p: _verify(staged / p, base.directory, source=result.source / p) for p in places}
+        verdicts = {}
+        for place in places:
+            what = label(result.relative, result.source) + ("" if place == "." else f"/{place}")
+            with phase(f"verify {what}: {VERIFY_PHASE}", progress):
+                verdicts[place] = _verify(staged / place, base.directory, source=result.source / place)
         for place, verdict in verdicts.items():  # the report names the output, not the staging directory
             verdict.checkpoint = str(out_path / result.relative / place if place != "." else out_path / result.relative)
         reasons = [f"{p}: {r}" if p != "." else r for p, v in verdicts.items() for r in v.reasons]
@@ -271,7 +282,7 @@ def _write_all(
             result.status = Status.WRITTEN
 
 
-def _start_proofs(results: list[CheckpointResult], base: BaseModel | None) -> dict[str, Any]:
+def _start_proofs(results: list[CheckpointResult], base: BaseModel | None, progress: bool | None) -> dict[str, Any]:
     """The static proof of each checkpoint to write, started on a thread: it overlaps the copies (the kernel's,
     outside the GIL), and its verdict is awaited before that checkpoint is published."""
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -285,7 +296,8 @@ def _start_proofs(results: list[CheckpointResult], base: BaseModel | None) -> di
             done[result.relative] = Future()
             done[result.relative].set_result(not_run("no base model at hand (pass --base-model)"))
         return done
-    import_before_writing([r.plan for r in to_write if r.plan is not None])
+    with phase("importing torch, transformers and peft", progress):
+        import_before_writing([r.plan for r in to_write if r.plan is not None])
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
     try:
         return {r.relative: pool.submit(prove_plan, r.plan, base) for r in to_write}
@@ -374,21 +386,27 @@ def export(
     from ckpt_migrate.proof import planned, prove_adapter
 
     # before anything is planned to be written: a base that does not fit is named as such (exit 5)
-    result.proof = planned(base) if dry_run or out_path is None else prove_adapter(chosen.after, base)
+    if dry_run or out_path is None:
+        result.proof = planned(base)
+    else:
+        with phase("static proof: building the model on the meta device", progress):
+            result.proof = prove_adapter(chosen.after, base)
     if result.proof.state == "failed":
         raise result.proof.error(result.source)
     report.export = plan_export(chosen, base, dtype, max_shard_bytes)
     if dry_run or out_path is None:
         return report
-    from tqdm import tqdm
-
     from ckpt_migrate.execute.export import output_bytes, write_export
     from ckpt_migrate.execute.publish import staged_output
+    from ckpt_migrate.progress import Budget, byte_bar
 
-    total = sum(output_bytes(t, report.export.cast_to) for t in report.export.tensors)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
+    # each output byte is written, then read back for its sha256; held to that (shard headers are not counted)
+    total = 2 * sum(output_bytes(t, report.export.cast_to) for t in report.export.tensors)
+    bar = byte_bar(total, f"export {label(relatives[0], src)}", progress)
     with bar, staged_output(out_path) as staging:
-        write_export(report.export, staging, bar.update)
+        budget = Budget(bar.update, total)
+        write_export(report.export, staging, budget)
+        budget.finish()
     result.output = out_path
     return report
 
@@ -443,7 +461,9 @@ def _refuse_misfitting_base(plan: CheckpointPlan, base: BaseModel) -> None:
             raise proof.error(plan.source)
 
 
-def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None) -> VerifyResult:
+def verify(
+    checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None, progress: bool | None = None
+) -> VerifyResult:
     """Load ``checkpoint`` onto ``base_model`` with the installed transformers and peft and judge it.
 
     With ``source`` (the broken original) also compare with the source's own function, computed
@@ -452,7 +472,8 @@ def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path
     >>> verify("fixed/checkpoint-500", "bart-base", source="run/checkpoint-500").ok  # doctest: +SKIP
     True
     """
-    return _verify(checkpoint, base_model, source=source)
+    with phase(f"verify {Path(checkpoint).name}: {VERIFY_PHASE}", progress):
+        return _verify(checkpoint, base_model, source=source)
 
 
 def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: str | Path | None) -> VerifyResult:

@@ -87,7 +87,9 @@ def _run(debug: bool, action: Callable[[], int]) -> None:
 
 def _outcome(debug: bool, action: Callable[[], int]) -> int:
     try:
-        return action()
+        code = action()
+        # an interrupt a library swallowed still ends the run as one (staged_output published nothing after it)
+        return interrupts.finish_interrupted() if interrupts.interrupted() else code
     except KeyboardInterrupt:
         return interrupts.finish_interrupted()
     except Exception as exc:  # noqa: BLE001
@@ -314,8 +316,9 @@ def export(
     help="The broken original: also compare with its own function, computed without folding.",
 )
 @FORMAT
+@click.option("--quiet", is_flag=True, help="No progress lines.")
 @DEBUG
-def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: str, debug: bool) -> None:
+def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: str, quiet: bool, debug: bool) -> None:
     """Load CHECKPOINT with transformers + the installed peft and prove it reproduces a model.
 
     Fails when adapter tensors go unused, implied parameters are missing, or any parameter on the
@@ -326,7 +329,7 @@ def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: st
         from ckpt_migrate.api import verify
         from ckpt_migrate.render import render_verdict
 
-        verdict = verify(checkpoint, base_model, source=source)
+        verdict = verify(checkpoint, base_model, source=source, progress=False if quiet else None)
         click.echo(render_verdict(verdict, fmt), nl=False)
         return verdict.exit_code
 

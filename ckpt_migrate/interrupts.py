@@ -38,7 +38,9 @@ def install() -> dict[int, object]:
     it replaced, for :func:`restore`."""
     _received.clear()
     published.clear()
-    return {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the parent ignores (a background job of a non-interactive shell, nohup) stays ignored, as Python does
+    current = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    return {signum: signal.signal(signum, _on_signal) for signum, was in current.items() if was is not signal.SIG_IGN}
 
 
 def restore(previous: dict[int, object]) -> None:

@@ -151,6 +151,8 @@ def staged_output(out: Path) -> Iterator[Path]:
     interrupts.live_staging.add(staging)
     try:
         yield staging
+        if interrupts.interrupted():  # a Ctrl-C some library swallowed (it re-raised another error, then recovered)
+            raise KeyboardInterrupt
         if not any(staging.iterdir()):
             staging.rmdir()
             return
@@ -195,18 +197,21 @@ def write_and_publish(
     left out and its result says why; output errors such as a full disk abort everything. A single
     checkpoint's failure is raised. ``hashes``: input hashes the caller started ahead (see ``write_checkpoint``).
     """
-    from tqdm import tqdm
-
     from ckpt_migrate.execute.write import bytes_to_process, write_checkpoint
+    from ckpt_migrate.progress import byte_bar, label
 
     to_write = [r for r in results if r.status is Status.REPAIRABLE and r.plan is not None]
     total = sum(bytes_to_process(r.plan) for r in to_write)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
+    names = [label(r.relative, r.source) for r in to_write]
+    first = (names[0] if len(names) == 1 else f"{names[0]} (1/{len(names)})") if names else ""
+    bar = byte_bar(total, first, progress)
     with bar, staged_output(out) as staging:
         for index, result in enumerate(to_write, 1):
-            bar.set_description(f"{result.relative} ({index}/{len(to_write)})")
+            if len(to_write) > 1:
+                bar.set_description(f"{names[index - 1]} ({index}/{len(to_write)})")
             target = staging / result.relative
             target.mkdir(parents=True, exist_ok=True)
+            counted_before = bar.n
             try:
                 write_checkpoint(result.plan, target, bar.update, hashes)
             except (UnreadableInputError, UnrecoverableError) as exc:
@@ -214,6 +219,7 @@ def write_and_publish(
                     raise
                 shutil.rmtree(target, ignore_errors=True)
                 result.status, result.error = Status.UNREADABLE, str(exc)
+                bar.update(max(0, bytes_to_process(result.plan) - (bar.n - counted_before)))  # its share is done
                 continue
             if check is not None and not check(result, target):
                 shutil.rmtree(target)

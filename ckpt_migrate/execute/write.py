@@ -20,6 +20,7 @@ from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, BIN_WEIGHTS, MANIFEST, 
 from ckpt_migrate.formats.digests import Hashes, OnBytes
 from ckpt_migrate.formats.safetensors import read_header, write_safetensors
 from ckpt_migrate.formats.trainer_files import rewritten_adapter_files
+from ckpt_migrate.progress import Budget
 
 METADATA_KEY = "ckpt_migrate"
 
@@ -118,24 +119,30 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
     importing = _import_torch_meanwhile(plan)
     outputs: dict[str, str] = {}
     hashed_while_written: dict[str, Callable[[], str]] = {}
-    for _, kind, name in _largest_first(plan, copied):
+    # what a rewrite writes and hashes differs from the estimate bytes_to_process counts: held to it exactly
+    budgets: dict[str, Budget] = {}
+    for size, kind, name in _largest_first(plan, copied):
         if kind == "copy":
             outputs[name] = files.copy_file(source / name, target / name, progress)
         elif kind == "rewrite":
-            digest = rewrite_file(name, plan, target, progress)
+            budgets[name] = Budget(progress, size)
+            digest = rewrite_file(name, plan, target, budgets[name])
             if digest is None:
-                hashes.start(target / name, progress)
+                hashes.start(target / name, budgets[name])
             else:
                 hashed_while_written[name] = digest
         else:  # an adapter, at the top ("") or in a subfolder ("task_b/")
             adapter = dict(plan.rewritten_adapters)[name]
+            budgets[name] = Budget(progress, 2 * size if adapter.weights_changed else 0)
             (target / name).mkdir(exist_ok=True)
-            outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, progress).items()})
+            outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, budgets[name]).items()})
     inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
     outputs.update({name: digest() for name, digest in hashed_while_written.items()})
     outputs.update(
-        {name: hashes.result(target / name, progress) for name in after.rewritten_files if name not in outputs}
+        {name: hashes.result(target / name, budgets.get(name)) for name in after.rewritten_files if name not in outputs}
     )
+    for budget in budgets.values():
+        budget.finish()
     if importing is not None:
         importing.join()
     for name in copied:
