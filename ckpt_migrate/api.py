@@ -94,11 +94,13 @@ def inspect(
     target_transformers: str | None = None,
     target_peft: str | None = None,
     allow_lossy: bool = False,
+    progress: bool | None = None,
 ) -> Report:
     """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
 
     Reads only ``adapter_config.json``, file sizes and safetensors headers (a ``.bin`` adapter is
-    loaded with ``torch.load(weights_only=True)``).
+    loaded with ``torch.load(weights_only=True)``). ``progress``: name a planning phase that takes over a second on
+    stderr (``None``: when it is a terminal).
 
     >>> inspect("run/checkpoint-500").exit_code  # doctest: +SKIP
     3
@@ -114,7 +116,8 @@ def inspect(
     options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
     src = resolve(src, what="SRC")
     report = Report("inspect", src, dry_run=True)
-    report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
+    with phase(f"planning {src.name or src} (headers only)", progress):
+        report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
     report.base_model = base.directory if base is not None else None
     return report
 

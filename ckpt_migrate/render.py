@@ -254,12 +254,14 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
     if entry["migrations"]:
         blocks.append(Line("migrations", code=_applied(result.plan)))
     if entry["migrations_not_needed"]:
-        blocks.append(Line("not needed", code=tuple(entry["migrations_not_needed"])))
+        names = entry["migrations_not_needed"]
+        blocks.append(Line(f"not needed ({len(names)})", listed(names, where_all="ckpt-migrate migrations lists all")))
     if report.command == "inspect" and entry["fails_on"]:
         if result.status is Status.CLEAN:  # fine where it will be used; the failures are other stacks'
-            blocks.append(Line("fine on", "the target stack (the installed releases, or --target-peft/-transformers)"))
-            label = "would fail on other stacks (check one with --target-peft/--target-transformers)"
-            blocks += [Line(label, line) for line in entry["fails_on"]]
+            target = "the installed transformers and peft, or the releases --target-transformers/--target-peft name"
+            blocks.append(Line("fine on the target stack", target))
+            blocks.append(Line("would fail on other stacks (repair for one with --target-transformers/--target-peft)"))
+            blocks += [Line("-", line) for line in entry["fails_on"]]
         else:
             blocks += [Line("fails on", line) for line in entry["fails_on"]]
     blocks += [Line("ERROR", error) for error in entry["errors"]]
