@@ -246,7 +246,11 @@ def test_one_wording_per_condition_across_commands(tmp_path: Path):
     from conftest import run_cli
 
     missing, a_file = tmp_path / "no-such-base", SRC / "README.md"
-    for base, wording in [(missing, "base model not found: no such directory"), (a_file, "base model is a file, not a model directory")]:
+    wordings = [
+        (missing, "base model not found: no such directory"),
+        (a_file, "base model is a file, not a model directory"),
+    ]
+    for base, wording in wordings:
         runs = [
             run_cli("fix", SRC, "--dry-run", "--base-model", base),
             run_cli("export", SRC, "--dry-run", "--base-model", base),
