@@ -7,6 +7,7 @@ computes tensors or loads a model.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from ckpt_migrate.planner import plan_checkpoint
 from ckpt_migrate.progress import label, phase
 
 if TYPE_CHECKING:
-    from ckpt_migrate.verify import VerifyResult
+    from ckpt_migrate.verification import VerifyResult
 
 __all__ = ["CheckpointResult", "Report", "export", "fix", "inspect", "list_migrations", "load", "verify"]
 
@@ -81,7 +82,7 @@ def _plan_all(
             results.append(CheckpointResult(relative, directory, Status.UNREADABLE, error=str(exc)))
             continue
         error = "; ".join(plan.unrecoverable) or None
-        proof = planned(base) if plan.status is Status.REPAIRABLE else None
+        proof = planned(base, options.target_transformers) if plan.status is Status.REPAIRABLE else None
         results.append(CheckpointResult(relative, directory, plan.status, plan, error=error, proof=proof))
     return results, base
 
@@ -189,7 +190,8 @@ def fix(
                 "--verify needs a base model: pass --base-model DIR (the adapter's base_model_name_or_path is not "
                 "at hand)"
             )
-        _write_all(report, out_path, base, _verify_wanted(verify, base, report.notes), progress, hashes)
+        wanted = _verify_wanted(verify, base, options.target_transformers, report.notes)
+        _write_all(report, out_path, base, wanted, progress, hashes, options.target_transformers)
     finally:
         if hashes is not None:
             hashes.close()
@@ -199,12 +201,16 @@ def fix(
 VERIFY_PHASE = "loading it on the base model twice (two seeds), and the source unmerged"
 
 
-def _verify_wanted(verify: bool | None, base: BaseModel | None, notes: list[str]) -> bool:
-    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly."""
-    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes
+def _verify_wanted(verify: bool | None, base: BaseModel | None, target: str | None, notes: list[str]) -> bool:
+    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly and the output is
+    for the installed transformers' major (``verify`` loads it with the installed stack)."""
+    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes, untestable_target
 
     if verify is not None or base is None:
         return bool(verify)
+    if untestable_target(target) is not None:
+        notes.append(f"not verified numerically: {untestable_target(target)}")
+        return False
     size = base_weights_bytes(base)
     if size <= AUTO_VERIFY_MAX_BYTES:
         return True
@@ -222,6 +228,7 @@ def _write_all(
     verify: bool,
     progress: bool | None,
     hashes: Hashes | None,
+    target_transformers: str | None = None,
 ) -> None:
     from ckpt_migrate.execute.publish import earlier_batch_output, write_and_publish
 
@@ -237,7 +244,7 @@ def _write_all(
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
         return
 
-    proofs = _start_proofs(report.checkpoints, base, progress)
+    proofs = _start_proofs(report.checkpoints, base, progress, target_transformers)
 
     def checked(result: CheckpointResult, staged: Path) -> bool:
         """The static proof (it ran while the checkpoint was written), then ``verify`` when wanted."""
@@ -285,19 +292,25 @@ def _write_all(
             result.status = Status.WRITTEN
 
 
-def _start_proofs(results: list[CheckpointResult], base: BaseModel | None, progress: bool | None) -> dict[str, Any]:
+def _start_proofs(
+    results: list[CheckpointResult],
+    base: BaseModel | None,
+    progress: bool | None = None,
+    target_transformers: str | None = None,
+) -> dict[str, Any]:
     """The static proof of each checkpoint to write, started on a thread: it overlaps the copies (the kernel's,
     outside the GIL), and its verdict is awaited before that checkpoint is published."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from ckpt_migrate.proof import import_before_writing, not_run, prove_plan
+    from ckpt_migrate.proof import import_before_writing, not_run, prove_plan, untestable_target
 
     to_write = [r for r in results if r.status is Status.REPAIRABLE and r.plan is not None]
-    if base is None:
+    why_not = "no base model at hand (pass --base-model)" if base is None else untestable_target(target_transformers)
+    if why_not is not None:
         done: dict[str, Any] = {}
         for result in to_write:
             done[result.relative] = Future()
-            done[result.relative].set_result(not_run("no base model at hand (pass --base-model)"))
+            done[result.relative].set_result(not_run(why_not))
         return done
     with phase("importing torch, transformers and peft", progress):
         import_before_writing([r.plan for r in to_write if r.plan is not None])
@@ -377,7 +390,15 @@ def export(
         from ckpt_migrate.execute.publish import check_output_target
 
         check_output_target(src, out_path)
-    options = Options(allow_lossy=allow_lossy, merge_into_base=True)  # merged: an adapter peft would refuse is fine
+    # The deltas merge into the base checkpoint's own tensor names: module renames (0012) target the transformers
+    # release that wrote it, not the installed one (transformers converts the merged model's names on load).
+    # merge_into_base: an adapter peft would refuse to load (a head-only one) is fine to merge.
+    written_by = base.config().get("transformers_version")
+    try:
+        target = Options.parse("drop", written_by if isinstance(written_by, str) else None, None).target_transformers
+    except ValueError:  # no readable release: the installed one, as fix does
+        target = None
+    options = Options(target_transformers=target, allow_lossy=allow_lossy, merge_into_base=True)
     repair = plan_checkpoint(src / relatives[0], relatives[0], base, options)
     result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
     report.checkpoints = [result]
@@ -386,14 +407,19 @@ def export(
             _refuse_misfitting_base(repair, base)
         raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
     chosen = _chosen_adapter(repair, adapter, report.notes)
-    from ckpt_migrate.proof import planned, prove_adapter
+    from ckpt_migrate.proof import planned, prove_adapter, untestable_target
 
     # before anything is planned to be written: a base that does not fit is named as such (exit 5)
     if dry_run or out_path is None:
         result.proof = planned(base)
-    else:
+    else:  # proven as the installed stack loads it: a plan for another major keeps that major's module names
+        installed = chosen
+        if untestable_target(options.target_transformers) is not None:
+            for_installed = replace(options, target_transformers=None)
+            replanned = plan_checkpoint(src / relatives[0], relatives[0], base, for_installed)
+            installed = _chosen_adapter(replanned, adapter, [])
         with phase("static proof: building the model on the meta device", progress):
-            result.proof = prove_adapter(chosen.after, base)
+            result.proof = prove_adapter(installed.after, base, merged=True)
     if result.proof.state == "failed":
         raise result.proof.error(result.source)
     report.export = plan_export(chosen, base, dtype, max_shard_bytes)
@@ -424,13 +450,14 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     """The peft model of ``checkpoint`` on ``base_model`` with the repair applied in memory; nothing is written.
 
     Refuses what ``fix`` refuses (a LoRA-only head whose base weights are not in ``base_model``, …). The
-    transformers Auto class comes from the base's ``architectures``, else the adapter's ``task_type``.
+    transformers Auto class comes from the base's ``architectures``, else its ``model_type`` and the adapter's
+    ``task_type`` (or, without one, the top-level modules its tensors use).
 
     >>> model = load("acme/tiny-llama", "run/checkpoint-500")  # doctest: +SKIP
     >>> model(input_ids=ids).logits  # the trained model's logits  # doctest: +SKIP
     """
     from ckpt_migrate.execute.in_memory import load_repaired
-    from ckpt_migrate.verify import choose_auto_class
+    from ckpt_migrate.verification import choose_auto_class
 
     base = BaseModel.open(resolve_model(base_model))
     src = resolve(checkpoint, what="checkpoint")
@@ -446,7 +473,7 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
         proof = prove_plan(plan, base)
         if proof.state == "failed":
             raise proof.error(plan.source)
-    auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json")
+    auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json", plan.after.tensors)
     if is_trainable and plan.status is Status.REPAIRABLE:
         import warnings
 
@@ -470,7 +497,7 @@ def verify(
     """Load ``checkpoint`` onto ``base_model`` with the installed transformers and peft and judge it.
 
     With ``source`` (the broken original) also compare with the source's own function, computed
-    without folding. See :mod:`ckpt_migrate.verify` for every check.
+    without folding. See :mod:`ckpt_migrate.verification` for every check.
 
     >>> verify("fixed/checkpoint-500", "bart-base", source="run/checkpoint-500").ok  # doctest: +SKIP
     True
@@ -484,7 +511,7 @@ def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: st
     a reason of the verdict (exit 8)."""
     from ckpt_migrate.formats.checkpoint import load_state
     from ckpt_migrate.proof import CAUSE_BASE, prove_adapter
-    from ckpt_migrate.verify import verify_checkpoint
+    from ckpt_migrate.verification import verify_checkpoint
 
     proof = None
     directory = Path(checkpoint)

@@ -104,10 +104,12 @@ def not_run(reason: str) -> Proof:
     return Proof(NOT_RUN, reason=reason)
 
 
-def planned(base: BaseModel | None) -> Proof:
+def planned(base: BaseModel | None, target_transformers: str | None = None) -> Proof:
     """What a dry run promises: the proof that will run before publishing (or why none can)."""
     if base is None:
         return not_run("no base model at hand (pass --base-model): the output would be written but not proven")
+    if untestable_target(target_transformers) is not None:
+        return not_run(f"{untestable_target(target_transformers)}: the output would be written but not proven")
     how = (
         f"before publishing, with the installed peft on the model {base.directory / 'config.json'} describes, "
         "built on the meta device (no weights read)"
@@ -232,16 +234,20 @@ def prove_plan(plan: CheckpointPlan, base: BaseModel | None) -> Proof:
     return Proof(PROVEN, CHECKS, proofs[0][1].how, notes=notes, seconds=seconds)
 
 
-def prove_adapter(state: CheckpointState, base: BaseModel) -> Proof:
-    """The static proof of one adapter (config and planned tensors) on ``base``; cached by layout."""
-    key = _layout_key(state, base)
+def prove_adapter(state: CheckpointState, base: BaseModel, merged: bool = False) -> Proof:
+    """The static proof of one adapter (config and planned tensors) on ``base``; cached by layout.
+
+    ``merged``: the adapter is merged into the base (``export``), never loaded as one, so a config that targets
+    nothing but its modules_to_save (a head-only adapter) is proven with peft's own placeholder target.
+    """
+    key = _layout_key(state, base) + str(merged)
     with _CACHE.lock:
         cached = _CACHE.proofs.get(key)
     if cached is not None:
         return cached
     start = time.perf_counter()
     try:
-        proof = _prove(state, base)
+        proof = _prove(state, base, merged)
     except CkptMigrateError:
         raise
     except Exception as exc:  # noqa: BLE001 - a proof that cannot run proves nothing; it must not crash the repair
@@ -258,7 +264,7 @@ def _failed(cause: str, reason: str, how: str, established: tuple[str, ...] = ()
     return Proof(FAILED, established, how, reason, cause)
 
 
-def _prove(state: CheckpointState, base: BaseModel) -> Proof:
+def _prove(state: CheckpointState, base: BaseModel, merged: bool = False) -> Proof:
     # peft first, whole: it imports transformers' Auto classes, and the writer (a tuner merge) may import peft on
     # another thread meanwhile; while one thread imports peft the other waits for it, instead of meeting a
     # half-imported transformers.
@@ -267,7 +273,7 @@ def _prove(state: CheckpointState, base: BaseModel) -> Proof:
     import transformers
 
     try:
-        model = base.meta_model()
+        model = base.meta_model(state.config, state.tensors)
     except UnreadableInputError as exc:
         return not_run(f"the target model cannot be built from the base's config: {exc.message}")
 
@@ -278,17 +284,50 @@ def _prove(state: CheckpointState, base: BaseModel) -> Proof:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _prove_on(state, base, model, how, peft, torch)
+        return _prove_on(state, base, model, how, peft, torch, merged)
 
 
-def _inject_anew(base: BaseModel, peft: Any, config: Any) -> Any:
+def _config_to_prove(config: dict[str, Any], merged: bool) -> dict[str, Any]:
+    """A deep copy (peft's task classes extend the config's lists in place); for a merge, an empty target list
+    becomes peft's own placeholder (``DUMMY_TARGET_MODULES``, peft >= 0.13), which injects modules_to_save only."""
+    config = copy.deepcopy(config)
+    if merged and not config.get("target_modules"):
+        from peft.utils import constants
+
+        config["target_modules"] = getattr(constants, "DUMMY_TARGET_MODULES", config.get("target_modules"))
+    return config
+
+
+def untestable_target(target_transformers: str | None) -> str | None:
+    """Why the installed transformers cannot stand in for the target release in the proof, or None.
+
+    Majors name modules differently (ViT's ``attention.attention.query`` became ``attention.q_proj`` in 5.x), and
+    the proof builds the installed release's model: an output for another major is not proven here.
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = version("transformers")
+    if target_transformers is None or Version(target_transformers).major == Version(installed).major:
+        return None
+    return (
+        f"the output targets transformers {target_transformers} and the proof can only build the installed "
+        f"{installed}'s model, whose module names differ between majors: check it with `ckpt-migrate verify` "
+        f"under transformers {target_transformers}"
+    )
+
+
+def _inject_anew(base: BaseModel, state: CheckpointState, peft: Any, config: Any) -> Any:
     """Injection into a fresh meta model with the adapter layers built on the CPU: a tuner whose initialisation
     reads values (BOFT calls ``.item()``) cannot build them on the meta device. peft moves them to the meta
     device of the layers they adapt."""
-    return peft.get_peft_model(base.meta_model(), config)
+    return peft.get_peft_model(base.meta_model(state.config, state.tensors), config)
 
 
-def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, peft: Any, torch: Any) -> Proof:
+def _prove_on(
+    state: CheckpointState, base: BaseModel, model: Any, how: str, peft: Any, torch: Any, merged: bool = False
+) -> Proof:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     from ckpt_migrate.formats.dtypes import to_torch
@@ -298,7 +337,7 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
     # (a) the config, by the installed peft's own class (unknown keys dropped as PeftConfig.from_pretrained does)
     try:
         # a deep copy: peft's task classes extend the config's lists (modules_to_save) in place
-        config = peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config))
+        config = peft.PeftConfig.from_peft_type(**_config_to_prove(state.config, merged))
         config.inference_mode = True
     except Exception as exc:  # noqa: BLE001 - any refusal by peft is the verdict
         return _failed(
@@ -313,7 +352,8 @@ def _prove_on(state: CheckpointState, base: BaseModel, model: Any, how: str, pef
         except Exception as exc:  # noqa: BLE001
             if "meta" not in str(exc):
                 raise
-            peft_model = _inject_anew(base, peft, peft.PeftConfig.from_peft_type(**copy.deepcopy(state.config)))
+            config = peft.PeftConfig.from_peft_type(**_config_to_prove(state.config, merged))
+            peft_model = _inject_anew(base, state, peft, config)
     except Exception as exc:  # noqa: BLE001
         return _failed(
             CAUSE_ADAPTER,

@@ -19,7 +19,7 @@ from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.core.text import listed
 from ckpt_migrate.formats.trainer_files import file_verdicts
 from ckpt_migrate.render_sections import Diff, Line, Section, Table, draw_markdown, draw_text, markdown_table
-from ckpt_migrate.verify.result import SEEDS, VerifyResult
+from ckpt_migrate.verification.result import SEEDS, VerifyResult
 
 SCHEMA_VERSION = 1
 STALE_OPTIMIZER = "0003_drop_stale_optimizer"  # its id says drop; with --optimizer remap it rewrites the file

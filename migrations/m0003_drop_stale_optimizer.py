@@ -182,7 +182,7 @@ def _plan_remap(before: CheckpointState, after: CheckpointState, context: Contex
         raise RemapProofFailed("the parameter order comes from the base model's config: pass --base-model DIR")
     base_dir = context.base_model.directory
     try:
-        model = context.base_model.meta_model()
+        model = context.base_model.meta_model(before.config, before.tensors)
         _refuse_misfitting_base(model, before, base_dir)
         old_groups = _groups(trainable_layout(model, before))
         new_groups = _groups(trainable_layout(model, after))

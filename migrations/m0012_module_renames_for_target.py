@@ -105,7 +105,7 @@ class TargetModel:
     rename: Callable[[str], tuple[str, str | None]]  # key -> (its name there, the fusing converter's pattern or None)
 
 
-_MODELS: dict[tuple[Path, str], TargetModel] = {}
+_MODELS: dict[tuple[Path, str, Any], TargetModel] = {}
 
 
 def installed_transformers() -> Version | None:
@@ -140,15 +140,21 @@ def _in_scope(state: CheckpointState, context: Context) -> str | None:
     return model_type
 
 
-def target_model(context: Context) -> TargetModel:
-    """The base model's architecture built by the installed transformers (meta device) and its key renamer."""
+def target_model(context: Context, state: CheckpointState) -> TargetModel:
+    """The base model's architecture built by the installed transformers (meta device) and its key renamer.
+
+    The class is the base's ``architectures``, else the one its ``model_type`` has for this adapter's task.
+    """
+    from ckpt_migrate.formats.architecture import top_level_modules
+
     assert context.base_model is not None
-    key = (context.base_model.directory, str(installed_transformers()))
+    task = (state.config.get("task_type"), frozenset(top_level_modules(state.tensors)))
+    key = (context.base_model.directory, str(installed_transformers()), task)
     if key not in _MODELS:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        model = context.base_model.meta_model()
+        model = context.base_model.meta_model(state.config, state.tensors)
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -218,7 +224,7 @@ def detect(state: CheckpointState, context: Context) -> bool:
         return False
     if installed_transformers() != target_transformers(context):
         return model_type in RENAMED  # plan refuses: the target's renames cannot be read here
-    found = renames(state, target_model(context))
+    found = renames(state, target_model(context, state))
     return found.changed or bool(found.missing or found.fused)
 
 
@@ -293,7 +299,7 @@ def plan(state: CheckpointState, context: Context) -> None:
             f"--target-transformers {installed or '4.44.2'}"
         )
         return
-    model = target_model(context)
+    model = target_model(context, state)
     found = renames(state, model)
     why = (
         f"modules of this adapter that transformers {target}'s {model.architecture} lacks and its conversion "

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 DEFAULT_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND = ".venv/bin/python scripts/build_docs.py"
-DRY_RUN_ARGS = ["fix", "llama_score/run/checkpoint-4", "--dry-run"]  # run from tests/fixtures: short paths
+# run from tests/fixtures: short paths
+DRY_RUN_ARGS = ["fix", "llama_score/run/checkpoint-4", "--dry-run", "--base-model", "llama_score/base"]
 BEGIN = re.compile(r"^<!-- generated: ", re.MULTILINE)
 REGION = re.compile(
     r"(?P<begin>^<!-- generated: (?P<name>[\w-]+) \(scripts/build_docs\.py\) -->\n)"

@@ -93,7 +93,7 @@ say "ckpt-migrate --help: ok"
 
 cp -r "$REPO/tests/fixtures/llama_score" case
 code=0
-"$WORK/venv/bin/ckpt-migrate" fix case/run/checkpoint-4 --out fixed --format json --quiet >fix.json 2>fix.err || code=$?
+"$WORK/venv/bin/ckpt-migrate" fix case/run/checkpoint-4 --out fixed --base-model case/base --format json --quiet >fix.json 2>fix.err || code=$?
 [ "$code" = 0 ] || { cat fix.err >&2; fail "ckpt-migrate fix exited $code"; }
 "$WORK/venv/bin/python" - <<'PY' || fail "the fix report or output is not what a repair gives"
 import json
@@ -103,9 +103,10 @@ report = json.loads(Path("fix.json").read_text())
 entry = report["checkpoints"][0]
 assert report["exit_code"] == 0 and entry["status"] == "repaired", (report["exit_code"], entry["status"])
 assert "0001_fold_double_wrapped_head" in entry["migrations"], entry["migrations"]
+assert entry["proof"]["state"] == "proven" and entry["reproduces"]["shown"] == "numerically", entry
 manifest = json.loads(Path("fixed/ckpt_migrate_manifest.json").read_text())
 assert "0001_fold_double_wrapped_head" in manifest["migrations_applied"], manifest
-print(f"wheel_check: fix: repaired with {', '.join(entry['migrations'])}")
+print(f"wheel_check: fix: repaired with {', '.join(entry['migrations'])}; reproduces: {entry['reproduces']['text']}")
 PY
 code=0
 "$WORK/venv/bin/ckpt-migrate" verify fixed --base-model case/base --source case/run/checkpoint-4 >verify.txt 2>&1 || code=$?

@@ -5,6 +5,7 @@ Runs in-process in the test venv, or as a script in another venv (peft 0.12)::
 
     python tests/logits_check.py CASE_DIR ADAPTER_DIR CHECKPOINT_NAME [...]  # prints {adapter: error}
     python tests/logits_check.py --adapters CASE_DIR CHECKPOINT_DIR CHECKPOINT_NAME [...]  # see adapter_errors
+    python tests/logits_check.py --merged CASE_DIR MODEL_DIR CHECKPOINT_NAME [...]  # see merged_error
 """
 
 from __future__ import annotations
@@ -30,11 +31,19 @@ def _base_with_random_head(case_dir: Path):
     return base
 
 
+#: The model inputs a reference file may hold (text: input_ids + attention_mask; images; raw audio; filterbanks).
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "input_values", "input_features")
+
+
 def _logits(model, reference):
+    """The model's logits on the reference inputs; question answering: start and end logits stacked last."""
     import torch
 
     with torch.no_grad():
-        return model(input_ids=reference["input_ids"], attention_mask=reference["attention_mask"]).logits.float()
+        out = model(**{key: reference[key] for key in MODEL_INPUTS if key in reference})
+    if getattr(out, "logits", None) is None:
+        return torch.stack([out.start_logits, out.end_logits], dim=-1).float()
+    return out.logits.float()
 
 
 def max_logit_error(
@@ -48,6 +57,18 @@ def max_logit_error(
     model = PeftModel.from_pretrained(_base_with_random_head(case_dir), str(adapter_dir)).eval()
     reference = load_file(case_dir / "reference.safetensors")
     return (_logits(model, reference) - reference[reference_key or f"logits/{checkpoint}"]).abs().max().item()
+
+
+def merged_error(case_dir: str | Path, model_dir: str | Path, checkpoint: str) -> float:
+    """A merged (exported) model loaded by plain transformers as the case's Auto class, against the trained logits."""
+    import transformers
+    from safetensors.torch import load_file
+
+    case_dir = Path(case_dir)
+    auto_class = getattr(transformers, json.loads((case_dir / "case.json").read_text())["auto_class"])
+    model = auto_class.from_pretrained(str(model_dir)).eval()
+    reference = load_file(case_dir / "reference.safetensors")
+    return (_logits(model, reference) - reference[f"logits/{checkpoint}"]).abs().max().item()
 
 
 def adapter_errors(
@@ -118,7 +139,7 @@ def assert_reproduced(cases: list[Path], outputs: dict[str, Path], checkpoint: s
 if __name__ == "__main__":
     # Arguments come in triples, so one interpreter start checks many checkpoints.
     args = sys.argv[1:]
-    check = adapter_errors if args[:1] == ["--adapters"] else max_logit_error
-    args = args[1:] if check is adapter_errors else args
+    check = {"--adapters": adapter_errors, "--merged": merged_error}.get(args[0] if args else "", max_logit_error)
+    args = args[1:] if check is not max_logit_error else args
     triples = [args[i : i + 3] for i in range(0, len(args), 3)]
     print(json.dumps({adapter: check(case, adapter, name) for case, adapter, name in triples}))

@@ -12,7 +12,8 @@ ROOT = Path(__file__).parents[1]
 BUILD = ROOT / "scripts" / "build_docs.py"
 COMMAND = ".venv/bin/python scripts/build_docs.py"
 QUICKSTART = [
-    "./scripts/setup.sh && .venv/bin/ckpt-migrate fix tests/fixtures/llama_score/run/checkpoint-4 --out example-fixed",
+    "./scripts/setup.sh && .venv/bin/ckpt-migrate fix tests/fixtures/llama_score/run/checkpoint-4 --out example-fixed"
+    " --base-model tests/fixtures/llama_score/base",
     "./scripts/test.sh",
 ]
 

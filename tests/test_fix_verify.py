@@ -6,7 +6,7 @@ import json
 
 from conftest import FIXTURES, run_cli
 
-import ckpt_migrate.verify
+import ckpt_migrate.verification
 
 CASE = FIXTURES / "distilbert_two_heads"
 
@@ -25,7 +25,7 @@ def test_fix_verify_publishes_a_verified_repair(tmp_path):
 
 
 def test_fix_verify_publishes_nothing_when_verification_fails(tmp_path, monkeypatch):
-    real = ckpt_migrate.verify.verify_checkpoint
+    real = ckpt_migrate.verification.verify_checkpoint
 
     def failing(*args, **kwargs):
         verdict = real(*args, **kwargs)
@@ -33,7 +33,7 @@ def test_fix_verify_publishes_nothing_when_verification_fails(tmp_path, monkeypa
         verdict.reasons.append("forced failure for the test")
         return verdict
 
-    monkeypatch.setattr(ckpt_migrate.verify, "verify_checkpoint", failing)
+    monkeypatch.setattr(ckpt_migrate.verification, "verify_checkpoint", failing)
     out = tmp_path / "out"
     code, _, stderr = run_cli("fix", CASE / "run", "--out", out, "--base-model", CASE / "base", "--verify")
     assert code == 8

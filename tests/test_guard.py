@@ -41,7 +41,7 @@ def peft_model(model, **lora):
 
 def test_import_stays_light():
     code = (
-        "import sys, ckpt_migrate.guard, ckpt_migrate.verify; "
+        "import sys, ckpt_migrate.guard, ckpt_migrate.verification; "
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, HELDOUT, LAYOUTS, OLD_STACK, TUNER_FIXTURES, case_dirs, load_case
 
-from ckpt_migrate.api import fix, verify  # not ckpt_migrate.verify: that name is also the subpackage
+from ckpt_migrate import fix, verify
 from ckpt_migrate.render import to_dict
 
 CASES = [

@@ -21,7 +21,7 @@ from logits_check import assert_reproduced, max_logit_error
 
 import ckpt_migrate
 from ckpt_migrate.core.errors import EXIT_UNRECOVERABLE, UnrecoverableError
-from ckpt_migrate.verify import verify_checkpoint
+from ckpt_migrate.verification import verify_checkpoint
 
 SHAPES = Path(__file__).parent / "fixtures_shapes"
 HEAD_ONLY = SHAPES / "headonly_opt_score"

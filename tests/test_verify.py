@@ -1,4 +1,4 @@
-"""ckpt_migrate.verify: repaired checkpoints pass (and match their broken source), broken ones fail with the reason."""
+"""verify: repaired checkpoints pass (and match their broken source), broken ones fail with the reason."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import ckpt_migrate
 from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.render import render_verdict
-from ckpt_migrate.verify import EXIT_VERIFY_FAILED, VerifyResult, choose_auto_class, verify_checkpoint
+from ckpt_migrate.verification import EXIT_VERIFY_FAILED, VerifyResult, choose_auto_class, verify_checkpoint
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -102,7 +102,7 @@ def test_lora_only_head_over_the_saved_base_head_is_flagged_though_reproducible(
 @pytest.mark.parametrize("name", ["llama_score", "bart_lora_only_head", "llama_dora", "mistral_bf16"])
 def test_source_function_reproduces_the_trained_logits(name):
     """The independent (unmerged) computation of the broken source is the model as it was trained."""
-    from ckpt_migrate.verify import compute_source_logits
+    from ckpt_migrate.verification import compute_source_logits
 
     reference = load_file(FIXTURES / name / "reference.safetensors")
     checkpoint = case_of(name)["checkpoints"][-1]
@@ -112,7 +112,7 @@ def test_source_function_reproduces_the_trained_logits(name):
 
 
 def test_source_with_random_head_is_not_comparable():
-    from ckpt_migrate.verify import compute_source_logits
+    from ckpt_migrate.verification import compute_source_logits
 
     name = "bart_lora_only_head_nobase"
     logits, why = compute_source_logits(checkpoint_of(name), FIXTURES / name / "base", torch.tensor([[5, 6, 2]]))
@@ -232,3 +232,13 @@ def test_checkpoint_saved_by_current_peft_passes_and_is_its_own_source(tmp_path)
     result = verify_checkpoint(tmp_path / "adapter", tmp_path / "base", source_dir=tmp_path / "adapter")
     assert result.ok, render_verdict(result, "text")
     assert result.max_logit_diff_vs_source <= 1e-4
+
+
+def test_the_public_verify_stays_a_function_after_its_package_is_imported():
+    """A subpackage named like the verb would replace ``ckpt_migrate.verify`` once imported (as fix --verify does)."""
+    import importlib
+
+    import ckpt_migrate
+
+    importlib.import_module("ckpt_migrate.verification.checks")
+    assert callable(ckpt_migrate.verify) and ckpt_migrate.verify.__module__ == "ckpt_migrate.api"

@@ -13,10 +13,35 @@ from ckpt_migrate.core.errors import UnreadableInputError
 PREFIX = "base_model.model."
 LORA_KINDS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 WRAPPER_SEGMENTS = ("original_module", "modules_to_save")
-#: Top-level module names of Hugging Face task heads whose weights are freshly initialised for fine-tuning.
+#: Top-level module names of Hugging Face task heads whose weights are freshly initialised for fine-tuning: every
+#: top-level module with parameters of a transformers sequence/token/image/audio classification or question
+#: answering class outside its backbone (tests/test_head_names.py builds them all and fails on a missing name).
+#: A list, not transformers' classes at run time: planning and dry runs import neither torch nor transformers.
 HEAD_NAMES = frozenset(
-    {"score", "classifier", "classification_head", "qa_outputs", "pre_classifier", "sequence_summary", "qa_classifier"}
+    {
+        "score",
+        "classifier",
+        "classification_head",
+        "qa_outputs",
+        "pre_classifier",
+        "sequence_summary",
+        "qa_classifier",
+        "projector",  # audio classifiers (Wav2Vec2, HuBERT, WavLM, ...): projector + classifier
+        "answer_head",  # LXMERT question answering
+        "head",  # SwiftFormer image classification (head + dist_head)
+        "dist_head",
+        "logits_proj",  # XLNet sequence classification
+        "splinter_qass",  # Splinter question answering
+        "dense",  # EuroBERT sequence classification (dense + classifier)
+        "fc",  # HGNetV2, TextNet image classification
+        "last_convolution",  # PP-LCNet image classification
+    }
 )
+#: Head modules of a few task classes whose names bare backbones use for their own top-level modules (BertModel's
+#: ``pooler``, LlamaModel's ``norm``, ViTModel's ``layernorm``): as heads they would misjudge adapters of bare
+#: models, so they are not listed. DeBERTa's top-level ``pooler``, PoolFormer's ``norm`` and CvT's ``layernorm``
+#: are therefore body modules here.
+BACKBONE_NAMES_OF_SOME_HEADS = frozenset({"pooler", "norm", "layernorm"})
 #: A LoRA tensor; peft strips the saved adapter's own name from keys, another adapter's name stays (``.default``).
 _LORA_KEY = re.compile(
     rf"^(?P<module>.+)\.(?P<kind>{'|'.join(LORA_KINDS)})(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$"

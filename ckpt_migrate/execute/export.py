@@ -46,6 +46,8 @@ CARRIED_FILES = re.compile(
     r"generation_config\.json|preprocessor_config\.json|chat_template\..*)$"
 )
 _HEAD_SUFFIXES = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}
+#: A class name of a task head (``...ForImageClassification``, ``...ForQuestionAnswering``): nothing to resolve.
+_TASK_CLASS = re.compile(r"For\w*(Classification|QuestionAnswering)$")
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
@@ -101,9 +103,22 @@ def _config(base: BaseModel, repair: CheckpointPlan, cast_to: str | None, num_la
     config = dict(base.config())
     architectures = list(config.get("architectures") or [])
     suffix = _HEAD_SUFFIXES.get(repair.after.config.get("task_type") or "")
-    if suffix and architectures and not architectures[0].endswith(suffix):
+    task_type = repair.after.config.get("task_type")
+    if not architectures:  # a config AutoConfig wrote: the class transformers maps model_type to for this adapter
+        model_class = base.choose(repair.after.config, repair.after.tensors).model_class
+        config["architectures"] = [model_class] if model_class else []
+    elif not task_type and not _TASK_CLASS.search(architectures[0]):
+        # A bare backbone (ViTModel, Wav2Vec2ForPreTraining) under a classifier peft trained without a task_type:
+        # the class its head modules fit, when exactly one does (transformers is imported only here).
+        try:
+            model_class = base.choose(repair.after.config, repair.after.tensors).model_class
+        except UnreadableInputError:
+            model_class = None
+        config["architectures"] = [model_class] if model_class else architectures
+    elif suffix and not architectures[0].endswith(suffix):
         stem = re.sub(r"(For[A-Za-z]+|Model)$", "", architectures[0])
         config["architectures"] = [stem + suffix]
+    if config.get("architectures") != architectures:
         if num_labels is not None and "id2label" not in config:
             config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
             config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
@@ -181,7 +196,9 @@ def _check_linear(base: BaseModel, what: str, tuned: dict[str, Any], repair: Che
     other module class."""
     if not tuned:
         return
-    modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    state = repair.after
+    # the architecture on the meta device: classes, no weights
+    modules = dict(base.meta_model(state.config, state.tensors).named_modules())
     absent = sorted(m for m in tuned if m not in modules)
     if absent:
         raise UnrecoverableError(
@@ -238,7 +255,8 @@ def _conv1d_modules(base: BaseModel, lora: dict[str, dict[str, str]], state: Any
     ]
     if not square:
         return set()
-    modules = dict(base.meta_model().named_modules())  # the architecture on the meta device: classes, no weights
+    # the architecture on the meta device: classes, no weights
+    modules = dict(base.meta_model(state.config, state.tensors).named_modules())
     return {m for m in square if type(modules.get(m)).__name__ == "Conv1D"}
 
 

@@ -1,16 +1,18 @@
 """The base model given as ``--base-model``: the only reader of a base model directory.
 
 Tensor names and byte locations come from safetensors headers (no tensor data is read, no torch);
-``config.json`` is read as JSON. Only :meth:`BaseModel.meta_model` and :meth:`BaseModel.load` import
-transformers: the first builds the architecture on the meta device (no weights), the second loads the
-model for ``verify``.
+``config.json`` is read as JSON. Only :meth:`BaseModel.choose`, :meth:`BaseModel.meta_model` and
+:meth:`BaseModel.load` import transformers: the first names the model class (``architectures``, else
+``model_type`` and the adapter's task), the second builds it on the meta device (no weights), the third loads
+the model for ``verify``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.plan import PlannedTensor, Source, SourceKind
@@ -18,6 +20,9 @@ from ckpt_migrate.core.text import describe_exception
 from ckpt_migrate.formats.files import read_json_object
 from ckpt_migrate.formats.hub import check_model_directory
 from ckpt_migrate.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from ckpt_migrate.formats.architecture import ModelChoice
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -101,18 +106,39 @@ class BaseModel:
     def config(self) -> dict[str, Any]:
         return read_json_object(self.directory / CONFIG)
 
-    def meta_model(self) -> Any:
-        """The architecture named in ``config.json``, built on the meta device: parameter names and shapes only."""
-        import torch
+    def choose(
+        self,
+        adapter_config: Mapping[str, Any] | None = None,
+        tensor_names: Iterable[str] = (),
+        tasks: Mapping[str, str] | None = None,
+    ) -> ModelChoice:
+        """The base's transformers class for this adapter (see :func:`~ckpt_migrate.formats.architecture.choose_model`;
+        ``tasks`` default: the classification heads). Imports transformers."""
+        from ckpt_migrate.formats.architecture import CLASSIFICATION, choose_model
+
+        where = self.directory / CONFIG
+        return choose_model(self.config(), adapter_config, tensor_names, where, tasks or CLASSIFICATION)
+
+    def meta_model(self, adapter_config: Mapping[str, Any] | None = None, tensor_names: Iterable[str] = ()) -> Any:
+        """The base's architecture built on the meta device: parameter names and shapes only.
+
+        The class is ``config.json``'s ``architectures``; without them, the class transformers maps ``model_type``
+        to for the adapter's task (``adapter_config``'s task_type, else the top-level modules of ``tensor_names``).
+        """
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(self.directory)
-        architecture = (getattr(config, "architectures", None) or [None])[0]
-        model_class = getattr(transformers, architecture or "", None)
+        from ckpt_migrate.formats.architecture import ANY_TASK, meta_instance
+
+        choice = self.choose(adapter_config, tensor_names, ANY_TASK)
+        model_class = getattr(transformers, choice.model_class or "", None)
         if model_class is None:
-            raise UnreadableInputError(f"unknown architecture {architecture!r}", self.directory / CONFIG)
-        with torch.device("meta"):
-            return model_class(config)
+            named = f"class {choice.model_class!r}" if choice.model_class else f"{choice.auto_class} class"
+            raise UnreadableInputError(
+                f"transformers {transformers.__version__} has no {named} ({choice.how})",
+                self.directory / CONFIG,
+            )
+        config = transformers.AutoConfig.from_pretrained(self.directory)
+        return meta_instance(model_class, config)
 
     def load(self, auto_class_name: str, seed: int) -> tuple[Any, set[str]]:
         """The model (weights as saved, eval mode, torch seeded first) and the names transformers initialised."""

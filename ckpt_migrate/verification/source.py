@@ -26,8 +26,8 @@ from ckpt_migrate.core.plan import CheckpointState
 from ckpt_migrate.core.text import describe_exception, listed
 from ckpt_migrate.formats.adapter import load_adapter_tensors
 from ckpt_migrate.formats.base_model import BaseModel
-from ckpt_migrate.verify.probes import logits
-from ckpt_migrate.verify.result import SEEDS
+from ckpt_migrate.verification.probes import logits
+from ckpt_migrate.verification.result import SEEDS
 
 
 def _unmerged_module_class() -> type:
@@ -125,7 +125,7 @@ def source_logits(
     state: CheckpointState,
     base_model: BaseModel,
     auto_name: str,
-    input_ids: Any,
+    inputs: Any,
     merged: bool = False,
 ) -> tuple[Any, str]:
     """The broken source's own logits, computed without the fold, or ``(None, why not)``.
@@ -139,7 +139,7 @@ def source_logits(
     if peft_type != "LORA" and not merged:
         return None, f"a {peft_type} head is computed by the repair's own fold (peft's merge), nothing independent"
     if peft_type != "LORA":
-        return _tuner_source_logits(source, base_model, auto_name, input_ids)
+        return _tuner_source_logits(source, base_model, auto_name, inputs)
     parts = _split_source(load_adapter_tensors(state.source_dir, state.weights_file))
     if rewrites_base(state.config):
         # PiSSA/OLoRA rewrote a LoRA-only head's weight too, and neither the source nor the base holds the result:
@@ -205,7 +205,7 @@ def source_logits(
         model, why = _with_body_lora(base, source, state, parts.body)
         if model is None:
             return None, why
-    return logits(model.eval(), input_ids), ""
+    return logits(model.eval(), inputs), ""
 
 
 def _with_body_lora(base: Any, source: Path, state: CheckpointState, body: dict[str, Any]) -> tuple[Any, str]:
@@ -242,7 +242,7 @@ def _with_body_lora(base: Any, source: Path, state: CheckpointState, body: dict[
     return model, ""
 
 
-def _tuner_source_logits(source: Path, base_model: BaseModel, auto_name: str, input_ids: Any) -> tuple[Any, str]:
+def _tuner_source_logits(source: Path, base_model: BaseModel, auto_name: str, inputs: Any) -> tuple[Any, str]:
     """A non-LoRA tuner's source, repaired in memory and run by peft unmerged: its body layers compute with
     peft's own forward, so a merged export is checked against another code path than the one that merged it."""
     from ckpt_migrate.core.errors import CkptMigrateError
@@ -258,4 +258,4 @@ def _tuner_source_logits(source: Path, base_model: BaseModel, auto_name: str, in
         "the source was run by peft with its body layers unmerged (another code path than the export's merge) and "
         "its heads repaired in memory by the same fold as the export (not independent for the heads)"
     )
-    return logits(model, input_ids), note
+    return logits(model, inputs), note

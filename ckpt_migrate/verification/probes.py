@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt_migrate.core.peft_layout import short_name
-from ckpt_migrate.verify.result import BATCH, INPUT_SEED, SEQ_LEN
+from ckpt_migrate.verification.result import AUDIO_FRAMES, AUDIO_SAMPLES, BATCH, INPUT_SEED, SEQ_LEN
 
 
 @contextlib.contextmanager
@@ -42,7 +42,63 @@ def preserved_rng() -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
-def probe_inputs(model: Any) -> Any:
+def probe_inputs(model: Any) -> dict[str, Any]:
+    """Seeded inputs of the kind the model reads (``model.main_input_name``), ``BATCH`` examples.
+
+    Token ids avoid special tokens; images are ``num_channels x image_size x image_size``; raw audio
+    (``input_values``) is ``AUDIO_SAMPLES`` long; filterbank features (``input_features``) take the shape the
+    config gives (Whisper's mel bins x twice its source positions, AST's frames x mel bins).
+    """
+    import torch
+
+    from ckpt_migrate.core.errors import UnreadableInputError
+
+    name = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    if name == "input_ids":
+        return {"input_ids": _token_ids(model, generator)}
+    shape = _tensor_input_shape(name, model.config)
+    if shape is None:
+        raise UnreadableInputError(
+            f"verify cannot build probe inputs {name!r} for {type(model).__name__} from its config"
+        )
+    dtype = getattr(model, "dtype", torch.float32)
+    return {name: torch.randn((BATCH, *shape), generator=generator).to(dtype)}
+
+
+def _tensor_input_shape(name: str, config: Any) -> tuple[int, ...] | None:
+    """One example's shape of an image or audio input, from the model's config."""
+
+    def number(*keys: str) -> int | None:
+        for key in keys:
+            value = getattr(config, key, None)
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+                return int(value[0])
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
+    if name == "pixel_values":
+        channels, size = number("num_channels") or 3, getattr(config, "image_size", None)
+        if isinstance(size, int):
+            return channels, size, size
+        if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return channels, int(size[0]), int(size[1])
+        return None
+    if name == "input_values":
+        return (AUDIO_SAMPLES,)
+    if name == "input_features":
+        mels = number("num_mel_bins", "feature_size", "input_feat_per_channel")
+        positions, frames = number("max_source_positions"), number("max_length")
+        if mels and positions:  # Whisper: (mel bins, 2 x positions)
+            return mels, 2 * positions
+        if mels and frames:  # AST: (frames, mel bins)
+            return frames, mels
+        return (AUDIO_FRAMES, mels) if mels else None
+    return None
+
+
+def _token_ids(model: Any, generator: Any) -> Any:
     """Seeded random token ids (``BATCH x SEQ_LEN``), inside the vocabulary, avoiding special tokens."""
     import torch
 
@@ -70,7 +126,6 @@ def probe_inputs(model: Any) -> Any:
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 8:
         length = min(length, positions - 4)
-    generator = torch.Generator().manual_seed(INPUT_SEED)
     ids = allowed[torch.randint(0, len(allowed), (BATCH, length), generator=generator)]
     eos = getattr(config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
@@ -79,15 +134,22 @@ def probe_inputs(model: Any) -> Any:
     return ids
 
 
-def logits(model: Any, input_ids: Any) -> Any:
-    """Logits for each row separately (decoder classifiers without a pad token refuse batches)."""
+def logits(model: Any, inputs: Any) -> Any:
+    """Logits for each example separately (decoder classifiers without a pad token refuse batches).
+
+    ``inputs``: what :func:`probe_inputs` gives (a tensor alone is token ids); token ids get an all-ones
+    attention mask.
+    """
     import torch
 
+    inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
     rows = []
     with torch.no_grad():
-        for row in input_ids:
-            ids = row.unsqueeze(0)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        for index in range(len(next(iter(inputs.values())))):
+            row = {key: value[index : index + 1] for key, value in inputs.items()}
+            if "input_ids" in row and "attention_mask" not in row:
+                row["attention_mask"] = torch.ones_like(row["input_ids"])
+            out = model(**row)
             if getattr(out, "logits", None) is not None:
                 value = out.logits
             elif getattr(out, "start_logits", None) is not None:
@@ -116,12 +178,12 @@ class Probe:
     on_path: set[str]
 
 
-def probe(model: Any, input_ids: Any) -> Probe:
+def probe(model: Any, inputs: Any) -> Probe:
     """Logits, a fingerprint of every parameter/buffer, and which of them the forward pass used."""
     called: set[int] = set()
     handles = [m.register_forward_hook(lambda mod, _i, _o: called.add(id(mod))) for m in model.modules()]
     try:
-        values = logits(model, input_ids)
+        values = logits(model, inputs)
     finally:
         for handle in handles:
             handle.remove()

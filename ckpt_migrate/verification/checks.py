@@ -9,9 +9,9 @@ from ckpt_migrate.core.peft_layout import LORA_KINDS, PREFIX, parse_lora_key, wr
 from ckpt_migrate.core.plan import CheckpointState
 from ckpt_migrate.core.text import describe_exception, listed
 from ckpt_migrate.formats.base_model import BaseModel
-from ckpt_migrate.verify.probes import Probe, probe, probe_inputs
-from ckpt_migrate.verify.result import REPRODUCIBLE_FRACTION, SEEDS, TOLERANCES, VerifyResult
-from ckpt_migrate.verify.source import source_logits
+from ckpt_migrate.verification.probes import Probe, probe, probe_inputs
+from ckpt_migrate.verification.result import REPRODUCIBLE_FRACTION, SEEDS, TOLERANCES, VerifyResult
+from ckpt_migrate.verification.source import source_logits
 
 
 def _explain_load_failure(exc: BaseException, state: CheckpointState, result: VerifyResult) -> str:
@@ -102,11 +102,11 @@ def run_checks(
     from ckpt_migrate.guard import find_head_problems
 
     probes: list[Probe] = []
-    input_ids = None
+    inputs = None
     for index, seed in enumerate(SEEDS):
         model_base, _ = base.load(auto_name, seed)
-        if input_ids is None:
-            input_ids = probe_inputs(model_base)
+        if inputs is None:
+            inputs = probe_inputs(model_base)
             dtype = str(model_base.dtype).replace("torch.", "")
             result.dtype = dtype
             result.tolerance = TOLERANCES.get(dtype, 1e-4)
@@ -125,7 +125,7 @@ def run_checks(
                     (result.reasons if problem.kind == "lora" else result.notes).append(_head_note(problem))
             except Exception as exc:  # noqa: BLE001 - the guard is advisory here
                 result.notes.append(f"head check skipped: {describe_exception(exc)}")
-        probes.append(probe(model, input_ids))
+        probes.append(probe(model, inputs))
         del model, model_base
 
     _judge(result, probes)
@@ -134,7 +134,7 @@ def run_checks(
     if result.missing_tensors:
         result.reasons.append(f"tensors the adapter config implies are missing: {listed(result.missing_tensors)}")
     if source is not None and source_state is not None:
-        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids, merged=False)
+        _compare_with_source(result, probes[0], source, source_state, base, auto_name, inputs, merged=False)
 
 
 def run_merged_checks(
@@ -147,18 +147,18 @@ def run_merged_checks(
 ) -> None:
     """A model written by ``export``: loads with plain transformers, nothing random, the source's logits."""
     probes: list[Probe] = []
-    input_ids = None
+    inputs = None
     for seed in SEEDS:
         model, _ = merged.load(auto_name, seed)
-        if input_ids is None:
-            input_ids = probe_inputs(model)
+        if inputs is None:
+            inputs = probe_inputs(model)
             result.dtype = str(model.dtype).replace("torch.", "")
             result.tolerance = TOLERANCES.get(result.dtype, 1e-4)
-        probes.append(probe(model, input_ids))
+        probes.append(probe(model, inputs))
         del model
     _judge(result, probes)
     if source is not None and source_state is not None:
-        _compare_with_source(result, probes[0], source, source_state, base, auto_name, input_ids, merged=True)
+        _compare_with_source(result, probes[0], source, source_state, base, auto_name, inputs, merged=True)
 
 
 def _judge(result: VerifyResult, probes: list[Probe]) -> None:
@@ -187,10 +187,10 @@ def _compare_with_source(
     source_state: CheckpointState,
     base: BaseModel,
     auto_name: str,
-    input_ids: Any,
+    inputs: Any,
     merged: bool,
 ) -> None:
-    expected, why = source_logits(source, source_state, base, auto_name, input_ids, merged=merged)
+    expected, why = source_logits(source, source_state, base, auto_name, inputs, merged=merged)
     if expected is None:
         result.notes.append(f"not independently checked against the source: {why}")
         return

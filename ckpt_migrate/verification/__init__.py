@@ -3,7 +3,8 @@
 Works on any LoRA checkpoint, repaired by this tool or not:
 
 * the adapter must load with ``PeftModel.from_pretrained`` onto the base model (the Auto class is
-  chosen from the base ``config.json`` ``architectures``, else from the adapter's ``task_type``);
+  chosen from the base ``config.json`` ``architectures``, else from its ``model_type`` and the adapter's
+  ``task_type`` or the top-level modules its tensors use);
 * every adapter tensor must be used, and every LoRA / modules_to_save tensor the config implies
   must be present;
 * nothing on the forward path may be left to random initialisation: the model is loaded twice
@@ -22,6 +23,7 @@ Layout: :mod:`.result` (the verdict as data), :mod:`.probes` (inputs, logits, fi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, EXPORT_MANIFEST, read_m
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import load_state
 from ckpt_migrate.formats.hub import resolve_model
-from ckpt_migrate.verify.result import SEEDS, TOLERANCES, VerifyResult
+from ckpt_migrate.verification.result import SEEDS, TOLERANCES, VerifyResult
 
 __all__ = [
     "EXIT_VERIFY_FAILED",
@@ -42,17 +44,6 @@ __all__ = [
     "compute_source_logits",
     "verify_checkpoint",
 ]
-
-_HEAD_CLASSES = (
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-)
-_TASK_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-}
 
 
 def verify_checkpoint(
@@ -79,9 +70,14 @@ def verify_checkpoint(
     source_state = load_state(source) if source is not None else None
     merged = (checkpoint / "config.json").is_file() and not (checkpoint / ADAPTER_CONFIG).exists()
     state = None if merged else load_state(checkpoint)
-    adapter_config = source_state.config if merged and source_state else state.config if state else {}
+    adapter = source_state if merged else state
     described = BaseModel(checkpoint) if merged else base
-    auto_name = choose_auto_class(described.config(), adapter_config, described.directory / "config.json")
+    auto_name = choose_auto_class(
+        described.config(),
+        adapter.config if adapter else {},
+        described.directory / "config.json",
+        adapter.tensors if adapter else (),
+    )
 
     import peft
     import transformers
@@ -101,8 +97,8 @@ def verify_checkpoint(
         peft_version=peft.__version__,
         transformers_version=transformers.__version__,
     )
-    from ckpt_migrate.verify.checks import run_checks, run_merged_checks
-    from ckpt_migrate.verify.probes import preserved_rng, quiet
+    from ckpt_migrate.verification.checks import run_checks, run_merged_checks
+    from ckpt_migrate.verification.probes import preserved_rng, quiet
 
     with quiet(), preserved_rng():
         if state is None:  # a model written by ``export``: plain transformers, no adapter
@@ -121,41 +117,39 @@ def _recorded_losses(checkpoint: Path, state: CheckpointState | None) -> list[st
     return list((read_manifest(checkpoint, EXPORT_MANIFEST) or {}).get("losses", []))
 
 
-def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, input_ids: Any) -> tuple[Any, str]:
-    """A checkpoint's own logits on ``input_ids``, every LoRA-wrapped head computed unmerged.
+def compute_source_logits(source_dir: str | Path, base_model_dir: str | Path, inputs: Any) -> tuple[Any, str]:
+    """A checkpoint's own logits on ``inputs`` (token ids, or a dict of the model's inputs: ``pixel_values``, ...),
+    every LoRA-wrapped head computed unmerged.
 
     Returns ``(logits, "")``, or ``(None, why)`` when the source's function cannot be computed
     independently (e.g. its head base weights are random). ``verify_checkpoint(..., source_dir=)``
     compares against exactly this.
     """
-    from ckpt_migrate.verify.probes import preserved_rng, quiet
-    from ckpt_migrate.verify.source import source_logits
+    from ckpt_migrate.verification.probes import preserved_rng, quiet
+    from ckpt_migrate.verification.source import source_logits
 
     source = _adapter_dir(source_dir, "source")
     base = _base_model(base_model_dir)
     state = load_state(source)
-    auto_name = choose_auto_class(base.config(), state.config, base.directory / "config.json")
+    auto_name = choose_auto_class(base.config(), state.config, base.directory / "config.json", state.tensors)
     with quiet(), preserved_rng():
-        return source_logits(source, state, base, auto_name, input_ids)
+        return source_logits(source, state, base, auto_name, inputs)
 
 
-def choose_auto_class(base_config: dict[str, Any], adapter_config: dict[str, Any], where: Path | None = None) -> str:
-    """The transformers Auto class for the base: from ``architectures``, else the adapter's ``task_type``."""
-    architectures = base_config.get("architectures") or []
-    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-        raise UnreadableInputError("'architectures' must be a list of class names", where)
-    for architecture in architectures:
-        for suffix, auto_name in _HEAD_CLASSES:
-            if architecture.endswith(suffix):
-                return auto_name
-    task_type = adapter_config.get("task_type")
-    if task_type in _TASK_CLASSES:
-        return _TASK_CLASSES[task_type]
-    raise UnreadableInputError(
-        f"cannot tell which model to load: architectures {architectures} has no sequence/token classification or "
-        f"question answering class and the adapter's task_type is {task_type!r}",
-        where,
-    )
+def choose_auto_class(
+    base_config: dict[str, Any],
+    adapter_config: dict[str, Any],
+    where: Path | None = None,
+    tensor_names: Iterable[str] = (),
+) -> str:
+    """The transformers Auto class of the base: from ``architectures``, else ``model_type`` and the adapter's
+    ``task_type`` or, without one, the top-level modules of its ``tensor_names`` (one resolver:
+    :func:`ckpt_migrate.formats.architecture.choose_model`)."""
+    from ckpt_migrate.formats.architecture import choose_model
+
+    auto_class = choose_model(base_config, adapter_config, tensor_names, where).auto_class
+    assert auto_class is not None  # the classification tasks always name their Auto class
+    return auto_class
 
 
 def _adapter_dir(path: str | Path, what: str) -> Path:

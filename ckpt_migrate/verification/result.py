@@ -12,6 +12,9 @@ SEEDS = (1234, 98765)
 INPUT_SEED = 20240917
 BATCH = 2
 SEQ_LEN = 16
+#: Probe length of raw audio (``input_values``: a quarter second at 16 kHz) and of filterbank frames.
+AUDIO_SAMPLES = 4000
+AUDIO_FRAMES = 64
 #: Allowed max |logit difference| against the source, by model dtype.
 TOLERANCES = {"float32": 1e-4, "float64": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 #: Two loads count as identical when their logits differ by at most this fraction of the tolerance.
