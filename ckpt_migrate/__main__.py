@@ -1,3 +1,3 @@
-from ckpt_migrate.cli import entry_point
+from ckpt_migrate.interrupts import entry_point
 
 entry_point()

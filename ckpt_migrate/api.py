@@ -11,7 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError, VerificationFailedError
+from ckpt_migrate.core.errors import (
+    CkptMigrateError,
+    UnreadableInputError,
+    UsageError,
+    VerificationFailedError,
+)
 from ckpt_migrate.core.migration import Migration
 from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
@@ -19,8 +24,9 @@ from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import find_checkpoints
 from ckpt_migrate.formats.digests import Hashes
-from ckpt_migrate.formats.hub import resolve, resolve_cached
+from ckpt_migrate.formats.hub import resolve, resolve_cached, resolve_model
 from ckpt_migrate.planner import plan_checkpoint
+from ckpt_migrate.progress import label, phase
 
 if TYPE_CHECKING:
     from ckpt_migrate.verification import VerifyResult
@@ -42,7 +48,7 @@ def list_migrations() -> list[Migration]:
 def _base_model(src: Path, relatives: list[str], base_model: str | Path | None, notes: list[str]) -> BaseModel | None:
     """``--base-model`` (a path or a Hub id), else the adapter's ``base_model_name_or_path`` if it is at hand."""
     if base_model is not None:
-        return BaseModel.open(resolve(base_model, what="--base-model"))
+        return BaseModel.open(resolve_model(base_model))
     for relative in relatives:
         config = src / relative / ADAPTER_CONFIG
         try:
@@ -89,11 +95,13 @@ def inspect(
     target_transformers: str | None = None,
     target_peft: str | None = None,
     allow_lossy: bool = False,
+    progress: bool | None = None,
 ) -> Report:
     """Say what each checkpoint at ``src`` is, what is wrong with it, and the repair plan.
 
     Reads only ``adapter_config.json``, file sizes and safetensors headers (a ``.bin`` adapter is
-    loaded with ``torch.load(weights_only=True)``).
+    loaded with ``torch.load(weights_only=True)``). ``progress``: name a planning phase that takes over a second on
+    stderr (``None``: when it is a terminal).
 
     >>> inspect("run/checkpoint-500").exit_code  # doctest: +SKIP
     3
@@ -109,7 +117,8 @@ def inspect(
     options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
     src = resolve(src, what="SRC")
     report = Report("inspect", src, dry_run=True)
-    report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
+    with phase(f"planning {src.name or src} (headers only)", progress):
+        report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
     report.base_model = base.directory if base is not None else None
     return report
 
@@ -165,9 +174,7 @@ def fix(
     src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
-        raise OutputError("--out is required unless --dry-run is given")
-    if verify and base_model is None:
-        raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
+        raise UsageError("--out is required unless --dry-run is given")
     if out_path is not None:
         check_output_target(src, out_path, allow_earlier_batch=True)
     hashes = Hashes() if not dry_run else None
@@ -175,14 +182,23 @@ def fix(
         if hashes is not None:
             hash_ahead(src, options, hashes)
         report = Report("fix", src, dry_run, out_path)
-        report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
+        with phase(f"planning {src.name or src} (headers only)", progress):
+            report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
         report.base_model = base.directory if base is not None else None
+        if verify and base is None:  # asked for, and no base at hand: the command line is incomplete
+            raise UsageError(
+                "--verify needs a base model: pass --base-model DIR (the adapter's base_model_name_or_path is not "
+                "at hand)"
+            )
         wanted = _verify_wanted(verify, base, options.target_transformers, report.notes)
         _write_all(report, out_path, base, wanted, progress, hashes, options.target_transformers)
     finally:
         if hashes is not None:
             hashes.close()
     return report
+
+
+VERIFY_PHASE = "loading it on the base model twice (two seeds), and the source unmerged"
 
 
 def _verify_wanted(verify: bool | None, base: BaseModel | None, target: str | None, notes: list[str]) -> bool:
@@ -228,11 +244,13 @@ def _write_all(
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
         return
 
-    proofs = _start_proofs(report.checkpoints, base, target_transformers)
+    proofs = _start_proofs(report.checkpoints, base, progress, target_transformers)
 
     def checked(result: CheckpointResult, staged: Path) -> bool:
         """The static proof (it ran while the checkpoint was written), then ``verify`` when wanted."""
-        result.proof = proofs[result.relative].result()
+        name = label(result.relative, result.source)
+        with phase(f"static proof of {name}: building the model on the meta device", progress):
+            result.proof = proofs[result.relative].result()
         if result.proof.state == "failed":
             error = result.proof.error(result.source)
             if single:
@@ -246,7 +264,13 @@ def _write_all(
         # every adapter of the checkpoint: the one at its top, and each in a subfolder ("adapters" in the record)
         subfolders = [a.relative for a in result.plan.adapters] if result.plan else []
         places = ([] if result.plan and result.plan.before.weights_file is None else ["."]) + subfolders
-        verdicts = {p: _verify(staged / p, base.directory, source=result.source / p) for p in places}
+        verdicts = {}
+        for place in places:
+            what = label(result.relative, result.source) + ("" if place == "." else f"/{place}")
+            with phase(f"verify {what}: {VERIFY_PHASE}", progress):
+                verdicts[place] = _verify(staged / place, base.directory, source=result.source / place)
+        for place, verdict in verdicts.items():  # the report names the output, not the staging directory
+            verdict.checkpoint = str(out_path / result.relative / place if place != "." else out_path / result.relative)
         reasons = [f"{p}: {r}" if p != "." else r for p, v in verdicts.items() for r in v.reasons]
         top = verdicts[places[0]].to_dict()  # the top adapter's verdict (else the first subfolder's), "ok" for all
         result.verification = {**top, "ok": not reasons, "adapters": {p: verdicts[p].to_dict() for p in subfolders}}
@@ -269,7 +293,10 @@ def _write_all(
 
 
 def _start_proofs(
-    results: list[CheckpointResult], base: BaseModel | None, target_transformers: str | None = None
+    results: list[CheckpointResult],
+    base: BaseModel | None,
+    progress: bool | None = None,
+    target_transformers: str | None = None,
 ) -> dict[str, Any]:
     """The static proof of each checkpoint to write, started on a thread: it overlaps the copies (the kernel's,
     outside the GIL), and its verdict is awaited before that checkpoint is published."""
@@ -285,7 +312,8 @@ def _start_proofs(
             done[result.relative] = Future()
             done[result.relative].set_result(not_run(why_not))
         return done
-    import_before_writing([r.plan for r in to_write if r.plan is not None])
+    with phase("importing torch, transformers and peft", progress):
+        import_before_writing([r.plan for r in to_write if r.plan is not None])
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
     try:
         return {r.relative: pool.submit(prove_plan, r.plan, base) for r in to_write}
@@ -349,7 +377,7 @@ def export(
     src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
     if out_path is None and not dry_run:
-        raise OutputError("--out is required unless --dry-run is given")
+        raise UsageError("--out is required unless --dry-run is given")
     relatives = find_checkpoints(src)
     if len(relatives) != 1:
         raise UnreadableInputError(f"export takes one checkpoint; this holds {', '.join(relatives)}", src)
@@ -390,7 +418,8 @@ def export(
             for_installed = replace(options, target_transformers=None)
             replanned = plan_checkpoint(src / relatives[0], relatives[0], base, for_installed)
             installed = _chosen_adapter(replanned, adapter, [])
-        result.proof = prove_adapter(installed.after, base, merged=True)
+        with phase("static proof: building the model on the meta device", progress):
+            result.proof = prove_adapter(installed.after, base, merged=True)
     if result.proof.state == "failed" and result.proof.cause == CAUSE_BASE:
         raise result.proof.error(result.source)
     report.export = plan_export(chosen, base, dtype, max_shard_bytes)  # its refusals name what the merge lacks
@@ -398,17 +427,25 @@ def export(
         raise result.proof.error(result.source)
     if dry_run or out_path is None:
         return report
-    from tqdm import tqdm
-
     from ckpt_migrate.execute.export import output_bytes, write_export
     from ckpt_migrate.execute.publish import staged_output
+    from ckpt_migrate.progress import Budget, byte_bar
 
-    total = sum(output_bytes(t, report.export.cast_to) for t in report.export.tensors)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
+    # each output byte is written, then read back for its sha256; held to that (shard headers are not counted)
+    total = 2 * sum(output_bytes(t, report.export.cast_to) for t in report.export.tensors)
+    bar = byte_bar(total, f"export {label(relatives[0], src)}", progress)
     with bar, staged_output(out_path) as staging:
-        write_export(report.export, staging, bar.update)
+        budget = Budget(bar.update, total)
+        write_export(report.export, staging, budget)
+        budget.finish()
     result.output = out_path
     return report
+
+
+RETRAIN_ON_LOAD = (
+    "ckpt-migrate: retraining is preferred: this model was repaired in memory, and training on from it starts "
+    "with fresh optimizer state, so the run is not identical to an uninterrupted one"
+)
 
 
 def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool = False) -> Any:
@@ -424,7 +461,7 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     from ckpt_migrate.execute.in_memory import load_repaired
     from ckpt_migrate.verification import choose_auto_class
 
-    base = BaseModel.open(resolve(base_model, what="base model"))
+    base = BaseModel.open(resolve_model(base_model))
     src = resolve(checkpoint, what="checkpoint")
     relatives = find_checkpoints(src)
     if len(relatives) != 1:
@@ -439,6 +476,10 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
         if proof.state == "failed":
             raise proof.error(plan.source)
     auto_class = choose_auto_class(base.config(), plan.after.config, base.directory / "config.json", plan.after.tensors)
+    if is_trainable and plan.status is Status.REPAIRABLE:
+        import warnings
+
+        warnings.warn(RETRAIN_ON_LOAD, UserWarning, stacklevel=2)
     return load_repaired(plan, base, auto_class, is_trainable)
 
 
@@ -452,7 +493,9 @@ def _refuse_misfitting_base(plan: CheckpointPlan, base: BaseModel) -> None:
             raise proof.error(plan.source)
 
 
-def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None) -> VerifyResult:
+def verify(
+    checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None, progress: bool | None = None
+) -> VerifyResult:
     """Load ``checkpoint`` onto ``base_model`` with the installed transformers and peft and judge it.
 
     With ``source`` (the broken original) also compare with the source's own function, computed
@@ -461,7 +504,8 @@ def verify(checkpoint: str | Path, base_model: str | Path, *, source: str | Path
     >>> verify("fixed/checkpoint-500", "bart-base", source="run/checkpoint-500").ok  # doctest: +SKIP
     True
     """
-    return _verify(checkpoint, base_model, source=source)
+    with phase(f"verify {Path(checkpoint).name}: {VERIFY_PHASE}", progress):
+        return _verify(checkpoint, base_model, source=source)
 
 
 def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: str | Path | None) -> VerifyResult:
@@ -473,7 +517,7 @@ def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: st
 
     proof = None
     directory = Path(checkpoint)
-    base = BaseModel(resolve(base_model, what="--base-model")) if base_model is not None else None
+    base = BaseModel(resolve_model(base_model)) if base_model is not None else None
     if base is not None and base.has_safetensors() and (directory / ADAPTER_CONFIG).is_file():
         proof = prove_adapter(load_state(directory), base)
         if proof.state == "failed" and proof.cause == CAUSE_BASE:

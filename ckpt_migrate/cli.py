@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Callable
 
 import click
 
-from ckpt_migrate import __version__
-from ckpt_migrate.core.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, CkptMigrateError
+from ckpt_migrate import __version__, interrupts
+from ckpt_migrate.core.errors import EXIT_CODES_HELP, EXIT_INTERNAL, CkptMigrateError
 from ckpt_migrate.core.text import one_line
 
 FORMATS = ["text", "json", "markdown"]
@@ -24,8 +23,7 @@ FORMAT = click.option(
 )
 BASE_MODEL = click.option(
     "--base-model",
-    type=click.Path(file_okay=False, path_type=str),
-    default=None,
+    default=None,  # not click.Path(file_okay=False): every command words a missing or file base model alike
     help="Hugging Face model directory or Hub id (default: the adapter's base_model_name_or_path when it is at "
     "hand); only the tensors a repair needs are read (needed for LoRA-only heads).",
 )
@@ -73,31 +71,39 @@ ALLOW_LOSSY = click.option(
 DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 
 
-def _raise_interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt
-
-
 def _run(debug: bool, action: Callable[[], int]) -> None:
-    """Run a command: one line on stderr and a documented exit code for every failure."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    """Run a command: one line on stderr and a documented exit code for every failure.
+
+    An interrupt (Ctrl-C, SIGTERM) is exit 130 and one line, whatever exception it surfaced as (see
+    :mod:`ckpt_migrate.interrupts`); what this run staged is removed.
+    """
+    previous = interrupts.install()
+    try:
+        code = _outcome(debug, action)
+    finally:
+        interrupts.restore(previous)
+    sys.exit(code)
+
+
+def _outcome(debug: bool, action: Callable[[], int]) -> int:
     try:
         code = action()
-    except CkptMigrateError as exc:
-        if debug:
-            raise
-        click.echo(f"ckpt-migrate: error: {one_line(str(exc))}", err=True)
-        code = exc.exit_code
+        # an interrupt a library swallowed still ends the run as one (staged_output published nothing after it)
+        return interrupts.finish_interrupted() if interrupts.interrupted() else code
     except KeyboardInterrupt:
-        click.echo("ckpt-migrate: interrupted; nothing was published", err=True)
-        code = EXIT_INTERRUPTED
+        return interrupts.finish_interrupted()
     except Exception as exc:  # noqa: BLE001
+        if interrupts.is_interrupt(exc):
+            return interrupts.finish_interrupted()
         if debug:
             raise
+        if isinstance(exc, CkptMigrateError):
+            click.echo(f"ckpt-migrate: error: {one_line(str(exc))}", err=True)
+            return exc.exit_code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         message = f"{type(exc).__name__}: {first}"
         click.echo(f"ckpt-migrate: internal error: {one_line(message)} (rerun with --debug)", err=True)
-        code = EXIT_INTERNAL
-    sys.exit(code)
+        return EXIT_INTERNAL
 
 
 def _emit(report, fmt: str) -> int:
@@ -301,7 +307,6 @@ def export(
 @click.option(
     "--base-model",
     required=True,
-    type=click.Path(file_okay=False, path_type=str),
     help="Local Hugging Face model directory the adapter belongs to.",
 )
 @click.option(
@@ -311,8 +316,9 @@ def export(
     help="The broken original: also compare with its own function, computed without folding.",
 )
 @FORMAT
+@click.option("--quiet", is_flag=True, help="No progress lines.")
 @DEBUG
-def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: str, debug: bool) -> None:
+def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: str, quiet: bool, debug: bool) -> None:
     """Load CHECKPOINT with transformers + the installed peft and prove it reproduces a model.
 
     Fails when adapter tensors go unused, implied parameters are missing, or any parameter on the
@@ -323,7 +329,7 @@ def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: st
         from ckpt_migrate.api import verify
         from ckpt_migrate.render import render_verdict
 
-        verdict = verify(checkpoint, base_model, source=source)
+        verdict = verify(checkpoint, base_model, source=source, progress=False if quiet else None)
         click.echo(render_verdict(verdict, fmt), nl=False)
         return verdict.exit_code
 

@@ -206,6 +206,9 @@ def _proof_lines(entry: dict[str, Any]) -> list[Line]:
         else:
             lines.append(Line("proof", f"{state}: {proof['reason']}"))
         lines += [Line("proof note", note) for note in proof["notes"]]
+    verification = entry.get("verification")
+    if verification is not None:
+        lines.append(Line("verify", verify_verdict_text(verification)))
     claim = entry.get("reproduces")
     if claim is not None:
         shown = {"numerically": "shown numerically", "by construction": "exactly, by construction"}
@@ -215,10 +218,26 @@ def _proof_lines(entry: dict[str, Any]) -> list[Line]:
     return lines
 
 
+def verify_verdict_text(verification: dict[str, Any]) -> str:
+    """``OK (max |logit diff| ... vs the source, tolerance ...; two loads identical)`` or ``FAILED: reasons``."""
+    if not verification.get("ok"):
+        reasons = verification.get("reasons") or []
+        for path, adapter in (verification.get("adapters") or {}).items():
+            reasons = reasons + [f"{path}: {r}" for r in adapter.get("reasons") or []]
+        return "FAILED: " + ("; ".join(reasons) or "see --format json")
+    verdicts = [verification] + list((verification.get("adapters") or {}).values())
+    diffs = [v["max_logit_diff_vs_source"] for v in verdicts if v.get("max_logit_diff_vs_source") is not None]
+    between = max((v.get("max_logit_diff_between_loads") or 0.0) for v in verdicts)
+    versus = f"max |logit diff| {max(diffs):.3g} vs the source" if diffs else "not compared with the source"
+    return f"OK ({versus}, tolerance {verification.get('tolerance', 0):g}; two loads differ by {between:.3g})"
+
+
 def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
     entry = checkpoint_dict(result, report.base_model)
     if report.command == "export":  # the repair feeds the export in memory: no checkpoint files are written
-        blocks: list[Line | Diff | Table] = [Line("migrations", code=tuple(entry["migrations"]))]
+        blocks: list[Line | Diff | Table] = [Line("migrations", code=tuple(entry["migrations"]))] * bool(
+            entry["migrations"]
+        )
         blocks += [
             b for b in _adapter_blocks(entry, "") if isinstance(b, Table) and b.title.startswith("tensors added")
         ]
@@ -226,15 +245,25 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
             text = "LOSSY: the exported model does not reproduce the trained model: " + "; ".join(entry["losses"])
             blocks.append(Line("WARNING", text))
         blocks += [line for line in _proof_lines(entry) if line.label.startswith("proof")]
-        return Section(f"{result.source}: {entry['status']} (repaired in memory)", blocks)
+        done = {Status.CLEAN: "clean: merged as it is", Status.REPAIRABLE: "repaired in memory"}.get(
+            result.status, entry["status"]
+        )
+        return Section(f"{result.source}: {done}", blocks)
     section = Section(f"{result.source}: {_status_text(report, entry)}")
     blocks = section.blocks
     if entry["migrations"]:
         blocks.append(Line("migrations", code=_applied(result.plan)))
     if entry["migrations_not_needed"]:
-        blocks.append(Line("not needed", code=tuple(entry["migrations_not_needed"])))
-    if report.command == "inspect":
-        blocks += [Line("fails on", line) for line in entry["fails_on"]]
+        names = entry["migrations_not_needed"]
+        blocks.append(Line(f"not needed ({len(names)})", listed(names, where_all="ckpt-migrate migrations lists all")))
+    if report.command == "inspect" and entry["fails_on"]:
+        if result.status is Status.CLEAN:  # fine where it will be used; the failures are other stacks'
+            target = "the installed transformers and peft, or the releases --target-transformers/--target-peft name"
+            blocks.append(Line("fine on the target stack", target))
+            blocks.append(Line("would fail on other stacks (repair for one with --target-transformers/--target-peft)"))
+            blocks += [Line("-", line) for line in entry["fails_on"]]
+        else:
+            blocks += [Line("fails on", line) for line in entry["fails_on"]]
     blocks += [Line("ERROR", error) for error in entry["errors"]]
     blocks += _adapter_blocks(entry, "")
     for adapter in entry["adapters"]:
@@ -258,6 +287,17 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
     return section
 
 
+RETRAIN_EXPORT = (
+    "retraining is preferred: training on from this merged model starts with fresh optimizer state and without "
+    "the adapter's structure; it reproduces the trained model's outputs, not its training run"
+)
+
+
+def _capped(label: str, names: list[str]) -> Line:
+    """``label (N): a, b, ... (+k more; --format json lists all)``: a long list shown by its count and first names."""
+    return Line(f"{label} ({len(names)})", listed(list(names), where_all="--format json lists all"))
+
+
 def _export_section(report: Report) -> Section:
     info = export_dict(report.export)
     done = "written" if report.checkpoints and report.checkpoints[0].output else "dry run: nothing written"
@@ -265,11 +305,12 @@ def _export_section(report: Report) -> Section:
         Line("base model", info["base_model"]),
         Line("architectures", str(info["architectures"])),
         Line("dtype", info["dtype"]),
-        Line(f"merged {info['peft_type']} into", code=tuple(info["merged_modules"])),
-        Line("from the adapter", code=tuple(info["tensors_from_adapter"])),
+        _capped(f"merged {info['peft_type']} into", info["merged_modules"]),
+        _capped("from the adapter", info["tensors_from_adapter"]),
     ]
     if info["files_copied_from_base"]:
-        blocks.append(Line("copied from the base", code=tuple(info["files_copied_from_base"])))
+        blocks.append(_capped("copied from the base", info["files_copied_from_base"]))
+    blocks.append(Line("WARNING", RETRAIN_EXPORT))
     blocks.append(Table("files", ("file", "tensors"), tuple((n, str(c)) for n, c in info["shards"].items())))
     return Section(f"export to {report.out} ({done})" if report.out else f"export ({done})", blocks)
 

@@ -52,7 +52,7 @@ def _text_line(line: Line, indent: str) -> str:
     if line.label == "-":
         return f"{indent}- {line.text}"
     value = ", ".join(line.code) + (": " if line.code and line.text else "") + line.text
-    return f"{indent}{line.label}: {value}"
+    return f"{indent}{line.label}: {value}" if value else f"{indent}{line.label}:"
 
 
 def draw_text(sections: list[Section], headings: str = "== ") -> str:
@@ -85,6 +85,8 @@ def _sentence_start(label: str) -> str:
 def _markdown_line(line: Line) -> str:
     code = ", ".join(f"`{c}`" for c in line.code)
     value = code + (": " if code and line.text else "") + line.text
+    if not value:
+        return f"- **{_sentence_start(line.label)}:**"
     if line.label == "ERROR":
         return f"> **Error:** {value}"
     if line.label == "-":

@@ -42,5 +42,8 @@ def test_fix_verify_publishes_nothing_when_verification_fails(tmp_path, monkeypa
 
 
 def test_fix_verify_needs_a_base_model(tmp_path):
+    """--verify asked for and no base model at hand (none given, none named by the adapter): a usage error (exit 2),
+    and nothing is written."""
     code, _, stderr = run_cli("fix", CASE / "run", "--out", tmp_path / "out", "--verify")
-    assert code == 6 and "--base-model" in stderr
+    assert code == 2 and "--base-model" in stderr
+    assert not (tmp_path / "out").exists()

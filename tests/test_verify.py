@@ -181,7 +181,7 @@ def test_user_errors_raise_unreadable_input(tmp_path):
     base = FIXTURES / name / "base"
     with pytest.raises(UnreadableInputError, match="checkpoint directory not found"):
         verify_checkpoint(tmp_path / "nope", base)
-    with pytest.raises(UnreadableInputError, match="base model directory not found"):
+    with pytest.raises(UnreadableInputError, match="base model not found: no such directory"):
         verify_checkpoint(checkpoint_of(name), tmp_path / "nope")
     with pytest.raises(UnreadableInputError, match="source directory not found"):
         verify_checkpoint(checkpoint_of(name), base, source_dir=tmp_path / "nope")

@@ -43,6 +43,12 @@ class CkptMigrateError(Exception):
         return f"{self.path}: {self.message}" if self.path is not None else self.message
 
 
+class UsageError(CkptMigrateError):
+    """The call itself is incomplete or contradictory (a required option is missing): exit 2, as click's own."""
+
+    exit_code = EXIT_USAGE
+
+
 class UnreadableInputError(CkptMigrateError):
     """The input is missing, malformed, inconsistent or unsafe to read."""
 

@@ -99,11 +99,12 @@ def plan_fold(
     the config gives this module.
     """
     where = state.source_dir / state.weights_file
+    what = "head module" if head_root(module) else "module"  # export folds the body's modules too
     if "lora_A" not in parts or "lora_B" not in parts:
         missing = "lora_B" if "lora_A" in parts else "lora_A"
-        raise UnreadableInputError(f"LoRA of head module {module!r} has no {missing} tensor", where)
+        raise UnreadableInputError(f"LoRA of {what} {module!r} has no {missing} tensor", where)
     if set(parts) - {"lora_A", "lora_B", "lora_magnitude_vector"}:
-        raise UnreadableInputError(f"head module {module!r} carries unsupported LoRA tensors {sorted(parts)}", where)
+        raise UnreadableInputError(f"{what} {module!r} carries unsupported LoRA tensors {sorted(parts)}", where)
     lora_a, lora_b = state.tensors[parts["lora_A"]], state.tensors[parts["lora_B"]]
     rank, _ = rank_and_alpha(state.config, module)
     out_in = (lora_b.shape[0], lora_a.shape[-1])  # nn.Linear stores (out, in); Conv1D (fan_in_fan_out) (in, out)
@@ -122,18 +123,18 @@ def plan_fold(
         or weight.shape != expected
     ):
         raise UnreadableInputError(
-            f"head module {module!r}: lora_B {lora_b.shape} @ lora_A {lora_a.shape} does not compose "
+            f"{what} {module!r}: lora_B {lora_b.shape} @ lora_A {lora_a.shape} does not compose "
             f"with the weight {weight.shape}",
             where,
         )
     if lora_a.shape[0] != rank:
         raise UnreadableInputError(
-            f"head module {module!r}: lora_A has rank {lora_a.shape[0]} but the config (r/rank_pattern) gives {rank}",
+            f"{what} {module!r}: lora_A has rank {lora_a.shape[0]} but the config (r/rank_pattern) gives {rank}",
             where,
         )
     magnitude = parts.get("lora_magnitude_vector", "")
     if magnitude and state.tensors[magnitude].shape not in ((weight.shape[0],), (1, weight.shape[0])):
-        raise UnreadableInputError(f"head module {module!r}: DoRA magnitude shape does not match the weight", where)
+        raise UnreadableInputError(f"{what} {module!r}: DoRA magnitude shape does not match the weight", where)
     from_base = weight.source.kind is SourceKind.BASE
     source = Source(
         SourceKind.FOLD,

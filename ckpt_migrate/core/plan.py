@@ -221,11 +221,23 @@ class CheckpointPlan:
     def rewritten_adapters(self) -> list[tuple[str, CheckpointPlan]]:
         """The adapters written anew, by path prefix ("" at the top, "task_b/" in a subfolder).
 
-        An adapter is rewritten when a migration ran on it (at the top: on it or on the Trainer files beside it);
-        any other adapter of the checkpoint is copied byte for byte.
+        An adapter is rewritten when its tensors or its config change; of its two files only the one that changes
+        is written anew (``weights_changed``, ``config_changed``), the other is copied byte for byte, as is every
+        adapter a migration ran on without changing it (the manifest records the migrations, not the adapter).
         """
         candidates = [("", self)] + [(f"{adapter.relative}/", adapter) for adapter in self.adapters]
-        return [(p, a) for p, a in candidates if a.after.weights_file and a.after.applied != a.before.applied]
+        return [(p, a) for p, a in candidates if a.after.weights_file and (a.weights_changed or a.config_changed)]
+
+    @property
+    def weights_changed(self) -> bool:
+        """Whether the adapter's weights file is written anew: a tensor added, removed or recomputed, or a .bin
+        rewritten as safetensors."""
+        before, after = self.before, self.after
+        return after.weights_file != before.weights_file or before.tensors != after.tensors
+
+    @property
+    def config_changed(self) -> bool:
+        return self.before.config != self.after.config
 
     @property
     def tensors_removed(self) -> list[PlannedTensor]:

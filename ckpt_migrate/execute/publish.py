@@ -10,9 +10,11 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ckpt_migrate import interrupts
 from ckpt_migrate.core.errors import OutputError, UnreadableInputError, UnrecoverableError
 from ckpt_migrate.core.plan import Status
 from ckpt_migrate.core.report import CheckpointResult
@@ -23,26 +25,58 @@ from ckpt_migrate.formats.files import fsync_directory, fsync_tree
 STAGING_MARK = ".ckpt-migrate-staging-"
 
 
-def _pid_alive(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (clock ticks since boot; Linux), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name, in parentheses, may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _host() -> str:
+    return "".join(c for c in socket.gethostname() if c.isalnum() or c == ".")[:64] or "host"
+
+
+def _owner_tag() -> str:
+    """``PID-STARTTIME-HOST``: enough for a later run to tell a dead owner from a live one (a reused pid has
+    another start time; a staging directory on a shared filesystem from another host is never touched)."""
+    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}-{_host()}"
+
+
+def _owner_dead(tag: str) -> bool:
+    """Whether the run that made a staging directory tagged ``tag`` is certainly gone."""
+    pid_text, _, rest = tag.partition("-")
+    start, _, host = rest.partition("-")
+    if not pid_text.isdigit() or (rest and host != _host()):
+        return False  # not ours to judge: a foreign name, or another host's run
+    pid = int(pid_text)
+    if pid == os.getpid():  # this process owns no staging directory yet: an earlier process with this pid left it
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        pass  # alive, another user's
+    started = _start_time(pid)
+    return bool(rest) and start != "0" and started is not None and started != start  # the pid was reused
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove staging directories a killed earlier run left beside ``out``."""
+    """Remove the staging directories killed earlier runs left beside ``out`` (for any output in that directory;
+    a live run's are kept)."""
     removed = []
-    prefix = f".{out.name}{STAGING_MARK}"
-    for candidate in out.parent.iterdir():  # not glob(): --out names may contain [, * or ?
-        pid_text = candidate.name[len(prefix) :]
-        if not candidate.name.startswith(prefix) or not pid_text.isdigit():
+    try:
+        candidates = list(out.parent.iterdir())  # not glob(): names may contain [, * or ?
+    except OSError:
+        return removed
+    for candidate in candidates:
+        name, mark, tag = candidate.name.rpartition(STAGING_MARK)
+        if not mark or not name.startswith(".") or not candidate.is_dir() or candidate.is_symlink():
             continue
-        # our own pid cannot own a staging dir yet: it was left by an earlier process that had this pid
-        if candidate.is_dir() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
+        if _owner_dead(tag):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
@@ -90,9 +124,12 @@ def check_output_target(src: Path, out: Path, allow_earlier_batch: bool = False)
         raise OutputError(f"cannot inspect the output directory: {exc.strerror or exc}", out) from exc
     if occupied and not (allow_earlier_batch and earlier_batch_output(src, out)):
         raise OutputError("--out exists and is not an empty directory; refusing to overwrite", out)
-    if not out_resolved.parent.is_dir():
-        problem = "is not a directory" if out_resolved.parent.exists() else "does not exist"
-        raise OutputError(f"parent directory {problem}", out_resolved.parent)
+    if not out_resolved.parent.is_dir():  # as cp and rsync: --out itself is created, never its parents
+        if out_resolved.parent.exists():
+            raise OutputError("the parent of --out is not a directory", out_resolved.parent)
+        raise OutputError(
+            "the parent of --out does not exist (only --out itself is created: mkdir -p it)", out_resolved.parent
+        )
     if not os.access(out_resolved.parent, os.W_OK):
         raise OutputError("parent directory is not writable", out_resolved.parent)
 
@@ -106,13 +143,16 @@ def staged_output(out: Path) -> Iterator[Path]:
     """
     out = out.resolve()
     remove_stale_staging(out)
-    staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}"
+    staging = out.parent / f".{out.name}{STAGING_MARK}{_owner_tag()}"
     try:
         staging.mkdir()
     except OSError as exc:
         raise OutputError(f"cannot create staging directory: {exc.strerror}", staging) from exc
+    interrupts.live_staging.add(staging)
     try:
         yield staging
+        if interrupts.interrupted():  # a Ctrl-C some library swallowed (it re-raised another error, then recovered)
+            raise KeyboardInterrupt
         if not any(staging.iterdir()):
             staging.rmdir()
             return
@@ -125,12 +165,17 @@ def staged_output(out: Path) -> Iterator[Path]:
             staging.rmdir()
         else:
             os.rename(staging, out)
+        interrupts.live_staging.discard(staging)
+        interrupts.published.append(out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"writing failed: {exc.strerror or exc}", exc.filename or out) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if not staging.exists():
+            interrupts.live_staging.discard(staging)
     # Published: --out is complete. Making the rename durable is best effort; failing it must not report
     # "nothing was published" nor remove anything.
     with contextlib.suppress(OSError):
@@ -152,18 +197,21 @@ def write_and_publish(
     left out and its result says why; output errors such as a full disk abort everything. A single
     checkpoint's failure is raised. ``hashes``: input hashes the caller started ahead (see ``write_checkpoint``).
     """
-    from tqdm import tqdm
-
     from ckpt_migrate.execute.write import bytes_to_process, write_checkpoint
+    from ckpt_migrate.progress import byte_bar, label
 
     to_write = [r for r in results if r.status is Status.REPAIRABLE and r.plan is not None]
     total = sum(bytes_to_process(r.plan) for r in to_write)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if progress is None else not progress)
+    names = [label(r.relative, r.source) for r in to_write]
+    first = (names[0] if len(names) == 1 else f"{names[0]} (1/{len(names)})") if names else ""
+    bar = byte_bar(total, first, progress)
     with bar, staged_output(out) as staging:
         for index, result in enumerate(to_write, 1):
-            bar.set_description(f"{result.relative} ({index}/{len(to_write)})")
+            if len(to_write) > 1:
+                bar.set_description(f"{names[index - 1]} ({index}/{len(to_write)})")
             target = staging / result.relative
             target.mkdir(parents=True, exist_ok=True)
+            counted_before = bar.n
             try:
                 write_checkpoint(result.plan, target, bar.update, hashes)
             except (UnreadableInputError, UnrecoverableError) as exc:
@@ -171,6 +219,7 @@ def write_and_publish(
                     raise
                 shutil.rmtree(target, ignore_errors=True)
                 result.status, result.error = Status.UNREADABLE, str(exc)
+                bar.update(max(0, bytes_to_process(result.plan) - (bar.n - counted_before)))  # its share is done
                 continue
             if check is not None and not check(result, target):
                 shutil.rmtree(target)

@@ -19,6 +19,8 @@ from ckpt_migrate.formats import files
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, BIN_WEIGHTS, MANIFEST, SAFETENSORS_WEIGHTS
 from ckpt_migrate.formats.digests import Hashes, OnBytes
 from ckpt_migrate.formats.safetensors import read_header, write_safetensors
+from ckpt_migrate.formats.trainer_files import rewritten_adapter_files
+from ckpt_migrate.progress import Budget
 
 METADATA_KEY = "ckpt_migrate"
 
@@ -40,8 +42,7 @@ def rewrite_file(
 def _inputs_by_handling(plan: CheckpointPlan) -> tuple[list[str], list[str], list[str]]:
     """Source files split into (copied byte for byte, read to be rewritten, dropped unread)."""
     before, after = plan.before, plan.after
-    adapter = {p + name for p, a in plan.rewritten_adapters for name in (ADAPTER_CONFIG, a.before.weights_file)}
-    read_to_rewrite = adapter | {MANIFEST} | set(after.rewritten_files)
+    read_to_rewrite = rewritten_adapter_files(plan) | {MANIFEST} | set(after.rewritten_files)
     copied = [n for n in sorted(before.files) if n in after.files and n not in read_to_rewrite]
     rewritten = [n for n in sorted(before.files) if n in read_to_rewrite]
     dropped = [n for n in sorted(before.files) if n not in after.files and n not in read_to_rewrite]
@@ -53,7 +54,7 @@ def bytes_to_process(plan: CheckpointPlan) -> int:
     and rewritten files counted at their source's size)."""
     copied, rewritten, _ = _inputs_by_handling(plan)
     files = plan.before.files
-    weights = sum(files[p + a.before.weights_file] for p, a in plan.rewritten_adapters)
+    weights = sum(files[p + a.before.weights_file] for p, a in plan.rewritten_adapters if a.weights_changed)
     rewrites = sum(files.get(n, 0) for n in plan.after.rewritten_files)
     return sum(files[n] for n in copied + rewritten) + 2 * sum(files[n] for n in copied) + 2 * weights + rewrites
 
@@ -118,24 +119,30 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
     importing = _import_torch_meanwhile(plan)
     outputs: dict[str, str] = {}
     hashed_while_written: dict[str, Callable[[], str]] = {}
-    for _, kind, name in _largest_first(plan, copied):
+    # what a rewrite writes and hashes differs from the estimate bytes_to_process counts: held to it exactly
+    budgets: dict[str, Budget] = {}
+    for size, kind, name in _largest_first(plan, copied):
         if kind == "copy":
             outputs[name] = files.copy_file(source / name, target / name, progress)
         elif kind == "rewrite":
-            digest = rewrite_file(name, plan, target, progress)
+            budgets[name] = Budget(progress, size)
+            digest = rewrite_file(name, plan, target, budgets[name])
             if digest is None:
-                hashes.start(target / name, progress)
+                hashes.start(target / name, budgets[name])
             else:
                 hashed_while_written[name] = digest
         else:  # an adapter, at the top ("") or in a subfolder ("task_b/")
             adapter = dict(plan.rewritten_adapters)[name]
+            budgets[name] = Budget(progress, 2 * size if adapter.weights_changed else 0)
             (target / name).mkdir(exist_ok=True)
-            outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, progress).items()})
+            outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, budgets[name]).items()})
     inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
     outputs.update({name: digest() for name, digest in hashed_while_written.items()})
     outputs.update(
-        {name: hashes.result(target / name, progress) for name in after.rewritten_files if name not in outputs}
+        {name: hashes.result(target / name, budgets.get(name)) for name in after.rewritten_files if name not in outputs}
     )
+    for budget in budgets.values():
+        budget.finish()
     if importing is not None:
         importing.join()
     for name in copied:
@@ -177,19 +184,23 @@ def _largest_first(plan: CheckpointPlan, copied: list[str]) -> list[tuple[int, s
 
 
 def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None) -> dict[str, str]:
-    """The new adapter weights (copied, folded) and config; their sha256 by file name."""
+    """Of the adapter's weights (tensors copied, folded) and config, the ones that change; their sha256 by file name.
+
+    The other is in the checkpoint's byte-for-byte copies."""
     after = plan.after
-    reader = TensorReader.of(plan)
-    metadata = reader.source_metadata
-    record = {"migrations_applied": after.applied, "tool_version": __version__}
-    metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
-    tensors = output_tensors(plan.after.tensors.values(), reader)
-    config_text = json.dumps(after.config, indent=2, sort_keys=True)
-    phase = reader.source_data_start
-    return {
-        after.weights_file: write_safetensors(target / after.weights_file, tensors, metadata, progress, phase),
-        ADAPTER_CONFIG: files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8")),
-    }
+    written: dict[str, str] = {}
+    if plan.config_changed:
+        config_text = json.dumps(after.config, indent=2, sort_keys=True)
+        written[ADAPTER_CONFIG] = files.write_new(target / ADAPTER_CONFIG, config_text.encode("utf-8"))
+    if plan.weights_changed:
+        reader = TensorReader.of(plan)
+        metadata = reader.source_metadata
+        record = {"migrations_applied": after.applied, "tool_version": __version__}
+        metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
+        tensors = output_tensors(plan.after.tensors.values(), reader)
+        phase = reader.source_data_start
+        written[after.weights_file] = write_safetensors(target / after.weights_file, tensors, metadata, progress, phase)
+    return written
 
 
 def verify_written(plan: CheckpointPlan, target: Path) -> None:

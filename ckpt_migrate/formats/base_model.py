@@ -18,6 +18,7 @@ from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.plan import PlannedTensor, Source, SourceKind
 from ckpt_migrate.core.text import describe_exception
 from ckpt_migrate.formats.files import read_json_object
+from ckpt_migrate.formats.hub import check_model_directory
 from ckpt_migrate.formats.safetensors import SafetensorsHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ class BaseModel:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise UnreadableInputError("--base-model must be a local model directory", self.directory)
+        check_model_directory(self.directory)
         self._headers: dict[str, SafetensorsHeader] = {}
         self._weight_map: dict[str, str] | None = None
 

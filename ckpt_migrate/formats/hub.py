@@ -50,6 +50,20 @@ def resolve(name_or_path: str | Path, *, what: str, revision: str | None = None)
         ) from None
 
 
+def check_model_directory(path: Path, what: str = "base model") -> Path:
+    """``path``, or the one wording every command uses for a model directory that is missing or a file."""
+    if not path.exists():
+        raise UnreadableInputError(f"{what} not found: no such directory (nor a Hub id in the cache)", path)
+    if not path.is_dir():
+        raise UnreadableInputError(f"{what} is a file, not a model directory", path)
+    return path
+
+
+def resolve_model(name_or_path: str | Path, what: str = "base model") -> Path:
+    """:func:`resolve`, then :func:`check_model_directory`."""
+    return check_model_directory(resolve(name_or_path, what=what), what)
+
+
 def resolve_cached(name: str | None) -> Path | None:
     """A local directory for ``name`` without touching the network (a path, or a cached snapshot), else None."""
     if not name or not isinstance(name, str):

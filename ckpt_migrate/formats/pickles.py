@@ -28,6 +28,21 @@ MAX_PICKLE_BYTES = 16 * 1024 * 1024
 _OBJECT_OPCODES = frozenset({"INST", "OBJ", "EXT1", "EXT2", "EXT4"})
 
 
+def _not_an_archive(path: Path) -> str:
+    """Why a file is no readable torch zip archive, judged by its first bytes: a zip cut short (a copy or a save
+    that did not finish), a pickle (torch.save before 1.6), or something else."""
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except OSError:
+        magic = b""
+    if magic.startswith(b"PK"):
+        return "a truncated or corrupt torch zip archive (an interrupted save or copy?)"
+    if magic[:1] == b"\x80":
+        return "a legacy torch file (torch.save before 1.6), not a zip archive"
+    return "not a torch file"
+
+
 def _data_pkl(path: Path) -> bytes:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -41,9 +56,7 @@ def _data_pkl(path: Path) -> bytes:
     except FileNotFoundError:
         raise UnreadableInputError("missing", path) from None
     except (zipfile.BadZipFile, NotImplementedError, ValueError):
-        raise UnreadableInputError(
-            "not a torch zip archive (torch.save before 1.6 or not a torch file); cannot read it safely", path
-        ) from None
+        raise UnreadableInputError(f"{_not_an_archive(path)}; cannot read it safely", path) from None
     except OSError as exc:
         raise UnreadableInputError(f"cannot read: {exc.strerror or exc}", path) from exc
 

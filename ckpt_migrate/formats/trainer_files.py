@@ -102,10 +102,21 @@ def classify(name: str, beside_adapter: bool = False) -> FileKind | None:
     return None if beside_adapter and pickled_model else kind
 
 
+def rewritten_adapter_files(plan: CheckpointPlan) -> set[str]:
+    """The adapter files (with their subfolder prefix) written anew rather than copied byte for byte."""
+    written = set()
+    for prefix, adapter in plan.rewritten_adapters:
+        if adapter.weights_changed:
+            written.add(prefix + (adapter.before.weights_file or ""))
+        if adapter.config_changed:
+            written.add(prefix + ADAPTER_CONFIG)
+    return written
+
+
 def file_verdicts(plan: CheckpointPlan) -> list[tuple[str, int, Verdict, str]]:
     """Every file of the source checkpoint: (path, bytes, verdict, why)."""
     after = plan.after
-    rewritten = {p + name: a for p, a in plan.rewritten_adapters for name in (ADAPTER_CONFIG, a.before.weights_file)}
+    rewritten = rewritten_adapter_files(plan)
     verdicts = []
     for name, size in sorted(plan.before.files.items()):
         kind = classify(name, beside_adapter=plan.before.weights_file is not None)
@@ -114,20 +125,14 @@ def file_verdicts(plan: CheckpointPlan) -> list[tuple[str, int, Verdict, str]]:
         elif name in after.rewritten_files:
             verdict, why = Verdict.REWRITTEN, after.rewritten_files[name].reason
         elif name in rewritten:
-            adapter = rewritten[name]
-            changed = adapter.tensors_added or adapter.tensors_removed or adapter.config_changes
-            why = (
-                "adapter rewritten by the repair"
-                if changed
-                else "adapter unchanged, written anew (migrations in its metadata)"
-            )
-            verdict = Verdict.REWRITTEN
+            what = "adapter config" if name.endswith(ADAPTER_CONFIG) else "adapter weights"
+            verdict, why = Verdict.REWRITTEN, f"{what} rewritten by the repair"
         elif name == MANIFEST:
             verdict, why = Verdict.REWRITTEN, "replaced by the manifest of this repair"
         elif kind is None:
             verdict, why = Verdict.UNEXAMINED, "not a file this tool knows: copied byte for byte, never read"
         elif kind.what.startswith("peft adapter"):
-            verdict, why = Verdict.COPIED, f"{kind.what}: nothing to repair in this adapter"
+            verdict, why = Verdict.COPIED, f"{kind.what}: unchanged by the repair"
         elif kind.per_parameter:
             verdict, why = Verdict.COPIED, f"{kind.what}: the trainable parameters did not change"
         else:

@@ -32,7 +32,7 @@ from ckpt_migrate.core.plan import CheckpointState
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, EXPORT_MANIFEST, read_manifest
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import load_state
-from ckpt_migrate.formats.hub import resolve
+from ckpt_migrate.formats.hub import resolve_model
 from ckpt_migrate.verification.result import SEEDS, TOLERANCES, VerifyResult
 
 __all__ = [
@@ -162,7 +162,4 @@ def _adapter_dir(path: str | Path, what: str) -> Path:
 
 
 def _base_model(name_or_path: str | Path) -> BaseModel:
-    path = resolve(name_or_path, what="--base-model")
-    if not path.is_dir():
-        raise UnreadableInputError("base model directory not found", path)
-    return BaseModel(path)
+    return BaseModel(resolve_model(name_or_path))
