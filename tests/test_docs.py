@@ -48,10 +48,9 @@ def test_generated_regions_hold_every_migration_and_a_real_dry_run():
     for migration in list_migrations():
         summary = migration.SUMMARY.replace("|", "\\|")  # as a Markdown cell
         assert f"| `{migration.ID}` | {summary} |" in readme
-    assert (
-        "$ ckpt-migrate fix llama_score/run/checkpoint-4 --dry-run\n== llama_score/run/checkpoint-4: repairable"
-        in readme
-    )
+    command = "$ ckpt-migrate fix llama_score/run/checkpoint-4 --dry-run --base-model llama_score/base"
+    assert f"{command}\n== llama_score/run/checkpoint-4: repairable" in readme
+    assert "proof: will run:" in readme
 
 
 def test_an_unterminated_region_is_an_error(tmp_path):
