@@ -146,7 +146,8 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     repaired = args.work / f"repaired-L{args.blocks}"
     if not repaired.is_dir():
-        subprocess.run([bin_dir / "ckpt-migrate", "fix", checkpoint, "--out", repaired, "--quiet"], check=True)
+        fix = [bin_dir / "ckpt-migrate", "fix", checkpoint, "--out", repaired, "--quiet"]
+        subprocess.run(fix, check=True, stdout=subprocess.DEVNULL)
     size = sum(p.stat().st_size for p in base.iterdir())
     outs = {name: args.work / f"out-{name}" for name in ("copy", "export", "naive")}
     commands = {

@@ -188,28 +188,33 @@ def value(reader: TensorReader, tensor: PlannedTensor) -> Any:
 
 
 def output_tensors(
-    tensors: Iterable[PlannedTensor], reader: TensorReader, cast_to: str | None = None
+    tensors: Iterable[PlannedTensor], reader: TensorReader, cast_to: str | None = None, fold_with_torch: bool = False
 ) -> list[OutputTensor]:
     """Every tensor to write: byte ranges to copy, or a function computing the bytes when the writer needs them.
 
     Nothing is computed here, so memory holds one computed tensor at a time however many there are.
-    ``cast_to``: a safetensors float dtype every floating tensor is converted to.
+    ``cast_to``: a safetensors float dtype every floating tensor is converted to. ``fold_with_torch``: fold with
+    torch rather than numpy (the same bytes): worth it only where torch is imported anyway and there are many
+    folds (export: its float64 matmul was measured 1.3-1.6 CPU-s per 0.6 GiB of folded weights cheaper than numpy's).
     """
     outputs = []
     for tensor in tensors:
         dtype = cast_to if cast_to and DTYPES[tensor.dtype].floating else tensor.dtype
         if tensor.source.kind in (SourceKind.FOLD, SourceKind.COMPUTED) or dtype != tensor.dtype:
-            data: Computed | CopyFrom = partial(_computed_bytes, reader, tensor, dtype)
+            data: Computed | CopyFrom = partial(_computed_bytes, reader, tensor, dtype, fold_with_torch)
         else:
             data = reader.copy_source(tensor)
         outputs.append(OutputTensor(tensor.name, dtype, tensor.shape, data))
     return outputs
 
 
-def _computed_bytes(reader: TensorReader, tensor: PlannedTensor, dtype: str) -> memoryview:
-    bits = folded_bits(reader, tensor, dtype) if tensor.source.kind is not SourceKind.COMPUTED else None
+def _computed_bytes(reader: TensorReader, tensor: PlannedTensor, dtype: str, fold_with_torch: bool) -> memoryview:
+    by_torch = tensor.source.kind is SourceKind.COMPUTED or (fold_with_torch and tensor.source.kind is SourceKind.FOLD)
+    bits = None if by_torch else folded_bits(reader, tensor, dtype)
     if bits is not None:
         import numpy as np
 
         return memoryview(np.ascontiguousarray(bits)).cast("B")
+    if tensor.source.kind is SourceKind.FOLD:
+        return tensor_bytes(fold(reader, tensor).to(to_torch(dtype)))
     return tensor_bytes(value(reader, tensor).to(to_torch(dtype)))
