@@ -1,33 +1,31 @@
 #!/usr/bin/env python
-"""Benchmark ``ckpt-migrate`` against a durable copy of the same bytes, on synthetic full-size checkpoints.
+"""Benchmark ``ckpt-migrate`` against a durable copy of the same bytes, in alternating pairs, on synthetic checkpoints.
 
-    python benchmarks/bench.py                       # 128 Llama-7B layers, r=64, fp32: 2.39 GiB adapter
-    python benchmarks/bench.py --blocks 8 --repeat 2 # smaller
-    python benchmarks/bench.py --cache warm --json results.json
+    python benchmarks/bench.py --blocks 64           # 64 Llama-7B layers, r=64, fp32: 1.20 GiB adapter
+    python benchmarks/bench.py                       # 128 layers: 2.39 GiB
+    python benchmarks/bench.py --blocks 8 --pairs 5 --suites adapter
 
-Two checkpoints of the same peft-0.12 double-wrapped adapter are generated once into --work
-(default <repo>/bench-work, gitignored) and reused (see synth.py):
+Checkpoints of the same peft-0.12 double-wrapped adapter are generated once into --work (default
+<repo>/bench-work, gitignored) and reused (see synth.py):
 
-    small   the adapter + a small (stateless) optimizer.pt: fix drops it, cp copies it, a few KB;
-    big     the adapter + an AdamW optimizer.pt of ~2x the adapter, and a base model config.
+    adapter  the adapter, a small (stateless) optimizer.pt, the Trainer's small files, no rng_state.pth
+    trainer  the same with the fixture's rng_state.pth (a numpy-1 pickle: fix rewrites it, with torch)
+    big      the trainer checkpoint with an AdamW optimizer.pt of ~2x the adapter, and a base model config
 
-Then, for each page-cache mode (--cache, default: cold and warm when root can drop caches, else warm),
---repeat rounds, each running every command of a suite once, interleaved (each round starting one command later):
+Every wall-time figure is the median of per-pair ratios over --pairs alternating pairs (tool, reference, tool,
+reference, ... on the same source, page cache warm), with the min-max of those ratios, each side's CPU seconds
+(user+sys) and peak RSS (GNU time), and the 1-minute load average before each run:
 
-    small:  cp+sync  cp -r SRC DST && sync DST/*           (copy, then fsync every copied file)
-            fix      ckpt-migrate fix SRC --out DST --quiet (--optimizer drop, the default)
-            naive    python benchmarks/naive_fix.py SRC DST (load_file everything, fold, save_file, copy)
-            dry-run  ckpt-migrate fix SRC --dry-run --format json
-            help     ckpt-migrate --help
-    big:    cp+sync  the same copy, optimizer included
-            remap    ckpt-migrate fix SRC --out DST --quiet --optimizer remap --base-model BASE
+    adapter:  fix (--quiet)             vs  cp -r SRC DST && sync DST/*
+              fix                       vs  python benchmarks/naive_fix.py SRC DST (load all, fold, save_file)
+    trainer:  fix                       vs  cp -r + sync
+    big:      fix --optimizer remap     vs  cp -r + sync
 
-Before every run all dirty data is synced; cold: the page cache is then dropped; warm: every input file
-is read once first. Wall time is measured around spawn..exit; peak RSS and CPU times come from GNU time
-(for the cp+sync shell, the largest of sh, cp and sync); the 1-minute load average before each run is
-recorded. The last fix/naive outputs are compared tensor by tensor, the last remap output against what
-the generator knows its source holds. Finally the dry run is timed on this and a tiny checkpoint,
-alternating, to show whether its time and memory grow with size.
+and, run alone --pairs times: the dry run (and whether it imports torch), ``--help``, ``python -c "import
+torch"``. Whether ``fix`` imports torch is read from one extra run under ``-X importtime``. Before every run all
+dirty data is synced, then every input file is read once (warm), or the page cache is dropped (--cache cold, root).
+The last fix/naive outputs are compared tensor by tensor, the last remap output against what the generator knows
+its source holds. Finally the dry run is paired on this and a tiny checkpoint, to show whether it grows with size.
 """
 
 from __future__ import annotations
@@ -47,9 +45,15 @@ import report  # noqa: E402
 import runner  # noqa: E402
 import synth  # noqa: E402
 from compare import compare_checkpoints, compare_remap  # noqa: E402
-from runner import Result, log, remove  # noqa: E402
+from runner import Pairs, Result, log, remove  # noqa: E402
 
-SUITES = {"small": ("cp+sync", "fix", "naive", "dry-run", "help"), "big": ("cp+sync", "remap")}
+#: suite -> (spec changes, (tool, reference) pairs, commands run alone)
+SUITES = {
+    "adapter": ({"optimizer": "small", "rng_state": False}, [("fix", "cp+sync"), ("fix", "naive")], ["dry-run"]),
+    "trainer": ({"optimizer": "small"}, [("fix", "cp+sync")], []),
+    "big": ({}, [("remap", "cp+sync")], []),
+}
+ALONE = ["help", "import-torch"]  # run alone once per benchmark, on the first suite's checkpoint
 WRITES = {"cp+sync", "fix", "remap", "naive"}
 
 
@@ -67,7 +71,14 @@ def command_line(name: str, src: Path, dst: Path, ckpt: str) -> list[str]:
         return [sys.executable, str(HERE / "naive_fix.py"), str(src), str(dst)]
     if name == "help":
         return [ckpt, "--help"]
+    if name == "import-torch":
+        return [sys.executable, "-c", "import torch"]
     raise ValueError(name)
+
+
+def as_python(argv: list[str], ckpt: str) -> list[str]:
+    """The same command run as ``python -m ckpt_migrate`` (to ask which modules it imports)."""
+    return [sys.executable, "-m", "ckpt_migrate", *argv[1:]] if argv[0] == ckpt else argv
 
 
 def validate(name: str, code: int, dst: Path, stdout: Path, stderr: Path) -> None:
@@ -90,34 +101,61 @@ def validate(name: str, code: int, dst: Path, stdout: Path, stderr: Path) -> Non
         raise SystemExit(f"{name} failed: {problem}\n--- stderr tail ---\n{stderr.read_text()[-2000:]}")
 
 
-def benchmark(
-    jobs: dict[str, tuple[str, Path]], work: Path, repeat: int, cold: bool, ckpt: str, keep_last: set[str]
-) -> tuple[dict[str, Result], dict[str, Path]]:
-    """Run every job (key -> (command, source)) once per round, ``repeat`` rounds, interleaved."""
+def _measure(name: str, src: Path, dst: Path, ckpt: str, cold: bool, warm_paths: list[Path], tag: str) -> runner.Run:
+    stdout, stderr = dst.parent / f"{name}.stdout", dst.parent / f"{name}.stderr"
+    runner.settle(cold, warm_paths)
+    run = runner.spawn_measured(command_line(name, src, dst, ckpt), stdout, stderr)
+    validate(name, run.exit_code, dst, stdout, stderr)
+    cpu = run.user_s + run.sys_s
+    log(f"  [{tag}] {name:12s} {run.wall_s:7.2f} s {cpu:6.2f} CPU-s {run.peak_rss_mb:7.1f} MB load {run.load_avg:.2f}")
+    return run
+
+
+def _warm_paths(*sources: Path) -> list[Path]:
+    return sorted({path for src in sources for path in (src, synth.base_dir(src))})
+
+
+def paired(
+    tool: str, reference: str, sources: tuple[Path, Path], work: Path, pairs: int, cold: bool, ckpt: str, keep: bool
+) -> tuple[Pairs, dict[str, Path]]:
+    """``pairs`` alternating runs: tool, reference, tool, reference, ... (each on its source; outputs removed)."""
     runs_dir = work / "runs"
     remove(runs_dir)
     runs_dir.mkdir(parents=True)
-    results = {
-        key: Result(name, shlex.join(command_line(name, src, runs_dir / "DST", ckpt)))
-        for key, (name, src) in jobs.items()
-    }
-    warm_paths = sorted({path for _, src in jobs.values() for path in (src, synth.base_dir(src))})
+    names = (tool, reference)
+    results = [
+        Result(n, shlex.join(command_line(n, s, runs_dir / "DST", ckpt))) for n, s in zip(names, sources, strict=True)
+    ]
     kept: dict[str, Path] = {}
-    for index in range(repeat):
-        for key, (name, src) in runner.rotated(list(jobs.items()), index):
-            dst = runs_dir / f"{key}-{index}"
-            stdout, stderr = runs_dir / f"{key}.stdout", runs_dir / f"{key}.stderr"
-            runner.settle(cold, warm_paths)
-            run = runner.spawn_measured(command_line(name, src, dst, ckpt), stdout, stderr)
-            validate(name, run.exit_code, dst, stdout, stderr)
-            results[key].runs.append(run)
-            measured = f"{run.wall_s:7.2f} s {run.peak_rss_mb:7.1f} MB load {run.load_avg:.2f}"
-            log(f"  [{index + 1}/{repeat}] {key:8s} {measured}")
-            if key in keep_last and index == repeat - 1:
-                kept[key] = dst
+    for index in range(pairs):
+        for name, src, result in zip(names, sources, results, strict=True):
+            dst = runs_dir / f"{name}-{index}"
+            tag = f"pair {index + 1}/{pairs}"
+            result.runs.append(_measure(name, src, dst, ckpt, cold, _warm_paths(*sources), tag))
+            if keep and index == pairs - 1 and name in WRITES:
+                kept[name] = dst
             else:
                 remove(dst)
-    return results, kept
+    return Pairs(*results), kept
+
+
+def alone(name: str, src: Path, work: Path, runs: int, cold: bool, ckpt: str) -> Result:
+    runs_dir = work / "runs"
+    remove(runs_dir)
+    runs_dir.mkdir(parents=True)
+    result = Result(name, shlex.join(command_line(name, src, runs_dir / "DST", ckpt)))
+    for index in range(runs):
+        result.runs.append(_measure(name, src, runs_dir / "DST", ckpt, cold, _warm_paths(src), f"{index + 1}/{runs}"))
+    return result
+
+
+def imports_torch(name: str, src: Path, work: Path, ckpt: str) -> bool:
+    """One extra (untimed) run of the command under ``-X importtime``: did it import torch?"""
+    dst = work / "runs" / "imports"
+    remove(dst)
+    modules = runner.imported_modules(as_python(command_line(name, src, dst, ckpt), ckpt))
+    remove(dst)
+    return any(m == "torch" or m.startswith("torch.") for m in modules)  # the CLI may exit before "torch" completes
 
 
 def hash_cost(path: Path) -> dict:
@@ -139,15 +177,30 @@ def hash_cost(path: Path) -> dict:
     return {"bytes": size, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "load_avg": runner.load_average()}
 
 
-def scaling_check(full: Result, tiny: Result, full_bytes: int, tiny_bytes: int) -> dict:
+def scaling_check(pair: Pairs, full_bytes: int, tiny_bytes: int) -> dict:
     """Does the dry run get slower or bigger with the checkpoint? (Noise allowance: 0.05 s / 25 %, 5 MB / 10 %.)"""
+    full, tiny = pair.tool, pair.reference
     return {
         "tiny_adapter_bytes": tiny_bytes,
         "full_adapter_bytes": full_bytes,
         "tiny": {"median_s": tiny.median_s, "peak_rss_mb": tiny.peak_rss_mb, "runs": [asdict(r) for r in tiny.runs]},
         "full": {"median_s": full.median_s, "peak_rss_mb": full.peak_rss_mb, "runs": [asdict(r) for r in full.runs]},
+        "median_ratio": pair.median_ratio,
         "time_grows": full.median_s - tiny.median_s > max(0.05, 0.25 * tiny.median_s),
         "rss_grows": full.peak_rss_mb - tiny.peak_rss_mb > max(5.0, 0.10 * tiny.peak_rss_mb),
+    }
+
+
+def _pairs_json(pair: Pairs) -> dict:
+    return {
+        "tool": pair.tool.command,
+        "reference": pair.reference.command,
+        "tool_argv": pair.tool.argv,
+        "reference_argv": pair.reference.argv,
+        "ratios": [round(r, 4) for r in pair.ratios],
+        "median_ratio": round(pair.median_ratio, 4),
+        "tool_runs": [asdict(r) for r in pair.tool.runs],
+        "reference_runs": [asdict(r) for r in pair.reference.runs],
     }
 
 
@@ -156,99 +209,89 @@ def main() -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     parser.add_argument(
-        "--blocks", type=int, default=synth.Spec().blocks, help="transformer layers (default 128 = 2.39 GiB)"
+        "--blocks", type=int, default=synth.Spec().blocks, help="transformer layers (default 128 = 2.39 GiB; 64 = 1.20)"
     )
-    parser.add_argument("--repeat", type=int, default=3, help="rounds per suite and cache mode (default 3)")
+    parser.add_argument("--pairs", type=int, default=7, help="alternating pairs per comparison (default 7, min 5)")
     parser.add_argument("--work", type=Path, default=runner.REPO / "bench-work", help="cache and scratch directory")
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
-    parser.add_argument("--cache", help="comma-separated: cold (needs root), warm; default both when possible")
-    parser.add_argument("--suites", default="small,big", help="comma-separated subset of small,big")
+    parser.add_argument("--cache", choices=["warm", "cold"], default="warm", help="page cache before each run")
+    parser.add_argument("--suites", default="adapter,trainer,big", help="comma-separated subset of " + ",".join(SUITES))
     parser.add_argument(
         "--scaling-blocks", type=int, default=2, help="tiny size for the dry-run scaling check (0: skip)"
     )
-    parser.add_argument("--scaling-repeat", type=int, default=5, help="rounds of the scaling check (default 5)")
     parser.add_argument("--ckpt-migrate", default=str(Path(sys.executable).parent / "ckpt-migrate"))
     args = parser.parse_args()
-
-    droppable = runner.can_drop_caches()
-    caches = (args.cache or ("cold,warm" if droppable else "warm")).split(",")
-    if "cold" in caches and not droppable:
+    if args.pairs < 5:
+        parser.error("--pairs must be at least 5")
+    if args.cache == "cold" and not runner.can_drop_caches():
         parser.error(f"--cache cold needs a writable {runner.DROP_CACHES} (run as root)")
+    cold, ckpt = args.cache == "cold", args.ckpt_migrate
     suites = [s for s in args.suites.split(",") if s]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     runner.byte_compile_tool()
     machine = runner.machine_info(work)
     synth.check_layout_matches_fixture()
-    specs = {
-        "small": replace(synth.Spec(), blocks=args.blocks, optimizer="small"),
-        "big": replace(synth.Spec(), blocks=args.blocks),
-    }
+    specs = {suite: replace(synth.Spec(), blocks=args.blocks, **SUITES[suite][0]) for suite in suites}
     sources = {suite: synth.generate(work, specs[suite], log=log) for suite in suites}
 
-    results: dict[str, dict[str, dict[str, Result]]] = {}
-    comparisons: dict[str, dict] = {}
-    for cache in caches:
-        for suite in suites:
-            src = sources[suite]
-            log(f"suite {suite} ({src}), cache {cache}, {args.repeat} rounds")
-            keep = {"fix", "naive", "remap"} if cache == caches[-1] else set()
-            jobs = {name: (name, src) for name in SUITES[suite]}
-            results.setdefault(suite, {})[cache], kept = benchmark(
-                jobs, work, args.repeat, cache == "cold", args.ckpt_migrate, keep
-            )
-            if "fix" in kept and "naive" in kept:
+    comparisons: list[tuple[str, Pairs]] = []
+    alone_results: dict[str, tuple[Result, bool | None]] = {}
+    checks: dict[str, dict] = {}
+    torch_in: dict[str, bool] = {}
+    for suite in suites:
+        src = sources[suite]
+        for tool, reference in SUITES[suite][1]:
+            log(f"{suite}: {tool} vs {reference} ({src}), {args.pairs} alternating pairs, {args.cache} cache")
+            pair, kept = paired(tool, reference, (src, src), work, args.pairs, cold, ckpt, keep=True)
+            comparisons.append((suite, pair))
+            if {"fix", "naive"} <= kept.keys():
                 log("comparing the fix and naive outputs ...")
-                comparisons["fix-vs-naive"] = compare_checkpoints(kept["fix"], kept["naive"])
+                checks["fix-vs-naive"] = compare_checkpoints(kept["fix"], kept["naive"])
             if "remap" in kept:
                 log("checking the remapped optimizer.pt ...")
-                body = 2 * len(synth.body_modules(specs["big"]))
-                comparisons["remap"] = compare_remap(kept["remap"], src, body)
+                checks["remap"] = compare_remap(kept["remap"], src, 2 * len(synth.body_modules(specs[suite])))
             for path in kept.values():
                 remove(path)
+        for tool in {t for t, _ in SUITES[suite][1]}:
+            torch_in[f"{tool} ({suite})"] = imports_torch(tool, src, work, ckpt)
+        for name in SUITES[suite][2]:
+            log(f"{suite}: {name} alone, {args.pairs} runs")
+            alone_results[name] = (alone(name, src, work, args.pairs, cold, ckpt), imports_torch(name, src, work, ckpt))
+    first = sources[suites[0]]
+    for name in ALONE:
+        log(f"{name} alone, {args.pairs} runs")
+        alone_results[name] = (alone(name, first, work, args.pairs, cold, ckpt), None)
 
     scaling = None
-    if args.scaling_blocks and "small" in suites and args.scaling_blocks != args.blocks:
-        tiny_spec = replace(specs["small"], blocks=args.scaling_blocks)
+    if args.scaling_blocks and args.scaling_blocks != args.blocks:
+        tiny_spec = replace(specs[suites[0]], blocks=args.scaling_blocks)
         tiny_src = synth.generate(work, tiny_spec, log=log)
-        log(f"scaling check: dry run on {sources['small']} and {tiny_src}, alternating")
-        jobs = {"dry-run-full": ("dry-run", sources["small"]), "dry-run-tiny": ("dry-run", tiny_src)}
-        pair, _ = benchmark(jobs, work, args.scaling_repeat, False, args.ckpt_migrate, set())
-        scaling = scaling_check(
-            pair["dry-run-full"],
-            pair["dry-run-tiny"],
-            synth.adapter_bytes(specs["small"]),
-            synth.adapter_bytes(tiny_spec),
-        )
+        log(f"scaling check: dry run on {first} and {tiny_src}, alternating")
+        pair, _ = paired("dry-run", "dry-run", (first, tiny_src), work, args.pairs, cold, ckpt, keep=False)
+        scaling = scaling_check(pair, synth.adapter_bytes(specs[suites[0]]), synth.adapter_bytes(tiny_spec))
     remove(work / "runs")
-    hashing = hash_cost(next(iter(sources.values())) / synth.WEIGHTS)
-    checks = report.verdicts(results)
-    print_report(machine, specs, sources, caches, args.repeat, results, checks, comparisons, scaling, hashing)
+    hashing = hash_cost(first / synth.WEIGHTS)
+    targets = report.verdicts(comparisons, alone_results, torch_in)
+    print_report(machine, specs, sources, args, comparisons, alone_results, torch_in, targets, checks, scaling, hashing)
     if args.json:
         payload = {
+            "argv": sys.argv,
             "specs": {k: asdict(v) for k, v in specs.items()},
             "files": {
                 suite: {p.name: p.stat().st_size for p in sorted(src.iterdir())} for suite, src in sources.items()
             },
             "machine": machine,
-            "repeat": args.repeat,
-            "results": {
-                suite: {
-                    cache: {
-                        name: {
-                            "argv": r.argv,
-                            "median_s": r.median_s,
-                            "peak_rss_mb": r.peak_rss_mb,
-                            "runs": [asdict(x) for x in r.runs],
-                        }
-                        for name, r in by_name.items()
-                    }
-                    for cache, by_name in by_cache.items()
-                }
-                for suite, by_cache in results.items()
+            "pairs": args.pairs,
+            "cache": args.cache,
+            "comparisons": [{"suite": suite, **_pairs_json(pair)} for suite, pair in comparisons],
+            "alone": {
+                name: {"argv": r.argv, "imports_torch": t, "runs": [asdict(x) for x in r.runs]}
+                for name, (r, t) in alone_results.items()
             },
-            "targets": checks,
-            "comparisons": comparisons,
+            "imports_torch": torch_in,
+            "targets": targets,
+            "output_checks": checks,
             "scaling": scaling,
             "hash_cost": hashing,
         }
@@ -256,9 +299,12 @@ def main() -> None:
         log(f"wrote {args.json}")
 
 
-def print_report(machine, specs, sources, caches, repeat, results, checks, comparisons, scaling, hashing) -> None:
+def print_report(
+    machine, specs, sources, args, comparisons, alone_results, torch_in, targets, checks, scaling, hashing
+):
     spec = next(iter(specs.values()))
-    print(f"## ckpt-migrate benchmark: {spec.blocks} layers, adapter {synth.adapter_bytes(spec) / 2**30:.2f} GiB")
+    gib = synth.adapter_bytes(spec) / 2**30
+    print(f"## ckpt-migrate benchmark: {spec.blocks} layers, adapter {gib:.2f} GiB, {args.cache} page cache")
     print()
     print(
         f"- machine: {machine['cpu']}, {machine['nproc']} CPUs, {machine['ram_gib']} GiB RAM, "
@@ -267,41 +313,56 @@ def print_report(machine, specs, sources, caches, repeat, results, checks, compa
     print(
         f"- software: Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, "
         f"safetensors {machine['safetensors']}, ckpt-migrate {machine['ckpt_migrate']} (git {machine['git']}); "
-        f"load average at start {' '.join(machine['load_avg_at_start'])}"
+        f"load average at start {' '.join(machine['load_avg_at_start'])}, at end {runner.load_averages()}"
     )
     for suite, src in sources.items():
         files = ", ".join(f"{p.name} {p.stat().st_size / 2**20:,.1f} MiB" for p in sorted(src.iterdir()))
-        print(f"- {suite} checkpoint: {files}")
+        print(f"- {suite} checkpoint ({src}): {files}")
     print(
-        f"- median of {repeat} interleaved rounds; peak RSS = max over the runs of the command's ru_maxrss (GNU time)"
+        f"- {args.pairs} alternating pairs per comparison (tool, reference, tool, reference, ...); ratio = median of "
+        "the per-pair ratios tool/reference, with their min-max; CPU-s = user+sys (median); peak RSS = max over the "
+        "runs (GNU time)"
     )
-    for suite, by_cache in results.items():
-        for cache in caches:
-            note = "dropped before every run" if cache == "cold" else "warm: every input read once before every run"
-            print(f"\n### {suite} checkpoint, page cache {note}\n")
-            print(report.results_table(by_cache[cache]))
-    print("\n### Targets (warm cache, as the issue defines them)\n")
-    print(report.targets_table(checks))
-    print()
-    print("\n".join(report.TODO_ROWS))
-    if "fix-vs-naive" in comparisons:
-        verdict = "EQUAL" if comparisons["fix-vs-naive"]["equal"] else "DIFFERENT"
-        print(f"\nOutput check, ckpt-migrate fix vs naive_fix.py: {verdict}\n")
-        print(report.adapter_comparison(comparisons["fix-vs-naive"]))
-    if "remap" in comparisons:
-        verdict = "AS EXPECTED" if comparisons["remap"]["equal"] else "NOT AS EXPECTED"
-        print(f"\nOutput check, remapped optimizer.pt vs its source: {verdict}\n")
-        print(report.optimizer_comparison(comparisons["remap"]))
-    gib = hashing["bytes"] / 2**30
+    print("\n### Paired comparisons\n")
+    print(report.pairs_table(comparisons))
+    print("\n### Run alone\n")
+    print(report.alone_table(alone_results))
     print(
-        f"\nCost of one sha256 pass here (warm sha256 of the {gib:.2f} GiB adapter through maps, as the tool reads "
-        f"it, one thread, "
-        f"load {hashing['load_avg']:.2f}): {hashing['wall_s']:.2f} s wall, {hashing['cpu_s']:.2f} s CPU "
-        f"({gib / hashing['cpu_s']:.2f} GiB per CPU-second)"
+        "\nImports torch (one extra run under `python -X importtime`): "
+        + ", ".join(f"{name}: {'yes' if imported else 'no'}" for name, imported in torch_in.items())
+    )
+    print("\n### Targets (issue 23; warm cache)\n")
+    print(report.targets_table(targets))
+    if "fix-vs-naive" in checks:
+        verdict = "EQUAL" if checks["fix-vs-naive"]["equal"] else "DIFFERENT"
+        print(f"\nOutput check, ckpt-migrate fix vs naive_fix.py: {verdict}\n")
+        print(report.adapter_comparison(checks["fix-vs-naive"]))
+    if "remap" in checks:
+        verdict = "AS EXPECTED" if checks["remap"]["equal"] else "NOT AS EXPECTED"
+        print(f"\nOutput check, remapped optimizer.pt vs its source: {verdict}\n")
+        print(report.optimizer_comparison(checks["remap"]))
+    size = hashing["bytes"] / 2**30
+    print(
+        f"\nCost of one sha256 pass here (warm sha256 of the {size:.2f} GiB adapter through maps, as the tool reads "
+        f"it, one thread, load {hashing['load_avg']:.2f}): {hashing['wall_s']:.2f} s wall, {hashing['cpu_s']:.2f} s "
+        f"CPU ({size / hashing['cpu_s']:.2f} GiB per CPU-second)"
     )
     if scaling is not None:
-        print("\nScaling check: dry run on the full and a tiny checkpoint, alternating, warm cache:\n")
+        print("\nScaling check: dry run on the full and a tiny checkpoint, alternating pairs, warm cache:\n")
         print(report.scaling_table(scaling))
+    print("\n### To reproduce\n")
+    print("```")
+    print("$ " + shlex.join(["python", "benchmarks/bench.py", *sys.argv[1:]]))
+    print("# the commands it times (DST removed after each run):")
+    seen = set()
+    for _, pair in comparisons:
+        for result in (pair.tool, pair.reference):
+            if result.argv not in seen:
+                seen.add(result.argv)
+                print(result.argv)
+    for result, _ in alone_results.values():
+        print(result.argv)
+    print("```")
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@
 A synthetic Llama-style sequence-classification base of a few GB (``--blocks``, hidden 2048, fp32,
 sharded safetensors + index, written by ``safetensors.torch.save_file`` shard by shard) and a
 peft-0.12 double-wrapped adapter for it (``synth.generate``, r=16) are generated once under ``--work``.
-Then, interleaved, median of ``--repeat`` (page cache warm, or dropped with ``--cache cold`` as root):
+Then two comparisons, each in ``--pairs`` alternating pairs (page cache warm, or dropped with ``--cache cold``):
 
-* ``cp -r BASE DST && sync`` — the bytes of the base model, made durable;
-* ``ckpt-migrate export CKPT --out DST --base-model BASE --quiet`` — repairs in memory, folds, streams;
-* the naive way: ``fix`` first (not timed), then load base + repaired adapter with transformers/peft,
-  ``merge_and_unload()``, ``save_pretrained`` — everything in memory.
+* ``ckpt-migrate export CKPT --out DST --base-model BASE --quiet`` (repairs in memory, folds, streams)
+  vs ``cp -r BASE DST && sync DST/*`` (the bytes of the base model, made durable): target <= 2.5x;
+* the same export vs the naive way: ``fix`` first (not timed), then load base + repaired adapter with
+  transformers/peft, ``merge_and_unload()``, ``save_pretrained``, everything in memory: target export at least
+  2x faster (ratio <= 0.5) with a quarter of its peak RSS.
 
-Peak RSS comes from GNU ``time -f %M``. Both outputs are compared tensor for tensor at the end.
-Run: ``.venv/bin/python benchmarks/export_bench.py [--blocks 8] [--repeat 3] [--cache warm|cold]``.
+Each side: median of the per-pair ratios and their min-max, CPU-seconds (user+sys) and peak RSS (GNU time).
+Both outputs are compared tensor for tensor at the end.
+Run: ``.venv/bin/python benchmarks/export_bench.py [--blocks 8] [--pairs 7] [--cache warm|cold]``.
 Nothing here imports ckpt_migrate (it is run as a command).
 """
 
@@ -19,17 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import runner
 import synth
+from runner import Pairs, Result
 
 REPO = Path(__file__).resolve().parent.parent
 HIDDEN, INTERMEDIATE, VOCAB, R = 2048, 5504, 32000, 16
@@ -92,21 +93,6 @@ def write_base(directory: Path, blocks: int) -> None:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index_json))
 
 
-def timed(argv: list[str], out: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one command; ``out`` is removed first."""
-    shutil.rmtree(out, ignore_errors=True)
-    rusage = out.parent / f".{out.name}.rss"
-    started = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rusage), *argv], check=True, capture_output=True)
-    wall = time.perf_counter() - started
-    return wall, int(rusage.read_text().split()[-1]) / 1024
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def compare(a: Path, b: Path) -> str:
     from safetensors import safe_open
 
@@ -124,13 +110,34 @@ def compare(a: Path, b: Path) -> str:
     return f"{len(x)} tensors, max |difference| {worst:.3g}"
 
 
+def paired(tool: str, reference: str, commands: dict, outs: dict, pairs: int, cold: bool, warm: list) -> Pairs:
+    results = [Result(name, shlex.join(str(a) for a in commands[name])) for name in (tool, reference)]
+    for index in range(pairs):
+        for result in results:
+            shutil.rmtree(outs[result.command], ignore_errors=True)
+            runner.settle(cold, warm)
+            log_dir = outs[result.command].parent
+            stdout, stderr = log_dir / f"{result.command}.stdout", log_dir / f"{result.command}.stderr"
+            run = runner.spawn_measured([str(a) for a in commands[result.command]], stdout, stderr)
+            if run.exit_code != 0:
+                raise SystemExit(f"{result.command} failed:\n{stderr.read_text()[-2000:]}")
+            result.runs.append(run)
+            runner.log(
+                f"  [pair {index + 1}/{pairs}] {result.command:7s} {run.wall_s:7.2f} s "
+                f"{run.user_s + run.sys_s:6.2f} CPU-s {run.peak_rss_mb:7.1f} MB load {run.load_avg:.2f}"
+            )
+    return Pairs(*results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=7, help="alternating pairs per comparison (default 7, min 5)")
     parser.add_argument("--cache", choices=["warm", "cold"], default="warm")
     parser.add_argument("--work", type=Path, default=REPO / "bench-work" / "export")
     args = parser.parse_args()
+    if args.pairs < 5:
+        parser.error("--pairs must be at least 5")
     base = args.work / f"base-L{args.blocks}"
     if not base.is_dir():
         write_base(base, args.blocks)
@@ -139,7 +146,8 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     repaired = args.work / f"repaired-L{args.blocks}"
     if not repaired.is_dir():
-        subprocess.run([bin_dir / "ckpt-migrate", "fix", checkpoint, "--out", repaired, "--quiet"], check=True)
+        fix = [bin_dir / "ckpt-migrate", "fix", checkpoint, "--out", repaired, "--quiet"]
+        subprocess.run(fix, check=True, stdout=subprocess.DEVNULL)
     size = sum(p.stat().st_size for p in base.iterdir())
     outs = {name: args.work / f"out-{name}" for name in ("copy", "export", "naive")}
     commands = {
@@ -156,27 +164,55 @@ def main() -> None:
         ],
         "naive": [sys.executable, "-c", NAIVE, base, repaired, outs["naive"]],
     }
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
-    for index in range(args.repeat):
-        for name, argv in runner.rotated(list(commands.items()), index):
-            if args.cache == "cold":
-                drop_caches()
-            runs[name].append(timed([str(a) for a in argv], outs[name]))
-    load = os.getloadavg()
-    copy_median = statistics.median(w for w, _ in runs["copy"])
+    load_start = runner.load_averages()
+    warm = [base, checkpoint, repaired]
+    comparisons = [
+        paired("export", "copy", commands, outs, args.pairs, args.cache == "cold", warm),
+        paired("export", "naive", commands, outs, args.pairs, args.cache == "cold", warm),
+    ]
     print(
         f"base model {size / 2**30:.2f} GiB ({args.blocks} layers, hidden {HIDDEN}, fp32), adapter r={R}, "
-        f"cache {args.cache}, {args.repeat} rounds, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+        f"cache {args.cache}, {args.pairs} alternating pairs per comparison; load average at start {load_start}, "
+        f"at end {runner.load_averages()}\n"
     )
-    print("| command | median wall s | vs durable copy | peak RSS MB | runs (s) |\n|---|---:|---:|---:|---|")
-    for name, results in runs.items():
-        walls = [w for w, _ in results]
-        median = statistics.median(walls)
+    print(
+        "| export vs | pairs | median of per-pair ratios | min-max | wall s export / ref | CPU-s export / ref "
+        "| peak RSS MB export / ref | RSS ratio | load avg before runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for pair in comparisons:
+        tool, ref = pair.tool, pair.reference
+        low, high = pair.load_range
         print(
-            f"| {name} | {median:.2f} | {median / copy_median:.2f}x | {max(r for _, r in results):.0f} | "
-            f"{', '.join(f'{w:.2f}' for w in walls)} |"
+            f"| {ref.command} | {len(pair.ratios)} | {pair.median_ratio:.2f}x | {min(pair.ratios):.2f}-"
+            f"{max(pair.ratios):.2f} | {tool.median_s:.2f} / {ref.median_s:.2f} | {tool.median_cpu_s:.2f} / "
+            f"{ref.median_cpu_s:.2f} | {tool.peak_rss_mb:.0f} / {ref.peak_rss_mb:.0f} | "
+            f"{tool.peak_rss_mb / ref.peak_rss_mb:.2f} | {low:.2f}-{high:.2f} |"
         )
+    print(
+        "\nPer-pair ratios: "
+        + "; ".join(f"export/{p.reference.command}: " + ", ".join(f"{r:.2f}" for r in p.ratios) for p in comparisons)
+    )
+    copy, naive = comparisons
+    print("\n| target | measured | result |\n|---|---:|---|")
+    for target, measured, ok in (
+        ("export <= 2.5x copy of the base (median of per-pair ratios)", copy.median_ratio, copy.median_ratio <= 2.5),
+        (
+            "export at least 2x faster than the naive merge (ratio <= 0.5)",
+            naive.median_ratio,
+            naive.median_ratio <= 0.5,
+        ),
+        (
+            "export peak RSS <= a quarter of the naive merge's",
+            naive.tool.peak_rss_mb / naive.reference.peak_rss_mb,
+            naive.tool.peak_rss_mb <= 0.25 * naive.reference.peak_rss_mb,
+        ),
+    ):
+        print(f"| {target} | {measured:.2f} | {'PASS' if ok else 'MISS'} |")
     print(f"\nexport vs naive output: {compare(outs['export'], outs['naive'])}")
+    print("\nTo reproduce:\n\n```\n$ " + shlex.join(["python", "benchmarks/export_bench.py", *sys.argv[1:]]))
+    for name in ("export", "copy", "naive"):
+        print(shlex.join(str(a) for a in commands[name]))
+    print("```")
 
 
 if __name__ == "__main__":

@@ -59,12 +59,39 @@ class Result:
         return statistics.median(r.user_s + r.sys_s for r in self.runs)
 
 
+@dataclass
+class Pairs:
+    """A tool and a reference run alternately on the same bytes (tool, reference, tool, reference, ...): the
+    per-pair ratio cancels what drifts between pairs (disk, page-cache reclaim, other jobs)."""
+
+    tool: Result
+    reference: Result
+
+    @property
+    def ratios(self) -> list[float]:
+        return [t.wall_s / r.wall_s for t, r in zip(self.tool.runs, self.reference.runs, strict=True)]
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def load_range(self) -> tuple[float, float]:
+        loads = [r.load_avg for r in self.tool.runs + self.reference.runs]
+        return min(loads), max(loads)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def load_averages() -> str:
+    """The 1, 5 and 15-minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 # --------------------------------------------------------------------------- page cache
@@ -77,14 +104,6 @@ def can_drop_caches() -> bool:
         return True
     except OSError:
         return False
-
-
-def rotated(items: list, round_index: int) -> list:
-    """``items`` starting ``round_index`` places later, wrapping around: each round of a benchmark starts with a
-    different command, since a command run right after another's writes (and the deletion of its output) was
-    measured up to 4x slower here (cp + sync of 2.4 GiB: 1.3 s first in a round, 5.3 s third)."""
-    start = round_index % len(items) if items else 0
-    return items[start:] + items[:start]
 
 
 def settle(cold: bool, warm_paths: list[Path]) -> None:
@@ -207,6 +226,13 @@ def spawn_measured(argv: list[str], stdout: Path, stderr: Path) -> Run:
     # GNU time prefixes "Command exited with non-zero status N" on failure: the numbers are the last line.
     maxrss_kb, user, system, code = rusage_file.read_text().split("\n")[-2].split()
     return Run(round(wall, 4), round(int(maxrss_kb) / 1024, 1), int(code), float(user), float(system), load)
+
+
+def imported_modules(argv: list[str]) -> set[str]:
+    """The modules a Python command imports: ``argv`` is ``[python, ...]``, run once with ``-X importtime``."""
+    run = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[-1].strip() for line in lines}
 
 
 def remove(path: Path) -> None:

@@ -57,13 +57,14 @@ class Spec:
     num_labels: int = 3
     optimizer: str = "adamw"  # "adamw", "small" or "none"
     seed: int = 0
+    rng_state: bool = True  # the fixture's rng_state.pth (numpy 1 pickle: fix rewrites it with torch) or none
 
     @property
     def key(self) -> str:
         opt = self.optimizer
         return (
             f"llama-L{self.blocks}-h{self.hidden}-i{self.intermediate}-r{self.r}-n{self.num_labels}"
-            f"-{opt}-s{self.seed}-g{GENERATOR_VERSION}"
+            f"-{opt}-s{self.seed}-g{GENERATOR_VERSION}" + ("" if self.rng_state else "-norng")
         )
 
 
@@ -262,7 +263,7 @@ def generate(work: Path, spec: Spec, log=print) -> Path:
     write_adapter(target / WEIGHTS, spec, pool)
     _write_json(target / "adapter_config.json", adapter_config(spec))
     _write_json(target / "trainer_state.json", trainer_state(spec))
-    for name in FIXTURE_EXTRAS:
+    for name in FIXTURE_EXTRAS if spec.rng_state else [n for n in FIXTURE_EXTRAS if n != "rng_state.pth"]:
         shutil.copyfile(FIXTURE / name, target / name)
     if spec.optimizer != "none":
         write_optimizer(target / "optimizer.pt", spec, pool)

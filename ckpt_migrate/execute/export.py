@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,10 +296,11 @@ def write_export(plan: ExportPlan, target: Path, on_bytes: Any = None) -> dict[s
     before = plan.repair.before
     reader = TensorReader(before.source_dir / before.weights_file)
     by_name = {t.name: t for t in plan.tensors}
+    fold_with_torch = "torch" in sys.modules  # imported by the plan's meta model: its fold is the cheaper one then
     outputs: dict[str, str] = {}
     weight_map: dict[str, str] = {}
     for filename, names in plan.shards:
-        tensors = output_tensors([by_name[n] for n in names], reader, plan.cast_to)
+        tensors = output_tensors([by_name[n] for n in names], reader, plan.cast_to, fold_with_torch)
         outputs[filename] = write_safetensors(target / filename, tensors, {"format": "pt"}, on_bytes)
         weight_map.update(dict.fromkeys(names, filename))
     if len(plan.shards) > 1:

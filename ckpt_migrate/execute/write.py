@@ -14,7 +14,7 @@ from ckpt_migrate import __version__
 from ckpt_migrate.core.errors import CkptMigrateError, OutputError, UnreadableInputError
 from ckpt_migrate.core.migration import RewritingMigration
 from ckpt_migrate.core.plan import CheckpointPlan, OptimizerPolicy, Options, SourceKind
-from ckpt_migrate.execute.tensors import TensorReader, output_tensors
+from ckpt_migrate.execute.tensors import TensorReader, numpy_folds, output_tensors
 from ckpt_migrate.formats import files
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG, BIN_WEIGHTS, MANIFEST, SAFETENSORS_WEIGHTS
 from ckpt_migrate.formats.digests import Hashes, OnBytes
@@ -71,12 +71,29 @@ def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
     return update
 
 
+def needs_torch(plan: CheckpointPlan) -> bool:
+    """Whether writing the plan imports torch: a rewritten pickle, a ``.bin`` adapter, a migration's ``compute``,
+    or a fold numpy cannot do (a LoRA fold of safetensors tensors is computed with numpy, see fold_numpy.py)."""
+    if any(not name.endswith(".json") for name in plan.after.rewritten_files):
+        return True
+    for _, adapter in plan.rewritten_adapters:
+        tensors = adapter.after.tensors.values()
+        if any(t.source.kind is SourceKind.COMPUTED for t in tensors):
+            return True
+        folds = [t for t in tensors if t.source.kind is SourceKind.FOLD]
+        if folds and adapter.before.weights_file != SAFETENSORS_WEIGHTS:
+            return True  # torch loads a .bin adapter
+        if folds:
+            reader = TensorReader.of(adapter)
+            if not all(numpy_folds(reader, t) for t in folds):
+                return True
+    return False
+
+
 def _import_torch_meanwhile(plan: CheckpointPlan) -> threading.Thread | None:
-    """When the plan needs torch (a fold, a rewritten pickle), start importing it (seconds) while the kernel
-    copies and the hashes run; whoever imports it next waits for this import instead of starting anew."""
-    folds = any(t.source.kind in (SourceKind.FOLD, SourceKind.COMPUTED) for t in plan.after.tensors.values())
-    pickles = any(not name.endswith(".json") for name in plan.after.rewritten_files)
-    if "torch" in sys.modules or not (folds or pickles):
+    """When the plan needs torch (:func:`needs_torch`), start importing it (seconds) while the kernel copies and
+    the hashes run; whoever imports it next waits for this import instead of starting anew."""
+    if "torch" in sys.modules or not needs_torch(plan):
         return None
     thread = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
     thread.start()
