@@ -353,7 +353,7 @@ def test_migration_does_not_detect_portable_or_foreign_files(tmp_path):
     _rewrite(FIXTURE_RNG_FILES[0], tmp_path)
     (tmp_path / "rng_state_0.pth").write_bytes(b"garbage, not a zip")
     assert not m0004.detect(_state(tmp_path), _context(_state(tmp_path)))
-    with pytest.raises(UnreadableInputError, match="not a torch zip archive"):
+    with pytest.raises(UnreadableInputError, match="not a torch file"):
         check_rng_state(tmp_path / "rng_state_0.pth")
 
 
