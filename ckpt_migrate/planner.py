@@ -85,7 +85,7 @@ def _adapter_refusal(before: CheckpointState, after: CheckpointState, options: O
             f"every target_modules entry of this adapter ({before.config['target_modules']}) is in its head, so once "
             "the head is a plain modules_to_save module no module is left to adapt, and no peft loads such an "
             "adapter (0.12: ValueError: Target modules set() not found in the base model; newest: "
-            "NoMatchingPeftModuleError); `ckpt-migrate export` writes the trained model exactly as a plain model"
+            "NoMatchingPeftModuleError); `ckpt-migrate export` merges it into the base model instead"
         )
     return reload_refusal(after.config)
 

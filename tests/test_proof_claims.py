@@ -18,9 +18,10 @@ from conftest import FIXTURES, HELDOUT, LAYOUTS, OLD_STACK, TUNER_FIXTURES, case
 from ckpt_migrate import fix, verify
 from ckpt_migrate.render import to_dict
 
+NEWER_FIXTURES = [FIXTURES.parent / f"fixtures_{kind}" for kind in ("shapes", "bases", "renames")]
 CASES = [
     c
-    for root in (FIXTURES, TUNER_FIXTURES, LAYOUTS, HELDOUT, OLD_STACK)
+    for root in (FIXTURES, TUNER_FIXTURES, LAYOUTS, HELDOUT, OLD_STACK, *NEWER_FIXTURES)
     for c in case_dirs(root)
     if load_case(c)["shape"] != "full"  # a full fine-tune holds no adapter
 ]
