@@ -194,11 +194,25 @@ def test_ctrl_c_at_a_chosen_moment(tmp_path: Path, command: str, moment: str):
     _assert_interrupted(code, screen, tmp_path, digest)
 
 
+def _wait_for_sigint_handler(pid: int, timeout: float = 30.0) -> None:
+    """Until the process catches SIGINT (its SigCgt mask in /proc): the first thing our entry point does. A signal
+    before that meets the interpreter's start-up, which no code of ours runs in (on a loaded machine, 100+ ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.005)
+    raise AssertionError("the SIGINT handler was never installed")
+
+
 @pytest.mark.parametrize("after", [0.15, 0.4, 1.5])
 def test_ctrl_c_while_starting_up(tmp_path: Path, after: float):
     """Ctrl-C soon after the command is typed: while click, ckpt_migrate and the planner are being imported."""
     digest = tree_digest(SRC)
     terminal = Terminal(["fix", SRC, "--out", tmp_path / "out", "--base-model", BASE, "--no-verify"])
+    _wait_for_sigint_handler(terminal.proc.pid)  # before it, the interpreter is still starting: Python's own default
     time.sleep(max(0.0, after - (time.monotonic() - terminal.started)))
     assert terminal.proc.poll() is None, "the run ended before the interrupt"
     terminal.proc.send_signal(signal.SIGINT)
