@@ -10,7 +10,7 @@ builds its ``Options`` from its own keyword arguments (:meth:`Options.from_argum
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -26,7 +26,8 @@ REPORTS = (FIX, INSPECT, EXPORT, VERIFY)
 class Flag:
     """One command-line option: ``name`` is the keyword of the api verbs (and the ``Options`` field, if any).
 
-    ``kind``: ``"version"`` (a release, e.g. 4.44.2), ``"path"``, or ``""`` (a string, or a flag with ``is_flag``).
+    ``kind``: ``"version"`` (a release, e.g. 4.44.2), ``"path"``, ``"directory"``, or ``""`` (a string, or a flag
+    with ``is_flag``). ``parse``: what turns the value given into the ``Options`` field (versions: normalised).
     ``per_verb``: (verb, help) for a verb that words it otherwise; ``required``: verbs that cannot do without it.
     """
 
@@ -42,9 +43,16 @@ class Flag:
     show_default: bool = False
     per_verb: tuple[tuple[str, str], ...] = ()
     required: tuple[str, ...] = ()
+    parse: Callable[[Any], Any] | None = None
 
     def help_for(self, verb: str) -> str:
         return dict(self.per_verb).get(verb, self.help)
+
+    def value(self, given: Any) -> Any:
+        """The value as planning holds it: ``parse``d, a version normalised (``ValueError`` when it is none)."""
+        if self.parse is not None:
+            return self.parse(given)
+        return parse_version(self.name, given) if self.kind == "version" else given
 
 
 class OptimizerPolicy(str, Enum):
@@ -79,6 +87,7 @@ class Options:
             (FIX, INSPECT),
             default=OptimizerPolicy.DROP,
             choices=tuple(p.value for p in OptimizerPolicy),
+            parse=OptimizerPolicy,
             show_default=True,
         )
     )
@@ -136,13 +145,7 @@ class Options:
     def from_arguments(cls, values: Mapping[str, Any], **fixed: Any) -> Options:
         """Options from a verb's keyword arguments, and ``fixed`` ones the verb decides itself; a bad value is a
         ``ValueError`` (on the command line, click's usage error names it first)."""
-        parsed: dict[str, Any] = {}
-        for name, value in cls.arguments(values).items():
-            if name == "optimizer":
-                value = OptimizerPolicy(value)
-            elif cls.__dataclass_fields__[name].metadata["flag"].kind == "version":
-                value = parse_version(name, value)
-            parsed[name] = value
+        parsed = {flag.name: flag.value(values[flag.name]) for flag in cls.flags() if flag.name in values}
         return cls(**parsed, **fixed)
 
 
