@@ -1,32 +1,27 @@
-"""The verbs, each a documented function: ``inspect``, ``fix``, ``verify``, ``list_migrations``.
+"""The verbs, each a documented function: ``inspect``, ``fix``, ``export``, ``load``, ``verify``, ``list_migrations``.
 
 The CLI is a thin layer over these; none of them imports torch, transformers or peft unless it
-computes tensors or loads a model.
+computes tensors or loads a model. Their steps are in :mod:`ckpt_migrate.verbs`; the options planning depends on
+are declared once, in :mod:`ckpt_migrate.core.options`, and each verb takes them by name.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckpt_migrate.core.errors import (
-    CkptMigrateError,
-    UnreadableInputError,
-    UsageError,
-    VerificationFailedError,
-)
+from ckpt_migrate.core.errors import UnreadableInputError
 from ckpt_migrate.core.migration import Migration
-from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
+from ckpt_migrate.core.options import require_out
+from ckpt_migrate.core.plan import Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
-from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import find_checkpoints
-from ckpt_migrate.formats.digests import Hashes
-from ckpt_migrate.formats.hub import resolve, resolve_cached, resolve_model
+from ckpt_migrate.formats.hub import resolve, resolve_model
 from ckpt_migrate.planner import plan_checkpoint
-from ckpt_migrate.progress import label, phase
+from ckpt_migrate.progress import phase
+from ckpt_migrate.verbs.checking import VERIFY_PHASE, verify_after_proof
+from ckpt_migrate.verbs.planning import plan_all, refuse_misfitting_base
 
 if TYPE_CHECKING:
     from ckpt_migrate.verification import VerifyResult
@@ -43,48 +38,6 @@ def list_migrations() -> list[Migration]:
     from ckpt_migrate.migrations import MIGRATIONS
 
     return list(MIGRATIONS)
-
-
-def _base_model(src: Path, relatives: list[str], base_model: str | Path | None, notes: list[str]) -> BaseModel | None:
-    """``--base-model`` (a path or a Hub id), else the adapter's ``base_model_name_or_path`` if it is at hand."""
-    if base_model is not None:
-        return BaseModel.open(resolve_model(base_model))
-    for relative in relatives:
-        config = src / relative / ADAPTER_CONFIG
-        try:
-            name = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            continue  # planning reports the unreadable config
-        found = resolve_cached(name)
-        if found is not None and BaseModel(found).has_safetensors():
-            notes.append(f"--base-model not given: using {name!r} from {config.name} ({found})")
-            return BaseModel.open(found)
-        return None
-    return None
-
-
-def _plan_all(
-    src: Path, base_model: str | Path | None, options: Options, notes: list[str]
-) -> tuple[list[CheckpointResult], BaseModel | None]:
-    """Every checkpoint's plan, each with the static proof it will get (no torch), and the base model used."""
-    from ckpt_migrate.proof import planned
-
-    relatives = find_checkpoints(src)
-    base = _base_model(src, relatives, base_model, notes)
-    results = []
-    for relative in relatives:
-        directory = src / relative
-        try:
-            plan = plan_checkpoint(directory, relative, base, options)
-        except CkptMigrateError as exc:
-            if relatives == ["."]:
-                raise
-            results.append(CheckpointResult(relative, directory, Status.UNREADABLE, error=str(exc)))
-            continue
-        error = "; ".join(plan.unrecoverable) or None
-        proof = planned(base, options.target_transformers) if plan.status is Status.REPAIRABLE else None
-        results.append(CheckpointResult(relative, directory, plan.status, plan, error=error, proof=proof))
-    return results, base
 
 
 def inspect(
@@ -106,19 +59,19 @@ def inspect(
     >>> inspect("run/checkpoint-500").exit_code  # doctest: +SKIP
     3
     """
+    planning = Options.arguments(locals())  # the options planning depends on, as given (core/options.py)
     from ckpt_migrate.remote import as_local, wants_fleet
 
     src, base_model = as_local(src), as_local(base_model)
     if wants_fleet(src, base_model):  # a URL: the planner on a sparse local mirror (headers only)
         from ckpt_migrate.remote.fleet import inspect as inspect_remote
 
-        choices = {"optimizer": optimizer, "target_transformers": target_transformers, "target_peft": target_peft}
-        return inspect_remote(str(src), base_model=base_model, allow_lossy=allow_lossy, **choices)
-    options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
+        return inspect_remote(str(src), base_model=base_model, **planning)
+    options = Options.from_arguments(planning)
     src = resolve(src, what="SRC")
     report = Report("inspect", src, dry_run=True)
     with phase(f"planning {src.name or src} (headers only)", progress):
-        report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
+        report.checkpoints, base = plan_all(src, base_model, options, report.notes)
     report.base_model = base.directory if base is not None else None
     return report
 
@@ -156,193 +109,22 @@ def fix(
     >>> fix("run", "run-fixed", base_model="bart-base").exit_code  # doctest: +SKIP
     0
     """
+    planning = Options.arguments(locals())  # the options planning depends on, as given (core/options.py)
+    require_out(out, dry_run)
     from ckpt_migrate.remote import as_local, wants_fleet
 
     src, out, base_model = as_local(src), as_local(out), as_local(base_model)
     if wants_fleet(src, out, base_model, executor=executor):
         from ckpt_migrate.remote.fleet import fix as fix_fleet
 
-        choices = {"optimizer": optimizer, "target_transformers": target_transformers, "target_peft": target_peft}
         return fix_fleet(
             str(src), None if out is None else str(out), base_model=base_model, dry_run=dry_run, progress=progress,
-            executor=executor, verify=verify, allow_lossy=allow_lossy, **choices,
+            executor=executor, verify=verify, **planning,
         )  # fmt: skip
-    from ckpt_migrate.execute.publish import check_output_target
-    from ckpt_migrate.execute.write import hash_ahead
+    from ckpt_migrate.verbs.fixing import fix_local
 
-    options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
-    src = resolve(src, what="SRC")
-    out_path = Path(out) if out is not None else None
-    if out_path is None and not dry_run:
-        raise UsageError("--out is required unless --dry-run is given")
-    if out_path is not None:
-        check_output_target(src, out_path, allow_earlier_batch=True)
-    hashes = Hashes() if not dry_run else None
-    try:
-        if hashes is not None:
-            hash_ahead(src, options, hashes)
-        report = Report("fix", src, dry_run, out_path)
-        with phase(f"planning {src.name or src} (headers only)", progress):
-            report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
-        report.base_model = base.directory if base is not None else None
-        if verify and base is None:  # asked for, and no base at hand: the command line is incomplete
-            raise UsageError(
-                "--verify needs a base model: pass --base-model DIR (the adapter's base_model_name_or_path is not "
-                "at hand)"
-            )
-        wanted = _verify_wanted(verify, base, options.target_transformers, report.notes)
-        _write_all(report, out_path, base, wanted, progress, hashes, options.target_transformers)
-    finally:
-        if hashes is not None:
-            hashes.close()
-    return report
-
-
-VERIFY_PHASE = "loading it on the base model twice (two seeds), and the source unmerged"
-
-
-def _verify_wanted(verify: bool | None, base: BaseModel | None, target: str | None, notes: list[str]) -> bool:
-    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly and the output is
-    for the installed transformers' major (``verify`` loads it with the installed stack)."""
-    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes, untestable_target
-
-    if verify is not None or base is None:
-        return bool(verify)
-    if untestable_target(target) is not None:
-        notes.append(f"not verified numerically: {untestable_target(target)}")
-        return False
-    size = base_weights_bytes(base)
-    if size <= AUTO_VERIFY_MAX_BYTES:
-        return True
-    notes.append(
-        f"not verified numerically: the base's weights ({size / 1e9:.1f} GB) exceed {AUTO_VERIFY_MAX_BYTES / 1e9:g} "
-        "GB (pass --verify to load it anyway)"
-    )
-    return False
-
-
-def _write_all(
-    report: Report,
-    out_path: Path | None,
-    base: BaseModel | None,
-    verify: bool,
-    progress: bool | None,
-    hashes: Hashes | None,
-    target_transformers: str | None = None,
-) -> None:
-    from ckpt_migrate.execute.publish import earlier_batch_output, write_and_publish
-
-    src, dry_run = report.source, report.dry_run
-    single = len(report.checkpoints) == 1
-    done = earlier_batch_output(src, out_path) if out_path is not None and not single else set()
-    for result in report.checkpoints:
-        if result.relative in done and result.status is Status.REPAIRABLE and result.plan is not None:
-            result.status, result.output = Status.REPAIRED, out_path / result.relative
-            result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
-        if hashes is not None and result.status is not Status.REPAIRABLE:
-            hashes.forget_under(result.source)
-    if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
-        return
-
-    proofs = _start_proofs(report.checkpoints, base, progress, target_transformers)
-
-    def checked(result: CheckpointResult, staged: Path) -> bool:
-        """The static proof (it ran while the checkpoint was written), then ``verify`` when wanted."""
-        name = label(result.relative, result.source)
-        with phase(f"static proof of {name}: building the model on the meta device", progress):
-            result.proof = proofs[result.relative].result()
-        if result.proof.state == "failed":
-            error = result.proof.error(result.source)
-            if single:
-                raise error
-            status = Status.UNREADABLE if isinstance(error, UnreadableInputError) else Status.UNRECOVERABLE
-            result.status, result.error = status, str(error.message)
-            return False
-        return not verify or verified(result, staged)
-
-    def verified(result: CheckpointResult, staged: Path) -> bool:
-        # every adapter of the checkpoint: the one at its top, and each in a subfolder ("adapters" in the record)
-        subfolders = [a.relative for a in result.plan.adapters] if result.plan else []
-        places = ([] if result.plan and result.plan.before.weights_file is None else ["."]) + subfolders
-        verdicts = {}
-        for place in places:
-            what = label(result.relative, result.source) + ("" if place == "." else f"/{place}")
-            with phase(f"verify {what}: {VERIFY_PHASE}", progress):
-                verdicts[place] = _verify(staged / place, base.directory, source=result.source / place)
-        for place, verdict in verdicts.items():  # the report names the output, not the staging directory
-            verdict.checkpoint = str(out_path / result.relative / place if place != "." else out_path / result.relative)
-        reasons = [f"{p}: {r}" if p != "." else r for p, v in verdicts.items() for r in v.reasons]
-        top = verdicts[places[0]].to_dict()  # the top adapter's verdict (else the first subfolder's), "ok" for all
-        result.verification = {**top, "ok": not reasons, "adapters": {p: verdicts[p].to_dict() for p in subfolders}}
-        if not reasons:
-            return True
-        message = "verification failed, not published: " + "; ".join(reasons)
-        if single:
-            raise VerificationFailedError(message, result.source)
-        result.status, result.error = Status.VERIFY_FAILED, message
-        return False
-
-    try:
-        write_and_publish(report.checkpoints, out_path, single=single, check=checked, progress=progress, hashes=hashes)
-    finally:
-        for future in proofs.values():
-            future.cancel()
-    for result in report.checkpoints:  # "repaired" only where the static proof passed
-        if result.status is Status.REPAIRED and not (result.proof and result.proof.passed):
-            result.status = Status.WRITTEN
-
-
-def _start_proofs(
-    results: list[CheckpointResult],
-    base: BaseModel | None,
-    progress: bool | None = None,
-    target_transformers: str | None = None,
-) -> dict[str, Any]:
-    """The static proof of each checkpoint to write, started on a thread: it overlaps the copies (the kernel's,
-    outside the GIL), and its verdict is awaited before that checkpoint is published."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    from ckpt_migrate.proof import import_before_writing, not_run, prove_plan, untestable_target
-
-    to_write = [r for r in results if r.status is Status.REPAIRABLE and r.plan is not None]
-    why_not = "no base model at hand (pass --base-model)" if base is None else untestable_target(target_transformers)
-    if why_not is not None:
-        done: dict[str, Any] = {}
-        for result in to_write:
-            done[result.relative] = Future()
-            done[result.relative].set_result(not_run(why_not))
-        return done
-    with phase("importing torch, transformers and peft", progress):
-        import_before_writing([r.plan for r in to_write if r.plan is not None])
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
-    try:
-        return {r.relative: pool.submit(prove_plan, r.plan, base) for r in to_write}
-    finally:
-        pool.shutdown(wait=False)
-
-
-def _chosen_adapter(repair: CheckpointPlan, name: str | None, notes: list[str]) -> CheckpointPlan:
-    """The plan of the adapter to merge: ``name`` (a subfolder adapter, or "default" at the top), else the top
-    one, else the only one; the others are named in a note."""
-    plans = ({"default": repair} if repair.before.weights_file else {}) | {
-        a.relative.strip("/"): a for a in repair.adapters
-    }
-    if not plans:
-        raise UnreadableInputError(
-            "export merges an adapter, and this checkpoint has none (adapter_config.json): a full model loads "
-            "with transformers as it is",
-            repair.source,
-        )
-    if name is None and len(plans) > 1 and "default" not in plans:
-        raise UnreadableInputError(f"the checkpoint holds adapters {', '.join(sorted(plans))}: pass --adapter NAME")
-    chosen = name or ("default" if "default" in plans else next(iter(plans), None))
-    if chosen not in plans:
-        held = ", ".join(sorted(plans)) or "none"
-        raise UnreadableInputError(f"no adapter {chosen!r} in the checkpoint (it holds: {held})", repair.source)
-    others = sorted(set(plans) - {chosen})
-    if others:
-        notes.append(f"merged adapter {chosen!r}; the checkpoint also holds {', '.join(others)} (--adapter NAME)")
-    return plans[chosen]
+    options = Options.from_arguments(planning)
+    return fix_local(src, out, options, base_model=base_model, dry_run=dry_run, progress=progress, verify=verify)
 
 
 def export(
@@ -369,77 +151,17 @@ def export(
     >>> export("run/checkpoint-500", "merged", base_model="acme/tiny-llama").exit_code  # doctest: +SKIP
     0
     """
-    from ckpt_migrate.core.errors import UnrecoverableError
-    from ckpt_migrate.execute.export import DTYPE_NAMES, plan_export
+    planning = Options.arguments(locals())  # the options planning depends on, as given (core/options.py)
+    require_out(out, dry_run)
+    from ckpt_migrate.execute.export import DTYPE_NAMES
+    from ckpt_migrate.verbs.exporting import export_model
 
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPE_NAMES)}")
-    src = resolve(src, what="SRC")
-    out_path = Path(out) if out is not None else None
-    if out_path is None and not dry_run:
-        raise UsageError("--out is required unless --dry-run is given")
-    relatives = find_checkpoints(src)
-    if len(relatives) != 1:
-        raise UnreadableInputError(f"export takes one checkpoint; this holds {', '.join(relatives)}", src)
-    report = Report("export", src, dry_run, out_path)
-    base = _base_model(src, relatives, base_model, report.notes)
-    if base is None:
-        raise UnreadableInputError("export needs --base-model (the adapter's base_model_name_or_path is not at hand)")
-    report.base_model = base.directory
-    if out_path is not None:
-        from ckpt_migrate.execute.publish import check_output_target
-
-        check_output_target(src, out_path)
-    # The deltas merge into the base checkpoint's own tensor names: module renames (0012) target the transformers
-    # release that wrote it, not the installed one (transformers converts the merged model's names on load).
-    # merge_into_base: an adapter peft would refuse to load (a head-only one) is fine to merge.
-    written_by = base.config().get("transformers_version")
-    try:
-        target = Options.parse("drop", written_by if isinstance(written_by, str) else None, None).target_transformers
-    except ValueError:  # no readable release: the installed one, as fix does
-        target = None
-    options = Options(target_transformers=target, allow_lossy=allow_lossy, merge_into_base=True)
-    repair = plan_checkpoint(src / relatives[0], relatives[0], base, options)
-    result = CheckpointResult(relatives[0], src / relatives[0], repair.status, repair)
-    report.checkpoints = [result]
-    if repair.status is Status.UNRECOVERABLE:
-        if not dry_run:  # a base that does not fit the adapter is the reason to give (exit 5), not what follows
-            _refuse_misfitting_base(repair, base)
-        raise UnrecoverableError("; ".join(repair.unrecoverable), result.source)
-    chosen = _chosen_adapter(repair, adapter, report.notes)
-    from ckpt_migrate.proof import CAUSE_BASE, planned, prove_adapter, untestable_target
-
-    # before anything is planned to be written: a base that does not fit is named as such (exit 5)
-    if dry_run or out_path is None:
-        result.proof = planned(base)
-    else:  # proven as the installed stack loads it: a plan for another major keeps that major's module names
-        installed = chosen
-        if untestable_target(options.target_transformers) is not None:
-            for_installed = replace(options, target_transformers=None)
-            replanned = plan_checkpoint(src / relatives[0], relatives[0], base, for_installed)
-            installed = _chosen_adapter(replanned, adapter, [])
-        with phase("static proof: building the model on the meta device", progress):
-            result.proof = prove_adapter(installed.after, base, merged=True)
-    if result.proof.state == "failed" and result.proof.cause == CAUSE_BASE:
-        raise result.proof.error(result.source)
-    report.export = plan_export(chosen, base, dtype, max_shard_bytes)  # its refusals name what the merge lacks
-    if result.proof.state == "failed":
-        raise result.proof.error(result.source)
-    if dry_run or out_path is None:
-        return report
-    from ckpt_migrate.execute.export import output_bytes, write_export
-    from ckpt_migrate.execute.publish import staged_output
-    from ckpt_migrate.progress import Budget, byte_bar
-
-    # each output byte is written, then read back for its sha256; held to that (shard headers are not counted)
-    total = 2 * sum(output_bytes(t, report.export.cast_to) for t in report.export.tensors)
-    bar = byte_bar(total, f"export {label(relatives[0], src)}", progress)
-    with bar, staged_output(out_path) as staging:
-        budget = Budget(bar.update, total)
-        write_export(report.export, staging, budget)
-        budget.finish()
-    result.output = out_path
-    return report
+    return export_model(
+        src, out, planning, base_model=base_model, dtype=dtype, dry_run=dry_run, max_shard_bytes=max_shard_bytes,
+        progress=progress, adapter=adapter,
+    )  # fmt: skip
 
 
 RETRAIN_ON_LOAD = (
@@ -468,7 +190,7 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
         raise UnreadableInputError(f"load takes one checkpoint; this holds {', '.join(relatives)}", src)
     plan = plan_checkpoint(src / relatives[0], relatives[0], base, Options())
     if plan.status is Status.UNRECOVERABLE:
-        _refuse_misfitting_base(plan, base)
+        refuse_misfitting_base(plan, base)
     elif plan.after.config:
         from ckpt_migrate.proof import prove_plan
 
@@ -483,16 +205,6 @@ def load(base_model: str | Path, checkpoint: str | Path, *, is_trainable: bool =
     return load_repaired(plan, base, auto_class, is_trainable)
 
 
-def _refuse_misfitting_base(plan: CheckpointPlan, base: BaseModel) -> None:
-    """Exit 5 when the source adapter's own tensors do not fit the base (another architecture or size)."""
-    from ckpt_migrate.proof import CAUSE_BASE, prove_adapter
-
-    for state in [plan.before] * bool(plan.before.weights_file) + [a.before for a in plan.adapters]:
-        proof = prove_adapter(state, base)
-        if proof.state == "failed" and proof.cause == CAUSE_BASE:
-            raise proof.error(plan.source)
-
-
 def verify(
     checkpoint: str | Path, base_model: str | Path, *, source: str | Path | None = None, progress: bool | None = None
 ) -> VerifyResult:
@@ -505,25 +217,4 @@ def verify(
     True
     """
     with phase(f"verify {Path(checkpoint).name}: {VERIFY_PHASE}", progress):
-        return _verify(checkpoint, base_model, source=source)
-
-
-def _verify(checkpoint: str | Path, base_model: str | Path | None, *, source: str | Path | None) -> VerifyResult:
-    """``verify``, after the static proof: a base that does not fit the adapter is exit 5, any other failed proof
-    a reason of the verdict (exit 8)."""
-    from ckpt_migrate.formats.checkpoint import load_state
-    from ckpt_migrate.proof import CAUSE_BASE, prove_adapter
-    from ckpt_migrate.verification import verify_checkpoint
-
-    proof = None
-    directory = Path(checkpoint)
-    base = BaseModel(resolve_model(base_model)) if base_model is not None else None
-    if base is not None and base.has_safetensors() and (directory / ADAPTER_CONFIG).is_file():
-        proof = prove_adapter(load_state(directory), base)
-        if proof.state == "failed" and proof.cause == CAUSE_BASE:
-            raise proof.error(directory, "the static proof failed")
-    verdict = verify_checkpoint(checkpoint, base_model, source_dir=source)
-    if proof is not None and proof.state == "failed":
-        verdict.reasons.insert(0, f"static proof: {proof.reason}")
-        verdict.ok = False
-    return verdict
+        return verify_after_proof(checkpoint, base_model, source=source)

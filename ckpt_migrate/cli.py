@@ -5,70 +5,58 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from enum import Enum
+from typing import Any
 
 import click
 
 from ckpt_migrate import __version__, interrupts
 from ckpt_migrate.core.errors import EXIT_CODES_HELP, EXIT_INTERNAL, CkptMigrateError
+from ckpt_migrate.core.options import EXPORT, FIX, INSPECT, MIGRATIONS, VERIFY, Flag, flags_for, parse_version
 from ckpt_migrate.core.text import one_line
 
-FORMATS = ["text", "json", "markdown"]
-FORMAT = click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="text",
-    show_default=True,
-    help="Report format (json: schema_version 1, see README).",
-)
-BASE_MODEL = click.option(
-    "--base-model",
-    default=None,  # not click.Path(file_okay=False): every command words a missing or file base model alike
-    help="Hugging Face model directory or Hub id (default: the adapter's base_model_name_or_path when it is at "
-    "hand); only the tensors a repair needs are read (needed for LoRA-only heads).",
-)
-OPTIMIZER = click.option(
-    "--optimizer",
-    type=click.Choice(["drop", "remap"]),
-    default="drop",
-    show_default=True,
-    help="Stale optimizer.pt: drop it (Adam moments and LR schedule restart on resume), or remap it onto the "
-    "repaired parameters (needs --base-model for the parameter order; falls back to drop if unprovable).",
-)
 
-
-def _version_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    from packaging.version import InvalidVersion, Version
-
+def _version_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     try:
-        return None if value is None else str(Version(value))
-    except InvalidVersion:
+        return parse_version(param.name or "", value)
+    except ValueError:
         raise click.BadParameter(f"{value!r} is not a version (e.g. 4.44.2)") from None
 
 
-TARGET_TRANSFORMERS = click.option(
-    "--target-transformers",
-    metavar="VERSION",
-    default=None,
-    callback=_version_option,
-    help="The transformers release that will resume the checkpoint (default: the installed one); "
-    "trainer_state.json fields it does not know are dropped.",
-)
-TARGET_PEFT = click.option(
-    "--target-peft",
-    metavar="VERSION",
-    default=None,
-    callback=_version_option,
-    help="The peft release that will load the adapter (default: the installed one); adapter_config.json keys it "
-    "does not know are dropped when that keeps the model, else the checkpoint is refused (exit 4).",
-)
-ALLOW_LOSSY = click.option(
-    "--allow-lossy",
-    is_flag=True,
-    help="Write the best repair of a checkpoint that lost trained values (e.g. bias='lora_only' biases peft never "
-    "saved), recording the loss; refused (exit 4) without it.",
-)
-DEBUG = click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
+#: What each kind of option is to click (core/options.py's Flag.kind).
+_KINDS: dict[str, dict[str, Any]] = {
+    "path": {"type": click.Path(path_type=str)},
+    "directory": {"type": click.Path(file_okay=False, path_type=str)},
+    "version": {"callback": _version_option},
+    # not click.Path(file_okay=False) for --base-model: every command words a missing or file base model alike
+    "": {},
+}
+
+
+def _click_option(flag: Flag, verb: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    default = flag.default.value if isinstance(flag.default, Enum) else flag.default
+    settings: dict[str, Any] = {"help": flag.help_for(verb), "show_default": flag.show_default, "default": default}
+    if flag.is_flag:
+        settings["is_flag"] = True
+    if flag.choices:
+        settings["type"] = click.Choice(list(flag.choices))
+    if flag.metavar:
+        settings["metavar"] = flag.metavar
+    if verb in flag.required:
+        settings["required"] = True
+    settings.update(_KINDS[flag.kind])
+    return click.option(flag.flag, flag.name, **settings)
+
+
+def declared(verb: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Every option ``verb`` takes (core/options.py), as click options, in their declared order."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for flag in reversed(flags_for(verb)):  # click lists the option decorated last first
+            command = _click_option(flag, verb)(command)
+        return command
+
+    return decorate
 
 
 def _run(debug: bool, action: Callable[[], int]) -> None:
@@ -122,203 +110,57 @@ def main() -> None:
     """
 
 
+def _report(verb: str, arguments: dict[str, Any], fmt: str) -> int:
+    """Run the api verb of the same name with the command's arguments; print its report; name failed checkpoints."""
+    from ckpt_migrate import api
+
+    report = getattr(api, verb)(**arguments)
+    code = _emit(report, fmt)
+    for result in report.checkpoints if verb == FIX else ():
+        if result.failed:
+            message = f"{result.source}: {result.status}: {result.error}"
+            click.echo(f"ckpt-migrate: error: {one_line(message)}", err=True)
+    return code
+
+
+def _progress(quiet: bool) -> bool | None:
+    return False if quiet else None  # None: a progress bar when stderr is a terminal
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("src", type=click.Path(path_type=str))
-@click.option(
-    "--out", type=click.Path(path_type=str), default=None, help="New checkpoint directory (must not exist or be empty)."
-)
-@click.option("--dry-run", is_flag=True, help="Show exactly what would be written; write nothing.")
-@FORMAT
-@BASE_MODEL
-@OPTIMIZER
-@TARGET_TRANSFORMERS
-@TARGET_PEFT
-@ALLOW_LOSSY
-@click.option(
-    "--verify/--no-verify",
-    default=None,
-    help="Check each staged checkpoint with `verify` (needs a base model); publish only passes. Default: when a "
-    "base model is at hand and its weights are at most 1 GB.",
-)
-@click.option(
-    "--executor",
-    default="local",
-    show_default=True,
-    metavar="local|dask|dask://HOST:PORT",
-    help="Where the checkpoints of a batch are repaired: here one after another, on a Dask LocalCluster (one task "
-    "per checkpoint), or on a running Dask scheduler. SRC, --out and --base-model may be URLs (s3://, gs://, ...).",
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@DEBUG
-def fix(
-    src: str,
-    out: str | None,
-    dry_run: bool,
-    fmt: str,
-    base_model: str | None,
-    optimizer: str,
-    target_transformers: str | None,
-    target_peft: str | None,
-    allow_lossy: bool,
-    verify: bool | None,
-    executor: str,
-    quiet: bool,
-    debug: bool,
-) -> None:
+@declared(FIX)
+def fix(src: str, fmt: str, quiet: bool, debug: bool, **arguments: Any) -> None:
     """Repair SRC (adapter dir, checkpoint-N, or a run dir of checkpoint-*) into --out.
 
     The source is never modified. Output is staged beside --out and renamed into place only when complete.
     """
-
-    if out is None and not dry_run:
-        raise click.UsageError("--out is required (or pass --dry-run)")
-
-    def action() -> int:
-        from ckpt_migrate.api import fix as fix_checkpoints
-
-        report = fix_checkpoints(
-            src,
-            out,
-            base_model=base_model,
-            dry_run=dry_run,
-            progress=False if quiet else None,
-            optimizer=optimizer,
-            target_transformers=target_transformers,
-            target_peft=target_peft,
-            verify=verify,
-            allow_lossy=allow_lossy,
-            executor=executor,
-        )
-        code = _emit(report, fmt)
-        for result in report.checkpoints:
-            if result.failed:
-                message = f"{result.source}: {result.status}: {result.error}"
-                click.echo(f"ckpt-migrate: error: {one_line(message)}", err=True)
-        return code
-
-    _run(debug, action)
+    _run(debug, lambda: _report(FIX, {"src": src, "progress": _progress(quiet), **arguments}, fmt))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("src", type=click.Path(path_type=str))
-@FORMAT
-@BASE_MODEL
-@OPTIMIZER
-@TARGET_TRANSFORMERS
-@TARGET_PEFT
-@ALLOW_LOSSY
-@DEBUG
-def inspect(
-    src: str,
-    fmt: str,
-    base_model: str | None,
-    optimizer: str,
-    target_transformers: str | None,
-    target_peft: str | None,
-    allow_lossy: bool,
-    debug: bool,
-) -> None:
+@declared(INSPECT)
+def inspect(src: str, fmt: str, debug: bool, **arguments: Any) -> None:
     """Say what SRC is, what is wrong with it, and the repair plan (reads headers only)."""
-
-    def action() -> int:
-        from ckpt_migrate.api import inspect as inspect_checkpoints
-
-        report = inspect_checkpoints(
-            src,
-            base_model=base_model,
-            optimizer=optimizer,
-            target_transformers=target_transformers,
-            target_peft=target_peft,
-            allow_lossy=allow_lossy,
-        )
-        return _emit(report, fmt)
-
-    _run(debug, action)
+    _run(debug, lambda: _report(INSPECT, {"src": src, **arguments}, fmt))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("src", type=click.Path(path_type=str))
-@click.option(
-    "--out", type=click.Path(path_type=str), default=None, help="New model directory (must not exist or be empty)."
-)
-@click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
-@BASE_MODEL
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-    help="dtype of the floating tensors (auto: as the base model stores them).",
-)
-@click.option(
-    "--adapter",
-    default=None,
-    help="Which adapter of a checkpoint holding several to merge: its name (default: the one at the top, or the "
-    "only one).",
-)
-@click.option(
-    "--allow-lossy",
-    is_flag=True,
-    help="Merge the best repair of a checkpoint whose trained values were never saved, recording the loss.",
-)
-@FORMAT
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@DEBUG
-def export(
-    src: str,
-    out: str | None,
-    dry_run: bool,
-    base_model: str | None,
-    dtype: str,
-    adapter: str | None,
-    allow_lossy: bool,
-    fmt: str,
-    quiet: bool,
-    debug: bool,
-) -> None:
+@declared(EXPORT)
+def export(src: str, fmt: str, quiet: bool, debug: bool, **arguments: Any) -> None:
     """Write a standalone model from SRC: the base with every adapter delta folded in and the repaired head.
 
     SRC (a checkpoint or a Hub id) is repaired in memory first; plain transformers loads the result.
     """
-    if out is None and not dry_run:
-        raise click.UsageError("--out is required (or pass --dry-run)")
-
-    def action() -> int:
-        from ckpt_migrate.api import export as export_model
-
-        progress = False if quiet else None
-        report = export_model(
-            src,
-            out,
-            base_model=base_model,
-            dtype=dtype,
-            dry_run=dry_run,
-            progress=progress,
-            adapter=adapter,
-            allow_lossy=allow_lossy,
-        )
-        return _emit(report, fmt)
-
-    _run(debug, action)
+    _run(debug, lambda: _report(EXPORT, {"src": src, "progress": _progress(quiet), **arguments}, fmt))
 
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint", type=click.Path(path_type=str))
-@click.option(
-    "--base-model",
-    required=True,
-    help="Local Hugging Face model directory the adapter belongs to.",
-)
-@click.option(
-    "--source",
-    type=click.Path(file_okay=False, path_type=str),
-    default=None,
-    help="The broken original: also compare with its own function, computed without folding.",
-)
-@FORMAT
-@click.option("--quiet", is_flag=True, help="No progress lines.")
-@DEBUG
-def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: str, quiet: bool, debug: bool) -> None:
+@declared(VERIFY)
+def verify_command(checkpoint: str, fmt: str, quiet: bool, debug: bool, **arguments: Any) -> None:
     """Load CHECKPOINT with transformers + the installed peft and prove it reproduces a model.
 
     Fails when adapter tensors go unused, implied parameters are missing, or any parameter on the
@@ -329,7 +171,7 @@ def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: st
         from ckpt_migrate.api import verify
         from ckpt_migrate.render import render_verdict
 
-        verdict = verify(checkpoint, base_model, source=source, progress=False if quiet else None)
+        verdict = verify(checkpoint, progress=_progress(quiet), **arguments)
         click.echo(render_verdict(verdict, fmt), nl=False)
         return verdict.exit_code
 
@@ -337,7 +179,7 @@ def verify_command(checkpoint: str, base_model: str, source: str | None, fmt: st
 
 
 @main.command()
-@FORMAT
+@declared(MIGRATIONS)
 def migrations(fmt: str) -> None:
     """List the known migrations, in the order they run."""
     from ckpt_migrate.api import list_migrations

@@ -53,6 +53,8 @@ def _run(
         pending = [m for m in pending if m is not migration and m.ID not in after.applied]
         if after.unrecoverable:
             return after, ran
+        # declared by the migration (the contract): the steps that drop stale state (0003, 0009) detect it
+        after.trainable_parameters_changed |= migration.CHANGES_TRAINABLE_PARAMETERS
     for head, names in sorted(heads_carrying_tuner_tensors(after).items()):  # never call such a head clean
         after.unrecoverable.append(
             f"head {head!r} still carries tuner tensors in a layout this tool does not recognise "

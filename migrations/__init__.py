@@ -1,8 +1,10 @@
 """The known migrations, in the order they run: every ``mNNNN_<id>.py`` module of this package.
 
 Each module fulfils :class:`ckpt_migrate.core.migration.Migration` (``ID``, ``SUMMARY``, ``CAUSED_BY``,
-``detect``, ``plan``, and ``write`` when it rewrites a file). Adding a migration is adding its file:
-the number in the name fixes its place in the order, and ``ID`` must equal the name without the ``m``.
+``CHANGES_TRAINABLE_PARAMETERS``, ``detect``, ``plan``, and ``write``/``compute``/``failures`` when its plan needs
+them). Adding a migration is adding its file (``scripts/new_migration.py`` writes it and its test): the number in
+the name fixes its place in the order, and ``ID`` must equal the name without the ``m``. Modules named ``_*.py``
+are not migrations: they hold what several migrations share (``_tuner_fold.py``, ``_tuner_merge.py``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from ckpt_migrate.core.plan import CheckpointState, PlannedTensor
 ID = "0001_fold_double_wrapped_head"
 SUMMARY = "Fold a head wrapped by both LoRA and modules_to_save into a plain modules_to_save head"
 CAUSED_BY = "peft <= 0.12.0, all-linear on SEQ_CLS/TOKEN_CLS (huggingface/peft#2027; fixed in 0.13.0 by #2028, #2033)"
+#: The head's tuner tensors become a plain modules_to_save head: what is trained, and its names, change.
+CHANGES_TRAINABLE_PARAMETERS = True
 
 
 def detect(state: CheckpointState, context: Context) -> bool:

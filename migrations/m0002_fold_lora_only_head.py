@@ -7,7 +7,7 @@ base weights were randomly initialised and exist only where the user saved them.
 
 An init that rewrote the targeted weights before training (PiSSA, OLoRA: ``W - s * B0 @ A0``) rewrote the head's
 too: its weight is then merged by peft's own LoRA layer, which replays that init on the base model's weight first
-(:func:`ckpt_migrate.core.tuners.replayed_lora_weight`); an init that cannot be replayed is refused.
+(:func:`ckpt_migrate.migrations._tuner_fold.replayed_lora_weight`); an init that cannot be replayed is refused.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from ckpt_migrate.core.lora_init import is_replayed, replay_refusal
 from ckpt_migrate.core.migration import Context, TensorSource
 from ckpt_migrate.core.peft_layout import PREFIX, head_root
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor
-from ckpt_migrate.core.tuners import replay_unsupported, replayed_lora_weight
 from ckpt_migrate.formats.base_model import BaseModel
+from ckpt_migrate.migrations._tuner_fold import replay_unsupported, replayed_lora_weight
 
 ID = "0002_fold_lora_only_head"
 SUMMARY = "Rebuild a LoRA-only head (base weights never saved) from --base-model into modules_to_save"
 CAUSED_BY = (
     "any peft: heads peft does not know (classification_head) or no task_type (huggingface/peft#2027 follow-ups)"
 )
+#: The head's tuner tensors become a plain modules_to_save head: what is trained, and its names, change.
+CHANGES_TRAINABLE_PARAMETERS = True
 
 RETRAIN = "retrain with the head listed in modules_to_save (and not in target_modules)"
 
@@ -109,7 +111,7 @@ def _head_weight(
 
 def compute(tensor: PlannedTensor, read: TensorSource) -> Any:
     """A head weight whose init peft's own layer replays before its merge (float64, cast to the weight's dtype)."""
-    from ckpt_migrate.execute.tuner_merge import merged_parameter
+    from ckpt_migrate.migrations._tuner_merge import merged_parameter
 
     return merged_parameter(tensor, read)
 

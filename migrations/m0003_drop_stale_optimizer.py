@@ -31,6 +31,7 @@ from ckpt_migrate.formats.digests import OnBytes
 ID = "0003_drop_stale_optimizer"
 SUMMARY = "Drop or remap optimizer.pt, whose parameter groups no longer match the repaired parameters"
 CAUSED_BY = "follows 0001/0002: optimizer state saved by transformers.Trainer for the broken parameter set"
+CHANGES_TRAINABLE_PARAMETERS = False
 
 OPTIMIZER_FILE = "optimizer.pt"
 DROP_WARNING = (

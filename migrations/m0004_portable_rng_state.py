@@ -34,6 +34,7 @@ CAUSED_BY = (
     "depends on the numpy major; torch 2.6.0 made torch.load default to weights_only=True (its release notes), "
     "which refuses any global not allow-listed by that exact name"
 )
+CHANGES_TRAINABLE_PARAMETERS = False
 
 REASON = "numpy RNG key stored as a list of ints instead of a numpy.core/numpy._core ndarray pickle"
 RNG_STATE_FILE = re.compile(r"^rng_state(?:_\d+)?\.pth$")

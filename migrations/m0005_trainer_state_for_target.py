@@ -38,6 +38,7 @@ CAUSED_BY = (
     "stateful_callbacks 4.41 by huggingface/transformers#29666, best_global_step 4.50); since 4.45 "
     "(huggingface/transformers#32115) a resume needs stateful_callbacks['TrainerControl'] at its first save"
 )
+CHANGES_TRAINABLE_PARAMETERS = False
 
 TRAINER_STATE = "trainer_state.json"
 #: TrainerState fields of transformers 4.30.0, the oldest release the table covers.

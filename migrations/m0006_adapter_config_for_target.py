@@ -30,6 +30,7 @@ CAUSED_BY = (
     "peft < 0.14 is LoraConfig(**json) and refuses keys added later (huggingface/peft#2275, #1979); "
     "peft >= 0.14 drops them with a warning (peft/config.py _check_and_remove_unused_kwargs)"
 )
+CHANGES_TRAINABLE_PARAMETERS = False
 
 #: LoraConfig/PeftConfig keys of peft 0.7.0: every target this tool knows reads them.
 KNOWN_SINCE_0_7 = frozenset(

@@ -7,7 +7,7 @@ LoRA, into the head, then wraps that head in a ModulesToSaveWrapper. The trained
 duplicates ride along. Current peft cannot load it (KeyError), peft 0.12 loses the trained head.
 
 Each tuner-wrapped module of the head is rebuilt alone and merged by the installed peft's own layer
-code (:mod:`ckpt_migrate.execute.tuner_merge`); its weight and bias become ``<m>.weight``/``<m>.bias``.
+code (:mod:`ckpt_migrate.migrations._tuner_merge`); its weight and bias become ``<m>.weight``/``<m>.bias``.
 That is exact only where the installed release computes what the producing release computed, and
 where the head has a single weight at all: otherwise (Poly, OFT and LoKr across peft 0.14, a release
 newer than the tables) the checkpoint is refused with the reason.
@@ -26,23 +26,22 @@ from ckpt_migrate.core.peft_layout import PREFIX, parse_module_key, short_name
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
 from ckpt_migrate.core.tuners import (
     Tuner,
-    TunerFold,
-    fold_refusal,
-    holder_config,
     ia3_feedforward,
-    ia3_loadable,
     installed_peft,
     lokr_alpha_rewrite_pending,
     tuner_heads,
     tuner_modules,
     tuner_of,
 )
+from ckpt_migrate.migrations._tuner_fold import TunerFold, fold_refusal, holder_config, ia3_loadable
 
 ID = "0007_fold_double_wrapped_tuner_head"
 SUMMARY = "Fold a head wrapped by a non-LoRA tuner (LoHa, LoKr, AdaLoRA, IA3, VeRA, BOFT, ...) and modules_to_save"
 CAUSED_BY = (
     "peft <= 0.12.0, all-linear on SEQ_CLS/TOKEN_CLS with any tuner (huggingface/peft#2027; fixed in 0.13.0 by #2028)"
 )
+#: The head's tuner tensors become a plain modules_to_save head: what is trained, and its names, change.
+CHANGES_TRAINABLE_PARAMETERS = True
 
 #: Per-module config dicts keyed by module-name patterns, cleaned of entries only the heads used.
 PATTERNS = {"LOHA": ("rank_pattern", "alpha_pattern"), "LOKR": ("rank_pattern", "alpha_pattern")}
@@ -165,7 +164,7 @@ def plan(state: CheckpointState, context: Context) -> None:
 
 def compute(tensor: PlannedTensor, read: TensorSource) -> Any:
     """The merged weight or bias of one head module, by the installed peft (float64, cast to the head's dtype)."""
-    from ckpt_migrate.execute.tuner_merge import merged_parameter
+    from ckpt_migrate.migrations._tuner_merge import merged_parameter
 
     return merged_parameter(tensor, read)
 

@@ -28,6 +28,7 @@ CAUSED_BY = (
     "peft <= 0.19 with bias='lora_only': get_peft_model_state_dict saves <m>.bias, the trained tensor is "
     "<m>.base_layer.bias (huggingface/peft#3306); in peft 0.12 also AdaLoRA lora_only, BOFT boft_only, VeRA vera_only"
 )
+CHANGES_TRAINABLE_PARAMETERS = False
 
 UPSTREAM = "peft saves <m>.bias, the trained tensor is <m>.base_layer.bias: huggingface/peft#3306"
 #: VeRA's get_peft_model_state_dict (peft 0.12) keeps vera_lambda_* and the projections, whatever ``bias`` says.

@@ -21,6 +21,7 @@ from ckpt_migrate.formats.trainer_files import CONSEQUENCES, PEFT_MODEL_STATE, F
 ID = "0009_drop_stale_engine_state"
 SUMMARY = "Drop DeepSpeed/FSDP/accelerate optimizer and engine state that no longer matches the repaired parameters"
 CAUSED_BY = "follows 0001/0002: state DeepSpeed, FSDP or accelerate saved for the broken trainable parameters"
+CHANGES_TRAINABLE_PARAMETERS = False
 
 
 def _peft_model_state(state: CheckpointState, name: str) -> bool:

@@ -17,17 +17,9 @@ from ckpt_migrate.core.heads import move_heads_to_modules_to_save
 from ckpt_migrate.core.migration import Context, TensorSource
 from ckpt_migrate.core.peft_layout import PREFIX, head_root, wrapper_root
 from ckpt_migrate.core.plan import CheckpointState, PlannedTensor, Source, SourceKind
-from ckpt_migrate.core.tuners import (
-    RETRAIN,
-    fold_refusal,
-    ia3_loadable,
-    installed_peft,
-    lokr_alpha_rewrite_pending,
-    module_fold,
-    tuner_modules,
-    tuner_of,
-)
+from ckpt_migrate.core.tuners import installed_peft, lokr_alpha_rewrite_pending, tuner_modules, tuner_of
 from ckpt_migrate.formats.base_model import BaseModel
+from ckpt_migrate.migrations._tuner_fold import RETRAIN, fold_refusal, ia3_loadable, module_fold
 
 ID = "0010_fold_tuner_only_head"
 SUMMARY = "Rebuild a head wrapped by a non-LoRA tuner only (base weights never saved) from --base-model"
@@ -35,6 +27,8 @@ CAUSED_BY = (
     "any peft: heads outside modules_to_save (classification_head, no task_type) targeted by LoHa, IA3, ... "
     "(the non-LoRA form of 0002; huggingface/peft#2027 follow-ups)"
 )
+#: The head's tuner tensors become a plain modules_to_save head: what is trained, and its names, change.
+CHANGES_TRAINABLE_PARAMETERS = True
 
 
 def _tuner_only_heads(state: CheckpointState) -> dict[str, dict[str, dict[str, str]]]:
@@ -122,7 +116,7 @@ def plan(state: CheckpointState, context: Context) -> None:
 
 def compute(tensor: PlannedTensor, read: TensorSource) -> Any:
     """The merged weight or bias of one head module, by the installed peft (float64, cast to the head's dtype)."""
-    from ckpt_migrate.execute.tuner_merge import merged_parameter
+    from ckpt_migrate.migrations._tuner_merge import merged_parameter
 
     return merged_parameter(tensor, read)
 

@@ -22,6 +22,7 @@ from ckpt_migrate.core.tuners import TUNERS, lokr_alpha_rewrite_pending, tuner_m
 ID = "0011_lokr_alpha_equals_rank"
 SUMMARY = "Set a pre-0.14 LoKr adapter's alpha to its rank, so peft >= 0.14 (scaling by alpha/r) computes it as trained"
 CAUSED_BY = "peft 0.14.0 began scaling the LoKr delta by alpha/r (huggingface/peft#2180); peft <= 0.13 ignored alpha"
+CHANGES_TRAINABLE_PARAMETERS = False
 
 
 def detect(state: CheckpointState, context: Context) -> bool:

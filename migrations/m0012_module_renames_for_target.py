@@ -55,6 +55,8 @@ CAUSED_BY = (
     "checkpoints of the model on load (conversion_mapping.py), peft 0.21 converts adapters only where the model "
     "type has a mapping of its own (not vit) and target_modules only for MoE models"
 )
+#: The adapter's module names change, and Trainer's optimizer state holds its parameters by position.
+CHANGES_TRAINABLE_PARAMETERS = True
 
 #: The first transformers release whose conversion mapping renames modules of 4.x checkpoints.
 RENAMES_SINCE = Version("5.0.0")
@@ -336,7 +338,6 @@ def plan(state: CheckpointState, context: Context) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             config[key] = _patterns(config, key, found)
-    state.trainable_parameters_changed = True  # their names changed: Trainer's optimizer state is by position
     examples = [f"{old} -> {new}" for old, new in sorted(renamed.items())]
     state.warn(
         f"modules renamed to transformers {target}'s {model.architecture} names ({len(renamed)}): {listed(examples, 3)}"

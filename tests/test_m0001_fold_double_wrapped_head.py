@@ -45,7 +45,9 @@ def test_llama_score_head_is_folded_into_a_plain_modules_to_save_weight():
     body = {n: t for n, t in before.tensors.items() if ".score." not in n}
     assert {n: after.tensors[n] for n in body} == body, "body tensors must pass through untouched"
     assert "score" in after.config["modules_to_save"] and "score" not in after.config["target_modules"]
-    assert after.trainable_parameters_changed
+    # the trained parameters changed (0001 declares it), so the planner runs 0003 on the stale optimizer state
+    whole = plan_checkpoint(FIXTURES / "llama_score" / "run" / "checkpoint-2")
+    assert whole.after.trainable_parameters_changed and "0003_drop_stale_optimizer" in whole.migrations
 
 
 def test_every_wrapped_head_is_found_two_heads_and_nested_ones():

@@ -24,6 +24,7 @@ from ckpt_migrate.core.tuners import TUNERS, math_differs
 from ckpt_migrate.formats.checkpoint import load_state
 from ckpt_migrate.formats.safetensors import read_header
 from ckpt_migrate.migrations import m0007_fold_double_wrapped_tuner_head as m0007
+from ckpt_migrate.planner import plan_checkpoint
 
 #: Cases refused on the installed (newest) peft, with what the reason must say.
 REFUSED = {
@@ -167,7 +168,9 @@ def test_plan_folds_each_head_module_with_peft_and_keeps_the_body():
     assert {n: after.tensors[n] for n in body} == body
     assert "classifier" in after.config["modules_to_save"]
     assert not any(t.startswith("classifier") for t in after.config["target_modules"])
-    assert after.trainable_parameters_changed
+    # the trained parameters changed (0007 declares it), so the planner runs 0003 on the stale optimizer state
+    whole = plan_checkpoint(CASES["adalora_roberta_nested"] / "run" / "checkpoint-2")
+    assert whole.after.trainable_parameters_changed and "0003_drop_stale_optimizer" in whole.migrations
 
 
 def test_ia3_config_becomes_loadable_and_vera_keeps_its_shared_projections():

@@ -207,4 +207,3 @@ def move_heads_to_modules_to_save(
                 if any(pattern_applies(config, pattern, m) for m in body)
                 or not any(pattern_applies(config, pattern, m) for m in head_modules)
             }
-    state.trainable_parameters_changed = True

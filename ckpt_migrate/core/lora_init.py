@@ -3,7 +3,7 @@
 PiSSA and OLoRA replace every targeted base weight ``W`` by ``W - s * B0 @ A0`` (``B0``, ``A0`` from ``W``'s SVD /
 QR) before training, and peft saves only ``A``/``B``: the trained model is ``W_res + s * B @ A``, not ``W + s * B @
 A``. peft re-runs the init when it loads such an adapter (so an adapter stays right); a merge into the base model
-must re-run it too, which :mod:`ckpt_migrate.execute.tuner_merge` does with the installed peft's own layer. Read
+must re-run it too, which :mod:`ckpt_migrate.migrations._tuner_merge` does with the installed peft's own layer. Read
 from the peft 0.12.0 and 0.21.2 wheels (``tuners/lora/layer.py``: ``update_layer``, ``pissa_init``,
 ``olora_init``): on an ``nn.Linear`` without ``fan_in_fan_out`` both compute the same residual, in float32.
 """

@@ -1,14 +1,29 @@
-"""What a migration is: the contract every module in ``migrations/`` fulfils.
+"""What a migration is: the contract every module in ``migrations/`` fulfils, and everything the runner asks of it.
 
-A migration is a module with ``ID``, a one-line ``SUMMARY``, ``CAUSED_BY`` (the upstream release and
-issue that produced the broken format), ``detect(state, context)`` and ``plan(state, context)``. When
-its plan rewrites a file (a :class:`~ckpt_migrate.core.plan.FileRewrite` naming it), the module also
-has ``write(rewrite, source, target)``; the executor calls it for that file and nothing else. A
-module may also have ``failures(state)``: where the unrepaired checkpoint fails, for ``inspect``.
+A migration is a module with (see :class:`Migration`):
+
+- ``ID`` (its file name without the ``m``), a one-line ``SUMMARY``, ``CAUSED_BY`` (the upstream release and issue
+  that produced the broken format) and a docstring saying what broke and why;
+- ``CHANGES_TRAINABLE_PARAMETERS``: whether its plan changes the adapter's trainable parameters (which tensors are
+  trained, or their names). The planner records it for the checkpoint, so that the migrations that drop state of
+  the old parameters (0003 the optimizer, 0009 the engine state) run after it; no migration sets it by hand;
+- ``detect(state, context)`` and ``plan(state, context)``, called by the planner (``ckpt_migrate.planner``).
+
+And the hooks the runner calls when the plan says so (:data:`OPTIONAL_HOOKS`):
+
+- ``write(rewrite, source, target, on_bytes=None)`` when its plan rewrites a file (a
+  :class:`~ckpt_migrate.core.plan.FileRewrite` naming it): the executor (``execute/write.py``) calls it for that file;
+- ``compute(tensor, read)`` when it plans tensors of kind ``COMPUTED`` naming it: the executor
+  (``execute/tensors.py``) asks it for their values;
+- ``failures(state)``: where the unrepaired checkpoint fails, for ``inspect`` (the planner collects them).
+
+:func:`check_migration` checks all of it when the index is built; ``tests/test_migration_contract.py`` checks that
+the runner calls nothing else.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +55,7 @@ class Migration(Protocol):
     ID: str
     SUMMARY: str
     CAUSED_BY: str
+    CHANGES_TRAINABLE_PARAMETERS: bool
 
     def detect(self, state: CheckpointState, context: Context) -> bool:
         """Whether the checkpoint needs this step. Reads config, file sizes and headers only."""
@@ -82,11 +98,31 @@ class ExplainingMigration(Migration, Protocol):
         ...
 
 
+#: The hooks every migration has, with their parameters (the planner calls them).
+REQUIRED_HOOKS: dict[str, tuple[str, ...]] = {"detect": ("state", "context"), "plan": ("state", "context")}
+#: The hooks a migration has when its plan needs them (RewritingMigration, ComputingMigration, ExplainingMigration).
+OPTIONAL_HOOKS: dict[str, tuple[str, ...]] = {
+    "write": ("rewrite", "source", "target", "on_bytes"),
+    "compute": ("tensor", "read"),
+    "failures": ("state",),
+}
+ATTRIBUTES = ("ID", "SUMMARY", "CAUSED_BY", "CHANGES_TRAINABLE_PARAMETERS")
+#: Every name of the contract: all that the runner, the report and the docs may read from a migration.
+CONTRACT = (*ATTRIBUTES, *REQUIRED_HOOKS, *OPTIONAL_HOOKS)
+
+
 def check_migration(module: ModuleType) -> Migration:
     """The module itself, once it is known to fulfil the contract (fails loudly at import otherwise)."""
-    missing = [a for a in ("ID", "SUMMARY", "CAUSED_BY", "detect", "plan") if not hasattr(module, a)]
-    if missing or not isinstance(module, Migration):
-        raise TypeError(f"migration {module.__name__} lacks {', '.join(missing) or 'a callable detect/plan'}")
-    if not module.__name__.rsplit(".", 1)[-1] == "m" + module.ID:
-        raise TypeError(f"migration {module.__name__}: its file must be named m{module.ID}.py")
+    name = module.__name__
+    missing = [a for a in (*ATTRIBUTES, *REQUIRED_HOOKS) if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"migration {name} lacks {', '.join(missing)}")
+    if not name.rsplit(".", 1)[-1] == "m" + module.ID:
+        raise TypeError(f"migration {name}: its file must be named m{module.ID}.py")
+    if not isinstance(module.CHANGES_TRAINABLE_PARAMETERS, bool):
+        raise TypeError(f"migration {name}: CHANGES_TRAINABLE_PARAMETERS must be True or False")
+    for hook, params in {**REQUIRED_HOOKS, **OPTIONAL_HOOKS}.items():
+        function = getattr(module, hook, None)
+        if function is not None and (not callable(function) or tuple(inspect.signature(function).parameters) != params):
+            raise TypeError(f"migration {name}: {hook} must be a function of ({', '.join(params)})")
     return module  # type: ignore[return-value]

@@ -14,6 +14,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+# declared with the command-line options (core/options.py); part of the plan as the migrations see it
+from ckpt_migrate.core.options import OptimizerPolicy as OptimizerPolicy
+from ckpt_migrate.core.options import Options as Options
 from ckpt_migrate.core.peft_layout import short_name
 
 
@@ -30,53 +33,6 @@ class Status(str, Enum):
     FAILED = "failed"  # a fleet task did not finish (its output failed, its worker was lost): re-run to resume
 
     __str__ = str.__str__  # f-strings and reports show the value
-
-
-class OptimizerPolicy(str, Enum):
-    """What to do with an ``optimizer.pt`` that no longer matches the trainable parameters."""
-
-    DROP = "drop"
-    REMAP = "remap"
-
-    __str__ = str.__str__
-
-
-@dataclass(frozen=True)
-class Options:
-    """The user's choices that planning depends on.
-
-    ``target_transformers`` / ``target_peft``: the releases that will load the checkpoint (None: the installed ones).
-    ``allow_lossy``: write the best repair of a checkpoint that lost trained values, recording the loss.
-    ``merge_into_base``: the repair is merged into the base model (``export``), never loaded as an adapter, so an
-    adapter peft would refuse to load (no module left to adapt) is no reason to refuse.
-    """
-
-    optimizer: OptimizerPolicy = OptimizerPolicy.DROP
-    target_transformers: str | None = None
-    target_peft: str | None = None
-    allow_lossy: bool = False
-    merge_into_base: bool = False
-
-    @classmethod
-    def parse(
-        cls, optimizer: str, target_transformers: str | None, target_peft: str | None, allow_lossy: bool = False
-    ) -> Options:
-        """Options from the verbs' keyword arguments; a bad value is a ``ValueError`` (the CLI's usage error)."""
-        return cls(
-            OptimizerPolicy(optimizer),
-            _version("target_transformers", target_transformers),
-            _version("target_peft", target_peft),
-            allow_lossy,
-        )
-
-
-def _version(name: str, value: str | None) -> str | None:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return None if value is None else str(Version(value))
-    except InvalidVersion:
-        raise ValueError(f"{name} {value!r} is not a version (e.g. 4.44.2)") from None
 
 
 class SourceKind(str, Enum):
@@ -163,7 +119,7 @@ class CheckpointState:
     files: dict[str, int]
     weights_file: str | None  # None: a Trainer checkpoint without an adapter
     applied: list[str] = field(default_factory=list)
-    trainable_parameters_changed: bool = False
+    trainable_parameters_changed: bool = False  # set by the planner: a migration that ran declares it
     warnings: list[str] = field(default_factory=list)
     unrecoverable: list[str] = field(default_factory=list)
     losses: list[str] = field(default_factory=list)  # trained values the output does not have (--allow-lossy)

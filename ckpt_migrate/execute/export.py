@@ -28,15 +28,13 @@ from ckpt_migrate.core.tuners import (
     Tuner,
     installed_peft,
     math_differs,
-    module_fold,
-    replay_unsupported,
-    replayed_lora_weight,
     tuner_modules,
     tuner_of,
 )
 from ckpt_migrate.formats.adapter import EXPORT_MANIFEST
 from ckpt_migrate.formats.base_model import SHARD_INDEX, SINGLE_FILE, BaseModel
 from ckpt_migrate.formats.dtypes import DTYPES
+from ckpt_migrate.migrations._tuner_fold import module_fold, replay_unsupported, replayed_lora_weight
 
 MANIFEST = EXPORT_MANIFEST
 #: The migration whose ``compute`` merges one module with a non-LoRA tuner by peft's own layer code.

@@ -292,9 +292,7 @@ def fix(
     src = str(src).rstrip("/")
     if dry_run:
         return inspect(src, base_model=base_model, dry_run_fix=True, **options)
-    if out is None:
-        raise OutputError("--out is required unless --dry-run is given")
-    out = str(out).rstrip("/")
+    out = str(out).rstrip("/")  # given: api.fix checked it (core/options.require_out)
     if options.get("verify") and base_model is None:
         raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
     relatives = discover(src)

@@ -1,4 +1,4 @@
-"""Fold one tuner-wrapped head module with the installed peft's own layer code (migration 0007).
+"""Fold one tuner-wrapped head module with the installed peft's own layer code: the ``compute`` of 0002/0007/0010.
 
 The module is rebuilt alone: a plain ``nn.Linear`` holding the trained base weight (float64), placed
 at its path in an otherwise empty model, which peft's tuner model for the adapter's ``peft_type``
@@ -23,7 +23,8 @@ from typing import Any
 from ckpt_migrate.core.errors import UnrecoverableError
 from ckpt_migrate.core.migration import TensorSource
 from ckpt_migrate.core.plan import PlannedTensor
-from ckpt_migrate.core.tuners import TUNERS, TunerFold
+from ckpt_migrate.core.tuners import TUNERS
+from ckpt_migrate.migrations._tuner_fold import TunerFold
 
 ADAPTER = "default"
 #: Relative tolerance of the merged layer's (float64) outputs against the unmerged layer's (float32).
