@@ -138,6 +138,7 @@ def export(
     progress: bool | None = None,
     adapter: str | None = None,
     allow_lossy: bool = False,
+    verify: bool | None = None,
 ) -> Report:
     """Write a standalone model: ``base_model`` with every adapter delta of ``src`` folded in and its repaired head.
 
@@ -147,6 +148,9 @@ def export(
     ``dtype``: ``"auto"`` (the base's) or ``float32``/``bfloat16``/``float16``. ``adapter``: which adapter of a
     checkpoint holding several (peft's subfolder name; default: the one at the top, else the only one).
     ``allow_lossy``: as for ``fix``, merge the best repair of a checkpoint that lost trained values, recording the loss.
+    ``verify``: before publishing, load the staged model with plain transformers and compare its logits with the
+    source's own function (:func:`verify` with ``source``); publish only a pass (unasked: when the base's weights are
+    at most 1 GB).
 
     >>> export("run/checkpoint-500", "merged", base_model="acme/tiny-llama").exit_code  # doctest: +SKIP
     0
@@ -160,7 +164,7 @@ def export(
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPE_NAMES)}")
     return export_model(
         src, out, planning, base_model=base_model, dtype=dtype, dry_run=dry_run, max_shard_bytes=max_shard_bytes,
-        progress=progress, adapter=adapter,
+        progress=progress, adapter=adapter, verify=verify,
     )  # fmt: skip
 
 

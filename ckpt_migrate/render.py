@@ -71,7 +71,25 @@ def _reproduces(result: CheckpointResult, base: Any) -> dict[str, Any] | None:
     return claim
 
 
-def checkpoint_dict(result: CheckpointResult, base: Any = None) -> dict[str, Any]:
+def _export_reproduces(result: CheckpointResult, base: Any, merged: Any) -> dict[str, Any] | None:
+    """Whether the exported model was shown to reproduce the trained model: only ``verify`` of the written model
+    (plain transformers against the source computed unmerged by peft) shows it; nothing is claimed by construction."""
+    from ckpt_migrate.proof import reproduction, verify_command
+
+    if result.plan is None or result.output is None:
+        return None
+    if result.plan.losses:
+        return {"shown": "no", "text": "lossy: trained values were never saved (see the losses)", "check_with": None}
+    claim = reproduction(result.plan, None, result.verification) if result.verification is not None else None
+    if claim is not None and claim["shown"] == "numerically":
+        return {**claim, "text": f"the model loaded by plain transformers: {claim['text']}", "check_with": None}
+    text = "not compared numerically (verify did not run)" if result.verification is None else "verify failed"
+    source = result.source if merged is None or merged is result.plan else result.source / merged.relative
+    return {"shown": "no", "text": text, "check_with": verify_command(result.output, base, source)}
+
+
+def checkpoint_dict(result: CheckpointResult, base: Any = None, export: Any = None) -> dict[str, Any]:
+    """One checkpoint's entry; ``export``: the export plan when the checkpoint was merged (its adapter ``repair``)."""
     plan = result.plan
     entry: dict[str, Any] = {
         "source": str(result.source),
@@ -107,7 +125,8 @@ def checkpoint_dict(result: CheckpointResult, base: Any = None) -> dict[str, Any
     if result.verification is not None:
         entry["verification"] = result.verification
     entry["proof"] = result.proof.to_dict() if result.proof is not None else None
-    entry["reproduces"] = _reproduces(result, base)
+    merged = export.repair if export is not None else None
+    entry["reproduces"] = _export_reproduces(result, base, merged) if export is not None else _reproduces(result, base)
     return entry
 
 
@@ -121,7 +140,7 @@ def to_dict(report: Report) -> dict[str, Any]:
         "out": str(report.out) if report.out else None,
         "exit_code": report.exit_code,
         "notes": list(report.notes),
-        "checkpoints": [checkpoint_dict(c, report.base_model) for c in report.checkpoints],
+        "checkpoints": [checkpoint_dict(c, report.base_model, report.export) for c in report.checkpoints],
         **({"export": export_dict(report.export)} if report.export is not None else {}),
     }
 
@@ -233,7 +252,7 @@ def verify_verdict_text(verification: dict[str, Any]) -> str:
 
 
 def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
-    entry = checkpoint_dict(result, report.base_model)
+    entry = checkpoint_dict(result, report.base_model, report.export)
     if report.command == "export":  # the repair feeds the export in memory: no checkpoint files are written
         blocks: list[Line | Diff | Table] = [Line("migrations", code=tuple(entry["migrations"]))] * bool(
             entry["migrations"]
@@ -244,7 +263,7 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
         if entry["losses"]:
             text = "LOSSY: the exported model does not reproduce the trained model: " + "; ".join(entry["losses"])
             blocks.append(Line("WARNING", text))
-        blocks += [line for line in _proof_lines(entry) if line.label.startswith("proof")]
+        blocks += _proof_lines(entry)  # the proof, and once written: verify and what the model reproduces
         done = {Status.CLEAN: "clean: merged as it is", Status.REPAIRABLE: "repaired in memory"}.get(
             result.status, entry["status"]
         )
@@ -289,7 +308,7 @@ def _checkpoint_section(report: Report, result: CheckpointResult) -> Section:
 
 RETRAIN_EXPORT = (
     "retraining is preferred: training on from this merged model starts with fresh optimizer state and without "
-    "the adapter's structure; it reproduces the trained model's outputs, not its training run"
+    "the adapter's structure, so it does not continue the training run"
 )
 
 

@@ -209,7 +209,14 @@ FLAGS: tuple[Flag, ...] = (
         "--verify/--no-verify",
         "Check each staged checkpoint with `verify` (needs a base model); publish only passes. Default: when a "
         "base model is at hand and its weights are at most 1 GB.",
-        (FIX,),
+        (FIX, EXPORT),
+        per_verb=(
+            (
+                EXPORT,
+                "Check the staged model with `verify --source SRC` (plain transformers against the source computed "
+                "unmerged by peft); publish only a pass. Default: when the base's weights are at most 1 GB.",
+            ),
+        ),
     ),
     Flag(
         "executor",

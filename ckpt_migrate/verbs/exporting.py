@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ckpt_migrate.core.errors import UnreadableInputError
+from ckpt_migrate.core.errors import UnreadableInputError, VerificationFailedError
 from ckpt_migrate.core.options import parse_version
 from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
@@ -15,7 +15,8 @@ from ckpt_migrate.formats.checkpoint import find_checkpoints
 from ckpt_migrate.formats.hub import resolve
 from ckpt_migrate.planner import plan_checkpoint
 from ckpt_migrate.progress import label, phase
-from ckpt_migrate.verbs.planning import base_model_of, refuse_misfitting_base
+from ckpt_migrate.verbs.checking import VERIFY_PHASE, verify_after_proof
+from ckpt_migrate.verbs.planning import base_model_of, refuse_misfitting_base, verify_wanted
 
 
 def export_model(
@@ -29,6 +30,7 @@ def export_model(
     max_shard_bytes: int,
     progress: bool | None,
     adapter: str | None,
+    verify: bool | None = None,
 ) -> Report:
     """:func:`ckpt_migrate.api.export` (``out`` checked to be given unless ``dry_run``; ``planning``: its planning
     options, as given)."""
@@ -94,11 +96,22 @@ def export_model(
 
     # each output byte is written, then read back for its sha256; held to that (shard headers are not counted)
     total = 2 * sum(output_bytes(t, report.export.cast_to) for t in report.export.tensors)
-    bar = byte_bar(total, f"export {label(relatives[0], src)}", progress)
-    with bar, staged_output(out_path) as staging:
-        budget = Budget(bar.update, total)
-        write_export(report.export, staging, budget)
-        budget.finish()
+    name = label(relatives[0], src)
+    check = verify_wanted(verify, base, None, report.notes)
+    with staged_output(out_path) as staging:
+        with byte_bar(total, f"export {name}", progress) as bar:
+            budget = Budget(bar.update, total)
+            write_export(report.export, staging, budget)
+            budget.finish()
+        if check:  # plain transformers on the staged model against the source computed unmerged; publish a pass only
+            with phase(f"verify {name}: {VERIFY_PHASE}", progress):
+                source = result.source if merged is repair else result.source / merged.relative  # its subfolder
+                verdict = verify_after_proof(staging, base.directory, source=source)
+            verdict.checkpoint = str(out_path)  # the report names the output, not the staging directory
+            result.verification = verdict.to_dict()
+            if not verdict.ok:
+                message = "verification failed, not published: " + "; ".join(verdict.reasons)
+                raise VerificationFailedError(message, result.source)
     result.output = out_path
     return report
 

@@ -14,7 +14,7 @@ from ckpt_migrate.formats.digests import Hashes
 from ckpt_migrate.formats.hub import resolve
 from ckpt_migrate.progress import label, phase
 from ckpt_migrate.verbs.checking import VERIFY_PHASE, verify_after_proof
-from ckpt_migrate.verbs.planning import plan_all
+from ckpt_migrate.verbs.planning import plan_all, verify_wanted
 
 
 def fix_local(
@@ -48,32 +48,12 @@ def fix_local(
                 "--verify needs a base model: pass --base-model DIR (the adapter's base_model_name_or_path is not "
                 "at hand)"
             )
-        wanted = _verify_wanted(verify, base, options.target_transformers, report.notes)
+        wanted = verify_wanted(verify, base, options.target_transformers, report.notes)
         _write_all(report, out_path, base, wanted, progress, hashes, options.target_transformers)
     finally:
         if hashes is not None:
             hashes.close()
     return report
-
-
-def _verify_wanted(verify: bool | None, base: BaseModel | None, target: str | None, notes: list[str]) -> bool:
-    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly and the output is
-    for the installed transformers' major (``verify`` loads it with the installed stack)."""
-    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes, untestable_target
-
-    if verify is not None or base is None:
-        return bool(verify)
-    if untestable_target(target) is not None:
-        notes.append(f"not verified numerically: {untestable_target(target)}")
-        return False
-    size = base_weights_bytes(base)
-    if size <= AUTO_VERIFY_MAX_BYTES:
-        return True
-    notes.append(
-        f"not verified numerically: the base's weights ({size / 1e9:.1f} GB) exceed {AUTO_VERIFY_MAX_BYTES / 1e9:g} "
-        "GB (pass --verify to load it anyway)"
-    )
-    return False
 
 
 def _write_all(

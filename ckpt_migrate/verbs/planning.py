@@ -66,3 +66,23 @@ def refuse_misfitting_base(plan: CheckpointPlan, base: BaseModel) -> None:
         proof = prove_adapter(state, base)
         if proof.state == "failed" and proof.cause == CAUSE_BASE:
             raise proof.error(plan.source)
+
+
+def verify_wanted(verify: bool | None, base: BaseModel | None, target: str | None, notes: list[str]) -> bool:
+    """``verify`` as asked; unasked (None), whenever the base is small enough to load quickly and the output is
+    for the installed transformers' major (``verify`` loads it with the installed stack)."""
+    from ckpt_migrate.proof import AUTO_VERIFY_MAX_BYTES, base_weights_bytes, untestable_target
+
+    if verify is not None or base is None:
+        return bool(verify)
+    if untestable_target(target) is not None:
+        notes.append(f"not verified numerically: {untestable_target(target)}")
+        return False
+    size = base_weights_bytes(base)
+    if size <= AUTO_VERIFY_MAX_BYTES:
+        return True
+    notes.append(
+        f"not verified numerically: the base's weights ({size / 1e9:.1f} GB) exceed {AUTO_VERIFY_MAX_BYTES / 1e9:g} "
+        "GB (pass --verify to load it anyway)"
+    )
+    return False
