@@ -12,14 +12,17 @@ from dataclasses import dataclass
 
 @dataclass
 class Served:
-    """What the server answered: GET requests and the body bytes they carried (all object reads)."""
+    """What the server answered: GET requests and the body bytes they carried (all object reads); the body
+    bytes it received (PUT and POST: uploads); and the server-side copies it made (PUT with a copy source)."""
 
     gets: int = 0
     get_bytes: int = 0
     requests: int = 0
+    received_bytes: int = 0
+    copies: int = 0
 
     def reset(self) -> None:
-        self.gets = self.get_bytes = self.requests = 0
+        self.gets = self.get_bytes = self.requests = self.received_bytes = self.copies = 0
 
 
 class CountingMotoServer:
@@ -58,6 +61,9 @@ class CountingMotoServer:
                     if environ["REQUEST_METHOD"] == "GET":
                         self.served.gets += 1
                         self.served.get_bytes += size
+                    elif environ["REQUEST_METHOD"] in ("PUT", "POST"):
+                        self.served.received_bytes += int(environ.get("CONTENT_LENGTH") or 0)
+                        self.served.copies += "HTTP_X_AMZ_COPY_SOURCE" in environ
 
         server = self._server
         server._server = make_server(server._ip_address, server._port, counted, True, request_handler=QuietHandler)

@@ -81,21 +81,40 @@ def test_sparse_mirror_plans_exactly_as_the_checkpoint_itself(case_dir):
     fs.rm(key, recursive=True)
 
 
-def test_inspect_reads_headers_not_weights(s3, big_adapter):
-    """A ~160 MB adapter: inspect over s3:// is served at most 2 MiB (counted by the server)."""
-    url = put(s3, big_adapter, "big/run/checkpoint-500")
-    size = (big_adapter / "adapter_model.safetensors").stat().st_size
-    assert size > 150 * 2**20
+def _served_for(s3, *args: str) -> int:
     s3.served.reset()
-    code, stdout, stderr = run_cli("inspect", url)
-    assert code == 3, stderr
-    assert f"{url}: repairable" in stdout
-    assert s3.served.get_bytes <= 2 * 2**20, s3.served
-    print(f"inspect of a {size / 2**20:.0f} MiB adapter: {s3.served}")
-    s3.served.reset()
-    code, stdout, _ = run_cli("fix", url, "--dry-run")
-    assert code == 0 and "dry run: nothing written" in stdout
-    assert s3.served.get_bytes <= 2 * 2**20, s3.served
+    code, stdout, stderr = run_cli(*args)
+    assert code == (3 if args[0] == "inspect" else 0), stderr
+    assert ": repairable" in stdout
+    return s3.served.get_bytes
+
+
+def _header_bytes(weights: Path) -> int:
+    with open(weights, "rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")
+
+
+def test_bytes_served_for_inspect_do_not_grow_with_the_tensor_data(s3, big_adapter, tmp_path):
+    """inspect and the dry run are served the headers: a ~160 MB adapter and a ~100 KB one with the same
+    tensors (other shapes) cost the same bytes at the server, to within their headers' difference."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from synth import Spec, generate
+
+    small = generate(tmp_path, Spec(blocks=8, hidden=64, intermediate=128, r=4, optimizer="small"), log=lambda _: None)
+    sizes = {}
+    served = {}
+    for name, checkpoint in {"big": big_adapter, "small": small}.items():
+        url = put(s3, checkpoint, f"sizes/{name}/checkpoint-500")
+        weights = checkpoint / "adapter_model.safetensors"
+        sizes[name] = (weights.stat().st_size, _header_bytes(weights))
+        served[name] = (_served_for(s3, "inspect", url), _served_for(s3, "fix", url, "--dry-run"))
+    assert sizes["big"][0] > 1000 * sizes["small"][0]  # 160 MB of tensor data against 100 KB
+    header_difference = abs(sizes["big"][1] - sizes["small"][1])
+    for command in (0, 1):
+        assert served["big"][command] <= 2 * 2**20
+        # the only other differences: a few digits (r, object sizes) in adapter_config.json and the LIST answers
+        assert abs(served["big"][command] - served["small"][command]) <= header_difference + 256, (served, sizes)
+    print(f"bytes served (inspect, dry run): {served}; (adapter bytes, header bytes): {sizes}")
 
 
 # ------------------------------------------------------------------------------------- fix, bucket to bucket
@@ -155,6 +174,98 @@ def test_dask_cluster_repairs_every_checkpoint_of_a_fleet(s3, tmp_path):
     assert not [k for k in s3.fs.find("bucket/fleet/run-fixed") if "checkpoint-10" in k]
     fixed = _download(s3, out + "/checkpoint-6", tmp_path / "fixed-6")
     assert max_logit_error(LLAMA, fixed, "checkpoint-2") <= load_case(LLAMA)["tolerance"]
+
+
+# ------------------------------------------------------------------------------------- a worker lost mid-repair
+
+
+def _kill_the_worker_publishing(s3, prefix: str, process: subprocess.Popen, workers: set[int]) -> None:
+    """SIGKILL the worker process uploading ``prefix``: the pid its staging marker names (written first)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        s3.fs.invalidate_cache()
+        try:
+            pid = json.loads(s3.fs.cat_file(f"{prefix}/.ckpt-migrate-staging"))["pid"]
+        except FileNotFoundError:
+            time.sleep(0.02)
+            continue
+        assert pid in workers, (pid, workers)  # a Dask worker's process, not the CLI's
+        os.kill(pid, signal.SIGKILL)
+        return
+    raise AssertionError("the fleet finished before its worker could be killed")
+
+
+def _fleet(src: str, out: str, executor: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ckpt_migrate", "fix", src, "--out", out, "--executor", executor]
+    return subprocess.Popen([*command, "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _statuses(stdout: str) -> dict[str, str]:
+    return {Path(c["source"]).name: c["status"] for c in json.loads(stdout)["checkpoints"]}
+
+
+def _published(s3, prefix: str) -> list[str]:
+    s3.fs.invalidate_cache()
+    return sorted(Path(k).parent.name for k in s3.fs.find(prefix) if k.endswith(MANIFEST))
+
+
+def _allow_no_failure(dask_scheduler) -> None:
+    dask_scheduler.allowed_failures = 0  # distributed.scheduler.allowed-failures, as a cluster may be configured
+
+
+def test_a_lost_worker_is_retried_or_reported_and_the_rerun_resumes(s3, big_adapter, tmp_path):
+    """Two worker processes; the one uploading the big checkpoint is SIGKILLed. With Dask's default
+    allowed-failures its task runs again and the fleet completes; with none allowed the checkpoint is
+    reported failed (exit 7), nothing of it published, and re-running completes it."""
+    from distributed import Client, LocalCluster
+
+    run = tmp_path / "run"
+    shutil.copytree(big_adapter, run / "checkpoint-500")
+    shutil.copytree(LLAMA / "run" / "checkpoint-2", run / "checkpoint-2")
+    src = put(s3, run, "lost/run")
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        executor = "dask://" + cluster.scheduler_address.removeprefix("tcp://")
+
+        process = _fleet(src, "s3://bucket/lost/retried", executor)
+        _kill_the_worker_publishing(
+            s3, "bucket/lost/retried/checkpoint-500", process, set(client.run(os.getpid).values())
+        )
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        assert _statuses(stdout) == {"checkpoint-2": "written", "checkpoint-500": "written"}
+        assert _published(s3, "bucket/lost/retried") == ["checkpoint-2", "checkpoint-500"]
+        assert not s3.fs.exists("bucket/lost/retried/checkpoint-500/.ckpt-migrate-staging")
+
+        client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed one
+        client.run_on_scheduler(_allow_no_failure)
+        out = "s3://bucket/lost/reported"
+        process = _fleet(src, out, executor)
+        _kill_the_worker_publishing(
+            s3, "bucket/lost/reported/checkpoint-500", process, set(client.run(os.getpid).values())
+        )
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 7, stderr
+        assert _statuses(stdout) == {"checkpoint-2": "written", "checkpoint-500": "failed"}
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in stderr, stderr
+        assert f"{src}/checkpoint-500: failed: " in lines[0] and "worker was lost" in lines[0]
+        assert "re-run to resume" in lines[0]
+        assert _published(s3, "bucket/lost/reported") == ["checkpoint-2"]
+        code, _, stderr = run_cli("inspect", f"{out}/checkpoint-500")  # the partial upload is not there
+        assert code == 5 and "no object under this prefix" in stderr
+
+        client.wait_for_workers(2, timeout=60)
+        process = _fleet(src, out, executor)
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        # the one published before is skipped (reported as the local resume reports it)
+        assert _statuses(stdout) == {"checkpoint-2": "repaired", "checkpoint-500": "written"}
+        assert _published(s3, "bucket/lost/reported") == ["checkpoint-2", "checkpoint-500"]
+        fixed = _download(s3, f"{out}/checkpoint-2", tmp_path / "fixed-2")
+        assert max_logit_error(LLAMA, fixed, "checkpoint-2") <= load_case(LLAMA)["tolerance"]
 
 
 # ------------------------------------------------------------------------------------- killed, then re-run
@@ -222,6 +333,58 @@ def test_missing_config_over_s3_is_one_line(s3, tmp_path):
     assert stderr.strip() == f"ckpt-migrate: error: {url}/adapter_config.json: missing"
     code, _, stderr = run_cli("inspect", "s3://bucket/hostile/nothing-here")
     assert code == 5 and "s3://bucket/hostile/nothing-here" in stderr
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "/tmp" not in lines[0]  # the URL is named, never the temporary mirror
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["inspect", "fix"])
+def test_adapter_config_that_is_not_json_over_s3_is_one_line(s3, tmp_path, command):
+    checkpoint = _checkpoint_copy(tmp_path)
+    (checkpoint / "adapter_config.json").write_bytes(b'{"peft_type": "LORA", "r": 4,')
+    url = put(s3, checkpoint, f"hostile-{command}/json/checkpoint-2")
+    out = f"s3://bucket/hostile-{command}/json-out"
+    code, _, stderr = run_cli(command, url, *(["--out", out] if command == "fix" else []))
+    assert code == 5
+    line = _one_line(stderr)
+    assert f"{url}/adapter_config.json" in line and "invalid JSON" in line
+    assert not s3.fs.exists(out.removeprefix("s3://"))
+
+
+@pytest.mark.parametrize("source", ["checkpoint-2", "."])
+def test_out_prefix_holding_other_objects_is_refused_untouched(s3, source):
+    """A run or a single checkpoint into an --out prefix that holds something else: refused (exit 6), nothing
+    written there, nothing removed."""
+    src = _join_url(put(s3, LLAMA / "run", f"hostile/busy-{source}/run"), source)
+    out = f"bucket/hostile/busy-{source}/out"
+    s3.fs.pipe(f"{out}/notes.txt", b"someone else's")
+    code, _, stderr = run_cli("fix", src, "--out", f"s3://{out}")
+    assert code == 6
+    line = _one_line(stderr)
+    assert f"s3://{out}" in line and "not empty; refusing to overwrite" in line
+    s3.fs.invalidate_cache()
+    assert s3.fs.find(out) == [f"{out}/notes.txt"] and s3.fs.cat(f"{out}/notes.txt") == b"someone else's"
+
+
+def _join_url(url: str, relative: str) -> str:
+    return url if relative == "." else f"{url}/{relative}"
+
+
+@pytest.mark.parametrize("command", ["inspect", "fix"])
+def test_missing_base_model_over_s3_is_one_line(s3, command):
+    src = put(s3, LLAMA / "run", f"hostile-{command}/nobase/run")
+    base = f"s3://bucket/hostile-{command}/nobase/base"  # nothing there
+    out = f"bucket/hostile-{command}/nobase/out"
+    args = ["--out", f"s3://{out}"] if command == "fix" else []
+    code, _, stderr = run_cli(command, src, "--base-model", base, *args)
+    assert code == 5
+    line = _one_line(stderr)
+    assert base in line and "base model not found" in line
+    assert not s3.fs.exists(out)
 
 
 def test_local_runs_import_no_remote_package(tmp_path):
