@@ -149,6 +149,8 @@ def main() -> None:
                 "manifests": published,
                 "bytes_served": server.served.get_bytes,
                 "bytes_received": server.served.received_bytes,
+                # what the client would have sent with every object uploaded (before server-side copies)
+                "bytes_published": sum(fs.du(f"bucket/fixed-{workers}", total=False).values()),
                 "server_side_copies": server.served.copies,
                 "worker_peak_rss_mib": sorted(round(v) for v in rss.values()),
                 "load_average_before": [round(v, 2) for v in load],

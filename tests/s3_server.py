@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,13 +25,29 @@ class Served:
         self.gets = self.get_bytes = self.requests = self.received_bytes = self.copies = 0
 
 
+@dataclass
+class Hold:
+    """The first ``method`` request for a key ending in ``key_suffix``, held unanswered: ``reached`` is set when it
+    arrives; once ``release`` is set it is refused (503) without reaching the store, as a request whose client
+    died mid-upload never completes."""
+
+    method: str
+    key_suffix: str
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def matches(self, environ: dict) -> bool:
+        return environ["REQUEST_METHOD"] == self.method and environ.get("PATH_INFO", "").endswith(self.key_suffix)
+
+
 class CountingMotoServer:
-    """``moto.server.ThreadedMotoServer`` whose app counts what it serves."""
+    """``moto.server.ThreadedMotoServer`` whose app counts what it serves (and can hold a request: :class:`Hold`)."""
 
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
 
         self.served = Served()
+        self.holds: list[Hold] = []
         self._lock = threading.Lock()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server._server_entry = self._entry  # the same entry, with the app wrapped
@@ -47,6 +63,15 @@ class CountingMotoServer:
                 pass
 
         def counted(environ, start_response):
+            with self._lock:
+                held = next((h for h in self.holds if h.matches(environ)), None)
+                if held is not None:
+                    self.holds.remove(held)
+            if held is not None:
+                held.reached.set()
+                held.release.wait(timeout=300)
+                start_response("503 Service Unavailable", [("Content-Length", "0")])
+                return
             body = app(environ, start_response)
             size = 0
             try:
@@ -69,6 +94,12 @@ class CountingMotoServer:
         server._server = make_server(server._ip_address, server._port, counted, True, request_handler=QuietHandler)
         server._server_ready_event.set()
         server._server.serve_forever()
+
+    def hold(self, method: str, key_suffix: str) -> Hold:
+        held = Hold(method, key_suffix)
+        with self._lock:
+            self.holds.append(held)
+        return held
 
     @property
     def endpoint(self) -> str:
