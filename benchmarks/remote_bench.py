@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def _peak_rss_mib() -> float:
     """This process's own high-water RSS (VmHWM): ``ru_maxrss`` of a spawned worker also counts the RSS its
-    parent had before ``exec`` (here the moto server's whole store), see benchmarks/README.md."""
+    parent had before ``exec`` (here the moto server's whole store), see docs/remote.md."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024

@@ -63,7 +63,14 @@ class CountingMotoServer:
                 pass
 
         def counted(environ, start_response):
+            # counted before the answer is sent: a client that has its answer finds it counted
+            method = environ["REQUEST_METHOD"]
             with self._lock:
+                self.served.requests += 1
+                self.served.gets += method == "GET"
+                if method in ("PUT", "POST"):
+                    self.served.received_bytes += int(environ.get("CONTENT_LENGTH") or 0)
+                    self.served.copies += "HTTP_X_AMZ_COPY_SOURCE" in environ
                 held = next((h for h in self.holds if h.matches(environ)), None)
                 if held is not None:
                     self.holds.remove(held)
@@ -73,22 +80,15 @@ class CountingMotoServer:
                 start_response("503 Service Unavailable", [("Content-Length", "0")])
                 return
             body = app(environ, start_response)
-            size = 0
             try:
                 for chunk in body:
-                    size += len(chunk)
+                    if method == "GET":
+                        with self._lock:
+                            self.served.get_bytes += len(chunk)
                     yield chunk
             finally:
                 if hasattr(body, "close"):
                     body.close()
-                with self._lock:
-                    self.served.requests += 1
-                    if environ["REQUEST_METHOD"] == "GET":
-                        self.served.gets += 1
-                        self.served.get_bytes += size
-                    elif environ["REQUEST_METHOD"] in ("PUT", "POST"):
-                        self.served.received_bytes += int(environ.get("CONTENT_LENGTH") or 0)
-                        self.served.copies += "HTTP_X_AMZ_COPY_SOURCE" in environ
 
         server = self._server
         server._server = make_server(server._ip_address, server._port, counted, True, request_handler=QuietHandler)
@@ -142,4 +142,9 @@ def s3fs_for(server: CountingMotoServer):
     """An s3fs filesystem on the endpoint, for putting fixtures in and reading outputs back."""
     import s3fs
 
-    return s3fs.S3FileSystem(endpoint_url=server.endpoint, key="testing", secret="testing", skip_instance_cache=True)
+    # moto completes a multipart upload by concatenating its parts in memory: for a 1.2 GB object on a loaded machine
+    # that can outlast botocore's 60 s read timeout, and the retried CompleteMultipartUpload then fails in moto
+    config = {"read_timeout": 900, "retries": {"max_attempts": 1}}
+    return s3fs.S3FileSystem(
+        endpoint_url=server.endpoint, key="testing", secret="testing", skip_instance_cache=True, config_kwargs=config
+    )

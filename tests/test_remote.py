@@ -134,15 +134,22 @@ def test_fix_bucket_to_bucket_reproduces_the_trained_logits(s3, tmp_path):
     src = put(s3, LLAMA / "run", "llama/run")
     out = "s3://bucket/llama/run-fixed"
     base = put(s3, LLAMA / "base", "llama/base")  # a base model in the bucket too: the output is proven and verified
+    s3.served.reset()
     code, stdout, stderr = run_cli("fix", src, "--out", out, "--base-model", base, "--quiet")
     assert code == 0, stderr
     assert f"repaired -> {out}/checkpoint-2" in stdout and "shown numerically" in stdout
     fixed = _download(s3, out, tmp_path / "fixed")
     tolerance = load_case(LLAMA)["tolerance"]
+    unchanged = 0
     for name in ("checkpoint-2", "checkpoint-4"):
         manifest = json.loads((fixed / name / MANIFEST).read_text())
         assert manifest["source"] == f"{src}/{name}"
         assert max_logit_error(LLAMA, fixed / name, name) <= tolerance
+        same = [f for f, digest in manifest["outputs_sha256"].items() if manifest["inputs_sha256"].get(f) == digest]
+        for file in same:  # copied server-side, not uploaded: the same bytes as the source's
+            assert (fixed / name / file).read_bytes() == (LLAMA / "run" / name / file).read_bytes()
+        unchanged += len(same)
+    assert unchanged >= 4 and s3.served.copies == unchanged  # README.md, scheduler.pt, training_args.bin...
     if old_python() is not None:
         args = [str(LLAMA), str(fixed / "checkpoint-4"), "checkpoint-4"]
         result = subprocess.run(
@@ -385,12 +392,12 @@ def test_adapter_config_that_is_not_json_over_s3_is_one_line(s3, tmp_path, comma
     assert not s3.fs.exists(out.removeprefix("s3://"))
 
 
-@pytest.mark.parametrize("source", ["checkpoint-2", "."])
-def test_out_prefix_holding_other_objects_is_refused_untouched(s3, source):
+@pytest.mark.parametrize(("name", "source"), [("one-checkpoint", "checkpoint-2"), ("run", ".")])
+def test_out_prefix_holding_other_objects_is_refused_untouched(s3, name, source):
     """A run or a single checkpoint into an --out prefix that holds something else: refused (exit 6), nothing
     written there, nothing removed."""
-    src = _join_url(put(s3, LLAMA / "run", f"hostile/busy-{source}/run"), source)
-    out = f"bucket/hostile/busy-{source}/out"
+    src = _join_url(put(s3, LLAMA / "run", f"hostile/busy-{name}/run"), source)
+    out = f"bucket/hostile/busy-{name}/out"
     s3.fs.pipe(f"{out}/notes.txt", b"someone else's")
     code, _, stderr = run_cli("fix", src, "--out", f"s3://{out}")
     assert code == 6
