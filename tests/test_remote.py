@@ -216,6 +216,53 @@ def test_threads_of_one_worker_load_rng_states_at_once():
     assert failures == []
 
 
+MIXED = {  # one run folder, one layout per checkpoint (peft 0.12 fixtures)
+    "checkpoint-2": LLAMA / "run" / "checkpoint-2",  # one adapter at the top
+    "checkpoint-4": LAYOUTS / "llama_named_adapter" / "run" / "checkpoint-2",  # in a subfolder
+    "checkpoint-6": LAYOUTS / "llama_two_adapters" / "run" / "checkpoint-2",  # at the top and in a subfolder
+    "checkpoint-8": LAYOUTS / "llama_fp16" / "run" / "checkpoint-2",  # fp16
+    "checkpoint-10": FIXTURES / "bert_bin" / "run" / "checkpoint-2",  # adapter_model.bin
+}
+
+
+def test_run_of_mixed_layouts_in_a_bucket_is_planned_and_written_as_on_disk(s3, tmp_path):
+    """inspect of the run and fix of it to a bucket give what the local run gives: the same report, and outputs
+    with the same sha256 (the manifests compared file by file)."""
+    from ckpt_migrate import api
+    from ckpt_migrate.render import to_dict
+
+    run = tmp_path / "run"
+    for name, checkpoint in MIXED.items():
+        shutil.copytree(checkpoint, run / name)
+    src = put(s3, run, "mixed/run")
+    local = json.dumps(to_dict(api.inspect(run))).replace(str(run), src)
+    assert json.dumps(to_dict(api.inspect(src))) == local
+    remote = api.fix(src, "s3://bucket/mixed/fixed", progress=False)
+    on_disk = api.fix(run, tmp_path / "fixed", progress=False)
+    assert remote.exit_code == on_disk.exit_code
+    assert [(c.relative, c.status) for c in remote.checkpoints] == [(c.relative, c.status) for c in on_disk.checkpoints]
+    written = [c.relative for c in on_disk.checkpoints if c.output is not None]
+    assert len(written) == len(MIXED)
+    for name in written:
+        ours = json.loads(s3.fs.cat_file(f"bucket/mixed/fixed/{name}/{MANIFEST}"))
+        theirs = json.loads((tmp_path / "fixed" / name / MANIFEST).read_text())
+        assert ours["outputs_sha256"] == theirs["outputs_sha256"], name
+        assert ours["migrations_applied"] == theirs["migrations_applied"], name
+
+
+def test_run_with_an_adapter_at_its_top_and_checkpoints_is_refused_remotely(s3, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(LLAMA / "run", run)
+    for file in (LLAMA / "run" / "checkpoint-2").iterdir():
+        shutil.copy(file, run / file.name)
+    src = put(s3, run, "top-and-checkpoints/run")
+    code, _, stderr = run_cli("fix", src, "--out", "s3://bucket/top-and-checkpoints/fixed")
+    assert code == 5
+    line = _one_line(stderr)
+    assert src in line and "holds an adapter at its top and checkpoint-* directories" in line
+    assert not s3.fs.exists("bucket/top-and-checkpoints/fixed")
+
+
 # ------------------------------------------------------------------------------------- a worker lost mid-repair
 
 
