@@ -7,28 +7,47 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Served:
-    """What the server answered: GET requests and the body bytes they carried (all object reads)."""
+    """What the server answered: GET requests and the body bytes they carried (all object reads); the body
+    bytes it received (PUT and POST: uploads); and the server-side copies it made (PUT with a copy source)."""
 
     gets: int = 0
     get_bytes: int = 0
     requests: int = 0
+    received_bytes: int = 0
+    copies: int = 0
 
     def reset(self) -> None:
-        self.gets = self.get_bytes = self.requests = 0
+        self.gets = self.get_bytes = self.requests = self.received_bytes = self.copies = 0
+
+
+@dataclass
+class Hold:
+    """The first ``method`` request for a key ending in ``key_suffix``, held unanswered: ``reached`` is set when it
+    arrives; once ``release`` is set it is refused (503) without reaching the store, as a request whose client
+    died mid-upload never completes."""
+
+    method: str
+    key_suffix: str
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def matches(self, environ: dict) -> bool:
+        return environ["REQUEST_METHOD"] == self.method and environ.get("PATH_INFO", "").endswith(self.key_suffix)
 
 
 class CountingMotoServer:
-    """``moto.server.ThreadedMotoServer`` whose app counts what it serves."""
+    """``moto.server.ThreadedMotoServer`` whose app counts what it serves (and can hold a request: :class:`Hold`)."""
 
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
 
         self.served = Served()
+        self.holds: list[Hold] = []
         self._lock = threading.Lock()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server._server_entry = self._entry  # the same entry, with the app wrapped
@@ -44,25 +63,43 @@ class CountingMotoServer:
                 pass
 
         def counted(environ, start_response):
+            # counted before the answer is sent: a client that has its answer finds it counted
+            method = environ["REQUEST_METHOD"]
+            with self._lock:
+                self.served.requests += 1
+                self.served.gets += method == "GET"
+                if method in ("PUT", "POST"):
+                    self.served.received_bytes += int(environ.get("CONTENT_LENGTH") or 0)
+                    self.served.copies += "HTTP_X_AMZ_COPY_SOURCE" in environ
+                held = next((h for h in self.holds if h.matches(environ)), None)
+                if held is not None:
+                    self.holds.remove(held)
+            if held is not None:
+                held.reached.set()
+                held.release.wait(timeout=300)
+                start_response("503 Service Unavailable", [("Content-Length", "0")])
+                return
             body = app(environ, start_response)
-            size = 0
             try:
                 for chunk in body:
-                    size += len(chunk)
+                    if method == "GET":
+                        with self._lock:
+                            self.served.get_bytes += len(chunk)
                     yield chunk
             finally:
                 if hasattr(body, "close"):
                     body.close()
-                with self._lock:
-                    self.served.requests += 1
-                    if environ["REQUEST_METHOD"] == "GET":
-                        self.served.gets += 1
-                        self.served.get_bytes += size
 
         server = self._server
         server._server = make_server(server._ip_address, server._port, counted, True, request_handler=QuietHandler)
         server._server_ready_event.set()
         server._server.serve_forever()
+
+    def hold(self, method: str, key_suffix: str) -> Hold:
+        held = Hold(method, key_suffix)
+        with self._lock:
+            self.holds.append(held)
+        return held
 
     @property
     def endpoint(self) -> str:
@@ -105,4 +142,9 @@ def s3fs_for(server: CountingMotoServer):
     """An s3fs filesystem on the endpoint, for putting fixtures in and reading outputs back."""
     import s3fs
 
-    return s3fs.S3FileSystem(endpoint_url=server.endpoint, key="testing", secret="testing", skip_instance_cache=True)
+    # moto completes a multipart upload by concatenating its parts in memory: for a 1.2 GB object on a loaded machine
+    # that can outlast botocore's 60 s read timeout, and the retried CompleteMultipartUpload then fails in moto
+    config = {"read_timeout": 900, "retries": {"max_attempts": 1}}
+    return s3fs.S3FileSystem(
+        endpoint_url=server.endpoint, key="testing", secret="testing", skip_instance_cache=True, config_kwargs=config
+    )

@@ -15,6 +15,7 @@ import io
 import os
 import pickletools
 import re
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,9 @@ def torch_load_problem(exc: BaseException) -> str:
     return detail.rstrip(". ")
 
 
+_SAFE_GLOBALS_LOCK = threading.Lock()
+
+
 def load_weights_only(path: Path, allowed: list[Any] | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: no code from the file runs.
 
@@ -134,7 +138,9 @@ def load_weights_only(path: Path, allowed: list[Any] | None = None) -> Any:
     path = Path(path)
     scope = torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext()
     try:
-        with scope:
+        # torch's allow-list is one per process and safe_globals restores it on exit: a thread leaving it would
+        # take the globals away from a thread still loading (threads of one Dask worker; seen as a refusal)
+        with _SAFE_GLOBALS_LOCK, scope:
             # mmap needs torch's zip format; an older plain pickle goes through the same weights-only unpickler.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - a hostile file can make the unpickler raise anything

@@ -95,21 +95,26 @@ def _mirrors() -> Iterator[Mirrors]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _mirror_tree(url: str, target: Path, *, full: bool, keep: Callable[[str], bool] = lambda _: True) -> Path:
+_NOTHING = "no such file or directory (no object under this prefix)"
+_NO_BASE = "base model not found: no object under this prefix"
+
+
+def _mirror_tree(url: str, target: Path, *, full: bool, missing: str = _NOTHING) -> Location:
+    """Mirror ``url`` into ``target``; the location returned holds the ETags of what was mirrored."""
     location = Location.open(url)
-    listing = {n: s for n, s in visible(location.listing()).items() if keep(n)}
+    listing = visible(location.listing())
     if not listing:
-        raise UnreadableInputError("no such file or directory (no object under this prefix)", url)
+        raise UnreadableInputError(missing, url)
     target.mkdir(parents=True)
     mirror(location, listing, target, full=full)
-    return target
+    return location
 
 
 def _base_model(base_model: str | Path | None, mirrors: Mirrors, *, full: bool) -> str | Path | None:
     if not _remote(base_model):
         return None if base_model is None else _local(base_model)
-    local = _mirror_tree(str(base_model), mirrors.root / "base", full=full)
-    return mirrors.add(local, str(base_model).rstrip("/"))
+    _mirror_tree(str(base_model), mirrors.root / "base", full=full, missing=_NO_BASE)
+    return mirrors.add(mirrors.root / "base", str(base_model).rstrip("/"))
 
 
 def _relabel(report: Report, mirrors: Mirrors, source: str, out: str | None) -> Report:
@@ -142,7 +147,8 @@ def inspect(src: str, *, base_model: str | Path | None = None, dry_run_fix: bool
     with _mirrors() as mirrors:
         base = _base_model(base_model, mirrors, full=False)
         if _remote(src):
-            local = mirrors.add(_mirror_tree(src, mirrors.root / "src", full=False), src.rstrip("/"))
+            _mirror_tree(src, mirrors.root / "src", full=False)
+            local = mirrors.add(mirrors.root / "src", src.rstrip("/"))
         else:
             local = _local(src)
         try:
@@ -211,9 +217,11 @@ def _repair_in(job: FixJob, mirrors: Mirrors) -> CheckpointResult:
     already = earlier == identity
     if target is not None and not already:
         already = not prepare_target(target, identity)
+    origin = None
     if _remote(job.src):
         url = _join(job.src, job.relative)
-        local_src = mirrors.add(_mirror_tree(url, mirrors.root / "src", full=not already), url)
+        origin = _mirror_tree(url, mirrors.root / "src", full=not already)
+        local_src = mirrors.add(mirrors.root / "src", url)
     else:
         local_src = _local(job.src) / job.relative
     base = _base_model(job.base_model, mirrors, full=not already)
@@ -230,7 +238,7 @@ def _repair_in(job: FixJob, mirrors: Mirrors) -> CheckpointResult:
         result = report.checkpoints[0]
         if result.status in (Status.REPAIRED, Status.WRITTEN):  # written: published, not proven (no base model)
             if target is not None:
-                upload_checkpoint(staged, target, identity)
+                upload_checkpoint(staged, target, identity, origin)
                 result.output = target.url  # type: ignore[assignment]
             elif _remote(job.src):
                 _rename_source(staged / MANIFEST, identity)
@@ -267,7 +275,7 @@ def discover(src: str) -> list[str]:
     location = Location.open(src)
     listing = visible(location.listing())
     if not listing:
-        raise UnreadableInputError("no such file or directory (no object under this prefix)", src)
+        raise UnreadableInputError(_NOTHING, src)
     with _mirrors() as mirrors:  # names and sizes only: empty files stand for the objects
         for name in listing:
             (mirrors.root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +303,8 @@ def fix(
     out = str(out).rstrip("/")  # given: api.fix checked it (core/options.require_out)
     if options.get("verify") and base_model is None:
         raise OutputError("--verify needs --base-model DIR to load the repaired checkpoint")
+    if _remote(base_model) and not visible(Location.open(str(base_model)).listing()):
+        raise UnreadableInputError(_NO_BASE, str(base_model))  # once, not once per checkpoint after its download
     relatives = discover(src)
     if "." in relatives and len(relatives) > 1:
         raise UnreadableInputError(
@@ -369,6 +379,16 @@ def _client(executor: str) -> Any:
     raise OutputError(f"unknown executor {executor!r} (local, dask, or dask://HOST:PORT)")
 
 
+def _lost(exc: Exception) -> str:
+    """Why a task has no result, in one line: its worker died (as often as the scheduler allows), or it crashed.
+    Either way nothing of it is published (an upload cut short has no manifest), so re-running resumes."""
+    if type(exc).__name__ == "KilledWorker":
+        reason = "its Dask worker was lost while repairing it (distributed.scheduler.allowed-failures exceeded)"
+    else:
+        reason = f"its task failed on the cluster ({type(exc).__name__}: {exc})"
+    return f"{reason}; re-run to resume"
+
+
 def _run_on_dask(jobs: list[FixJob], executor: str, done: Callable[[int], None]) -> list[CheckpointResult]:
     from distributed import as_completed
 
@@ -388,8 +408,7 @@ def _run_on_dask(jobs: list[FixJob], executor: str, done: Callable[[int], None])
             except CkptMigrateError:
                 raise  # a single checkpoint's failure, raised as the local code raises it
             except Exception as exc:  # noqa: BLE001 - KilledWorker (its worker lost too often) or a crash
-                reason = f"task failed on the cluster ({type(exc).__name__}: {exc}); re-run to resume"
-                results[index] = _failed(jobs[index], Status.FAILED, reason)
+                results[index] = _failed(jobs[index], Status.FAILED, _lost(exc))
             done(1)
         return [r for r in results if r is not None]
     finally:

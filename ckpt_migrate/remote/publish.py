@@ -59,22 +59,36 @@ def prepare_target(target: Location, source: str) -> bool:
     return True
 
 
-def upload_checkpoint(local: Path, target: Location, source: str) -> None:
+def upload_checkpoint(local: Path, target: Location, source: str, origin: Location | None = None) -> dict[str, int]:
     """Upload the checkpoint written at ``local`` to ``target``, manifest last (see the module doc).
 
     The manifest's ``source`` becomes ``source`` (the URL the checkpoint was read from, not the
     temporary directory it was mirrored into), which is what resuming an interrupted batch compares.
+    ``origin``: the location the checkpoint was read from; a file the repair left byte for byte as it was
+    (the same sha256 in and out, per the manifest) is copied from there server-side where the store can
+    (S3 to S3 on one endpoint), not uploaded. Returns the bytes uploaded and copied.
     """
     marker = {"source": source, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     target.write_bytes(STAGING_MARKER, json.dumps(marker).encode())
-    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    for name in names:
-        if name != MANIFEST:
-            target.upload(local / name, name)
     manifest = json.loads((local / MANIFEST).read_text(encoding="utf-8"))
+    inputs, outputs = manifest.get("inputs_sha256", {}), manifest.get("outputs_sha256", {})
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    moved = {"uploaded": 0, "copied": 0}
+    for name in names:
+        if name == MANIFEST:
+            continue
+        size = (local / name).stat().st_size
+        unchanged = name in outputs and inputs.get(name) == outputs[name]
+        if unchanged and origin is not None and target.can_copy_from(origin, name, size):
+            target.copy_from(origin, name)
+            moved["copied"] += size
+        else:
+            target.upload(local / name, name)
+            moved["uploaded"] += size
     manifest["source"] = source
     target.write_bytes(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     target.remove([STAGING_MARKER])
+    return moved
 
 
 def check_remote_target(source: str, out: str) -> None:
