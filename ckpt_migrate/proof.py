@@ -235,6 +235,23 @@ def prove_plan(plan: CheckpointPlan, base: BaseModel | None) -> Proof:
     states = ([("", plan.after)] if plan.after.weights_file else []) + [
         (f"{a.relative}/", a.after) for a in plan.adapters if a.after.weights_file
     ]
+    return _prove_all(states, base)
+
+
+def prove_published(directory: Any, base: BaseModel | None) -> Proof:
+    """The static proof of every adapter a checkpoint directory holds, as its files are (an earlier run's output:
+    called repaired only once what it published passes, whatever that run's options were)."""
+    from ckpt_migrate.formats.checkpoint import load_state, load_subfolder_adapters
+
+    if base is None:
+        return not_run("no base model at hand (pass --base-model)")
+    top = load_state(directory)
+    subfolders = load_subfolder_adapters(directory)
+    states = ([("", top)] if top.weights_file else []) + [(f"{n}/", s) for n, s in sorted(subfolders.items())]
+    return _prove_all(states, base)
+
+
+def _prove_all(states: list[tuple[str, CheckpointState]], base: BaseModel) -> Proof:
     if not states:
         return not_run("no adapter in the output")
     proofs = [(prefix, prove_adapter(state, base)) for prefix, state in states]

@@ -231,7 +231,21 @@ def test_batch_rerun_adds_new_checkpoints_and_skips_repaired_ones(tmp_path):
     statuses = {Path(c["source"]).name: c for c in json.loads(stdout)["checkpoints"]}
     assert any("skipped" in w for w in statuses["checkpoint-2"]["warnings"])
     assert statuses["checkpoint-4"]["status"] == "written"  # no base model: written, not proven
+    assert statuses["checkpoint-2"]["status"] == "written"  # the earlier run's output, not proven either
     assert {k: v for k, v in tree_digest(out).items() if k.partition("/")[0] == "checkpoint-2"} == first
+    # With the base model at hand, what the earlier runs published is proven now (its files, not a plan of them)
+    base = FIXTURES / "llama_score" / "base"
+    code, stdout, _ = run_cli("fix", src, "--out", out, "--base-model", base, "--quiet", "--format", "json")
+    rerun = {Path(c["source"]).name: c for c in json.loads(stdout)["checkpoints"]}
+    assert code == 0 and {c["status"] for c in rerun.values()} == {"repaired"}
+    assert all(c["proof"]["state"] == "proven" and "already repaired into" in c["warnings"][-1] for c in rerun.values())
+    (out / "checkpoint-4" / "adapter_config.json").write_text(  # a published adapter that no longer loads
+        (out / "checkpoint-4" / "adapter_config.json").read_text().replace('"q_proj"', '"no_such_proj"')
+    )
+    code, stdout, _ = run_cli("fix", src, "--out", out, "--base-model", base, "--quiet", "--format", "json")
+    rerun = {Path(c["source"]).name: c for c in json.loads(stdout)["checkpoints"]}
+    assert rerun["checkpoint-4"]["status"] == "written" and rerun["checkpoint-4"]["proof"]["state"] == "failed"
+    assert rerun["checkpoint-2"]["status"] == "repaired"
     assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
     # Anything else in --out is still refused.
     (out / "notes.txt").write_text("mine")

@@ -156,9 +156,11 @@ def test_fix_bucket_to_bucket_reproduces_the_trained_logits(s3, tmp_path):
             [old_python(), str(REPO / "tests" / "logits_check.py"), *args], capture_output=True, text=True, check=True
         )
         assert json.loads(result.stdout.strip().splitlines()[-1])[args[1]] <= tolerance
-    # re-running resumes: nothing is rewritten, both are reported repaired by the earlier run
+    # re-running resumes: nothing is rewritten; repaired only where what was published passes the proof now
     code, stdout, _ = run_cli("fix", src, "--out", out, "--quiet")
-    assert code == 0 and stdout.count("by an earlier run; skipped") == 2
+    assert code == 0 and stdout.count("already written into") == 2 and stdout.count("NOT proven") == 2
+    code, stdout, _ = run_cli("fix", src, "--out", out, "--base-model", base, "--quiet")
+    assert code == 0 and stdout.count("already repaired into") == 2 and stdout.count("(static proof passed)") == 2
 
 
 def test_dask_cluster_repairs_every_checkpoint_of_a_fleet(s3, tmp_path):
@@ -342,8 +344,9 @@ def test_a_lost_worker_is_retried_or_reported_and_the_rerun_resumes(s3, tmp_path
         process = _fleet(src, out, executor)
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
-        # the one published before is skipped (reported as the local resume reports it)
-        assert _statuses(stdout) == {"checkpoint-2": "repaired", "checkpoint-4": "written"}
+        # the one published before is skipped, and written, not proven (no base model), as the earlier run said
+        assert _statuses(stdout) == {"checkpoint-2": "written", "checkpoint-4": "written"}
+        assert "already written into" in stdout
         assert _published(s3, "bucket/lost/reported") == ["checkpoint-2", "checkpoint-4"]
     for prefix in ("bucket/lost/retried/checkpoint-4", "bucket/lost/reported/checkpoint-4"):
         _assert_objects_are_what_the_manifest_names(s3, prefix)

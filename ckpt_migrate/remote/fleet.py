@@ -35,10 +35,13 @@ from ckpt_migrate.core.errors import (
 from ckpt_migrate.core.plan import Status
 from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.formats.adapter import MANIFEST
+from ckpt_migrate.formats.base_model import BaseModel
+from ckpt_migrate.formats.hub import resolve_model
 from ckpt_migrate.remote import is_url, local_path_of
 from ckpt_migrate.remote.mirror import mirror, visible
 from ckpt_migrate.remote.publish import check_remote_target, prepare_target, published_source, upload_checkpoint
 from ckpt_migrate.remote.store import Location
+from ckpt_migrate.verbs.planning import published_earlier
 
 _NESTED = re.compile(r"^(checkpoint-\d+)/")
 _STATUS_OF = {
@@ -228,10 +231,13 @@ def _repair_in(job: FixJob, mirrors: Mirrors) -> CheckpointResult:
     if already:  # published by an earlier run: plan it (headers only) to report it, write nothing
         report = api.fix(local_src, None, base_model=base, dry_run=True, **options)
         result = report.checkpoints[0]
-        if result.status is Status.REPAIRABLE:
-            result.status = Status.REPAIRED
-            result.output = target.url if target is not None else local_out  # type: ignore[assignment]
-            result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
+        if result.status is Status.REPAIRABLE:  # proven on what was published (its headers, mirrored), not assumed
+            published = local_out
+            if target is not None:
+                published = mirrors.add(mirrors.root / "published", target.url)
+                _mirror_tree(target.url, published, full=False)
+            output = target.url if target is not None else local_out
+            published_earlier(result, output, published, None if base is None else BaseModel(resolve_model(base)))
     else:
         staged = mirrors.root / "out" if target is not None else local_out
         report = api.fix(local_src, staged, base_model=base, progress=False, **options)

@@ -14,7 +14,7 @@ from ckpt_migrate.formats.digests import Hashes
 from ckpt_migrate.formats.hub import resolve
 from ckpt_migrate.progress import label, phase
 from ckpt_migrate.verbs.checking import VERIFY_PHASE, verify_after_proof
-from ckpt_migrate.verbs.planning import plan_all, verify_wanted
+from ckpt_migrate.verbs.planning import plan_all, published_earlier, verify_wanted
 
 
 def fix_local(
@@ -72,8 +72,7 @@ def _write_all(
     done = earlier_batch_output(src, out_path) if out_path is not None and not single else set()
     for result in report.checkpoints:
         if result.relative in done and result.status is Status.REPAIRABLE and result.plan is not None:
-            result.status, result.output = Status.REPAIRED, out_path / result.relative
-            result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
+            published_earlier(result, out_path / result.relative, out_path / result.relative, base)
         if hashes is not None and result.status is not Status.REPAIRABLE:
             hashes.forget_under(result.source)
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from ckpt_migrate.core.errors import CkptMigrateError
 from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
@@ -86,3 +87,15 @@ def verify_wanted(verify: bool | None, base: BaseModel | None, target: str | Non
         "GB (pass --verify to load it anyway)"
     )
     return False
+
+
+def published_earlier(result: CheckpointResult, output: Any, published: Path, base: BaseModel | None) -> None:
+    """Report ``result`` as an earlier run's output at ``output`` (its files at ``published``, headers enough): repaired
+    only once those files pass the static proof now, else written, not proven; nothing is written."""
+    from ckpt_migrate.proof import prove_published
+
+    result.output = output
+    result.proof = prove_published(published, base)
+    result.status = Status.REPAIRED if result.proof.passed else Status.WRITTEN
+    done = "repaired" if result.proof.passed else "written"
+    result.plan.after.warn(f"already {done} into {output} by an earlier run; skipped")
