@@ -168,7 +168,7 @@ def fix(
             executor=executor, verify=verify, allow_lossy=allow_lossy, **choices,
         )  # fmt: skip
     from ckpt_migrate.execute.publish import check_output_target
-    from ckpt_migrate.execute.write import hash_ahead
+    from ckpt_migrate.execute.write import deferring_proofs, hash_ahead
 
     options = Options.parse(optimizer, target_transformers, target_peft, allow_lossy)
     src = resolve(src, what="SRC")
@@ -182,7 +182,7 @@ def fix(
         if hashes is not None:
             hash_ahead(src, options, hashes)
         report = Report("fix", src, dry_run, out_path)
-        with phase(f"planning {src.name or src} (headers only)", progress):
+        with phase(f"planning {src.name or src} (headers only)", progress), deferring_proofs(not dry_run):
             report.checkpoints, base = _plan_all(src, base_model, options, report.notes)
         report.base_model = base.directory if base is not None else None
         if verify and base is None:  # asked for, and no base at hand: the command line is incomplete
@@ -231,6 +231,7 @@ def _write_all(
     target_transformers: str | None = None,
 ) -> None:
     from ckpt_migrate.execute.publish import earlier_batch_output, write_and_publish
+    from ckpt_migrate.execute.write import settle_unwritten
 
     src, dry_run = report.source, report.dry_run
     single = len(report.checkpoints) == 1
@@ -239,6 +240,7 @@ def _write_all(
         if result.relative in done and result.status is Status.REPAIRABLE and result.plan is not None:
             result.status, result.output = Status.REPAIRED, out_path / result.relative
             result.plan.after.warn(f"already repaired into {result.output} by an earlier run; skipped")
+            settle_unwritten(result.plan)
         if hashes is not None and result.status is not Status.REPAIRABLE:
             hashes.forget_under(result.source)
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
@@ -316,9 +318,16 @@ def _start_proofs(
         import_before_writing([r.plan for r in to_write if r.plan is not None])
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
     try:
-        return {r.relative: pool.submit(prove_plan, r.plan, base) for r in to_write}
+        return {r.relative: pool.submit(_after_remap_proof, prove_plan, r.plan, base) for r in to_write}
     finally:
         pool.shutdown(wait=False)
+
+
+def _after_remap_proof(prove: Any, plan: CheckpointPlan, base: BaseModel) -> Any:
+    from ckpt_migrate.execute.write import proofs_done
+
+    proofs_done(plan)  # a remap proven while writing imports what the static proof imports: not both at once
+    return prove(plan, base)
 
 
 def _chosen_adapter(repair: CheckpointPlan, name: str | None, notes: list[str]) -> CheckpointPlan:
