@@ -73,9 +73,14 @@ def _thread_safe(on_bytes: OnBytes | None) -> OnBytes | None:
 
 
 def needs_torch(plan: CheckpointPlan) -> bool:
-    """Whether writing the plan imports torch: a rewritten pickle, a ``.bin`` adapter, a migration's ``compute``,
+    """Whether writing the plan imports torch: a rewritten pickle (but an RNG state), a ``.bin`` adapter, a
+    migration's ``compute``,
     or a fold numpy cannot do (a LoRA fold of safetensors tensors is computed with numpy, see fold_numpy.py)."""
-    if any(not name.endswith(".json") for name in plan.after.rewritten_files):
+    from ckpt_migrate.migrations.m0004_portable_rng_state import ID as PORTABLE_RNG_STATE
+
+    # a rewritten pickle imports torch, but an RNG state (pickled without it, see m0004)
+    rewrites = plan.after.rewritten_files.items()
+    if any(not name.endswith(".json") and r.migration != PORTABLE_RNG_STATE for name, r in rewrites):
         return True
     for _, adapter in plan.rewritten_adapters:
         tensors = adapter.after.tensors.values()
