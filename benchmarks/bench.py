@@ -9,7 +9,8 @@ Checkpoints of the same peft-0.12 double-wrapped adapter are generated once into
 <repo>/bench-work, gitignored) and reused (see synth.py):
 
     adapter  the adapter, a small (stateless) optimizer.pt, the Trainer's small files, no rng_state.pth
-    trainer  the same with the fixture's rng_state.pth (a numpy-1 pickle: fix rewrites it, with torch)
+    trainer  the same with the fixture's rng_state.pth (a numpy-1 pickle: fix rewrites it, without torch since 0004
+             pickles it itself)
     big      the trainer checkpoint with an AdamW optimizer.pt of ~2x the adapter, and a base model config
 
 Every wall-time figure is the median of per-pair ratios over --pairs alternating pairs (tool, reference, tool,

@@ -57,7 +57,7 @@ class Spec:
     num_labels: int = 3
     optimizer: str = "adamw"  # "adamw", "small" or "none"
     seed: int = 0
-    rng_state: bool = True  # the fixture's rng_state.pth (numpy 1 pickle: fix rewrites it with torch) or none
+    rng_state: bool = True  # the fixture's rng_state.pth (numpy 1 pickle: fix rewrites it) or none
 
     @property
     def key(self) -> str:

@@ -9,9 +9,14 @@ name under numpy 1): transformers 4.x allows no numpy global at all, 5.x only it
 
 The file is rewritten with the key as a list of ints (``np.random.set_state`` accepts any sequence,
 under both numpy majors); every state is kept exactly. Planning only scans the pickle's opcodes
-(no torch, nothing executed) and refuses any global outside :data:`ALLOWED_GLOBALS`. Writing loads it
-with ``torch.load(weights_only=True)``, admitting numpy's ``_reconstruct`` under both of its names,
-saves the portable state with ``torch.save``, and proves the bytes with a plain weights-only reload.
+(no torch, nothing executed) and refuses any global outside :data:`ALLOWED_GLOBALS`. Writing does not
+import torch (its import costs more than the rest of a ``fix``): the pickle is decoded by a restricted
+unpickler admitting only those globals, numpy's ``_reconstruct`` under both of its names (tensors stay
+references to their storage records), pickled again exactly as ``torch.save`` pickles the state
+``torch.load(weights_only=True)`` reads (:mod:`ckpt_migrate.formats.torch_pickle`; the tests compare the
+bytes with torch's on every fixture), the storage records are copied, and the written file, decoded again
+with no numpy global allowed, must give the planned state. :func:`portable_rng_state_bytes` is the same
+rewrite with torch (``torch.load``, ``torch.save``, a plain weights-only reload), which the tests compare with.
 """
 
 from __future__ import annotations
