@@ -89,6 +89,11 @@ def _warn_at(state: CheckpointState, message: str, at: int | None) -> None:
         state.warnings.insert(at, message)
 
 
+#: The checkpoints of a batch are planned one after the other, each starting its proof: they run one at a time, so
+#: that two threads never import torch and transformers at once (nor build two models on 2 CPUs).
+_ONE_PROOF_AT_A_TIME = threading.Lock()
+
+
 class DeferredRemap(FileRewrite):
     """The plan of ``optimizer.pt`` while its remap is being proven on a thread (importing torch and transformers
     and building the model on the meta device take seconds): the writer copies every other file meanwhile, and
@@ -109,7 +114,8 @@ class DeferredRemap(FileRewrite):
 
         def prove() -> None:
             try:
-                future.set_result(_plan_remap(context.source, snapshot, context))
+                with _ONE_PROOF_AT_A_TIME:
+                    future.set_result(_plan_remap(context.source, snapshot, context))
             except BaseException as exc:  # noqa: BLE001 - re-raised by settle(), on the writer's thread
                 future.set_exception(exc)
 

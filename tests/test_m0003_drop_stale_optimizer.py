@@ -288,3 +288,14 @@ def test_a_remap_proven_while_writing_settles_to_the_dry_runs_plan(tmp_path, mon
     assert ("optimizer.pt" in manifest["outputs_sha256"]) is base
     assert ("optimizer.pt" in manifest["inputs_not_read_bytes"]) is not base
     assert (tmp_path / "out" / "optimizer.pt").is_file() is base
+
+
+def test_a_batch_proves_each_remap_on_a_thread_and_reports_what_the_dry_run_plans(tmp_path):
+    run = CASE / "run"
+    planned = fix(run, dry_run=True, base_model=CASE / "base", optimizer="remap")
+    real = fix(run, tmp_path / "out", base_model=CASE / "base", optimizer="remap", progress=False)
+    assert real.exit_code == 0 and len(real.checkpoints) == len(planned.checkpoints) == 2
+    for done, dry in zip(real.checkpoints, planned.checkpoints, strict=True):
+        assert _planned_files(done.plan) == _planned_files(dry.plan)
+        manifest = json.loads((tmp_path / "out" / done.relative / "ckpt_migrate_manifest.json").read_text())
+        assert "optimizer.pt" in manifest["outputs_sha256"] and manifest["warnings"] == dry.plan.warnings
