@@ -78,8 +78,18 @@ def command_line(name: str, src: Path, dst: Path, ckpt: str) -> list[str]:
 
 
 def as_python(argv: list[str], ckpt: str) -> list[str]:
-    """The same command run as ``python -m ckpt_migrate`` (to ask which modules it imports)."""
-    return [sys.executable, "-m", "ckpt_migrate", *argv[1:]] if argv[0] == ckpt else argv
+    """The same command run as ``python -m ckpt_migrate`` (to ask which modules it imports), with the interpreter of
+    the ``ckpt`` script (its ``#!`` line): ``--ckpt-migrate`` of another install measures that install's code."""
+    return [tool_python(ckpt), "-m", "ckpt_migrate", *argv[1:]] if argv[0] == ckpt else argv
+
+
+def tool_python(ckpt: str) -> str:
+    try:
+        with open(ckpt, "rb") as script:
+            first = script.readline().decode(errors="replace").strip()
+    except OSError:
+        return sys.executable
+    return first[2:].strip() if first.startswith("#!") and Path(first[2:].strip()).is_file() else sys.executable
 
 
 def validate(name: str, code: int, dst: Path, stdout: Path, stderr: Path) -> None:
