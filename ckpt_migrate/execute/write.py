@@ -99,8 +99,10 @@ def needs_torch(plan: CheckpointPlan) -> bool:
 def _import_torch_meanwhile(plan: CheckpointPlan) -> threading.Thread | None:
     """When the plan needs torch (:func:`needs_torch`), start importing it (seconds) while the kernel copies and
     the hashes run; whoever imports it next waits for this import instead of starting anew."""
-    if "torch" in sys.modules or not needs_torch(plan):
-        return None
+    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import deferred
+
+    if "torch" in sys.modules or not needs_torch(plan) or deferred(plan.after) is not None:
+        return None  # (a remap being proven imports torch on its own thread)
     thread = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
     thread.start()
     return thread
