@@ -164,7 +164,7 @@ def imports_torch(name: str, src: Path, work: Path, ckpt: str) -> bool:
     """One extra (untimed) run of the command under ``-X importtime``: did it import torch?"""
     dst = work / "runs" / "imports"
     remove(dst)
-    modules = runner.imported_modules(as_python(command_line(name, src, dst, ckpt), ckpt))
+    modules = runner.imported_modules(as_python(command_line(name, src, dst, ckpt), ckpt), cwd=work)
     remove(dst)
     return any(m == "torch" or m.startswith("torch.") for m in modules)  # the CLI may exit before "torch" completes
 

@@ -245,9 +245,10 @@ def spawn_measured(argv: list[str], stdout: Path, stderr: Path) -> Run:
     return Run(round(wall, 4), round(int(maxrss_kb) / 1024, 1), int(code), float(user), float(system), load)
 
 
-def imported_modules(argv: list[str]) -> set[str]:
-    """The modules a Python command imports: ``argv`` is ``[python, ...]``, run once with ``-X importtime``."""
-    run = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True)
+def imported_modules(argv: list[str], cwd: Path | None = None) -> set[str]:
+    """The modules a Python command imports: ``argv`` is ``[python, ...]``, run once with ``-X importtime`` in
+    ``cwd`` (``python -m`` puts it first on ``sys.path``: not a checkout whose code would shadow the installed)."""
+    run = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, cwd=cwd)
     lines = [line for line in run.stderr.splitlines() if line.startswith("import time:")]
     return {line.rsplit("|", 1)[-1].strip() for line in lines}
 
