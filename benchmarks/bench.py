@@ -9,7 +9,8 @@ Checkpoints of the same peft-0.12 double-wrapped adapter are generated once into
 <repo>/bench-work, gitignored) and reused (see synth.py):
 
     adapter  the adapter, a small (stateless) optimizer.pt, the Trainer's small files, no rng_state.pth
-    trainer  the same with the fixture's rng_state.pth (a numpy-1 pickle: fix rewrites it, with torch)
+    trainer  the same with the fixture's rng_state.pth (a numpy-1 pickle: fix rewrites it, without torch since 0004
+             pickles it itself)
     big      the trainer checkpoint with an AdamW optimizer.pt of ~2x the adapter, and a base model config
 
 Every wall-time figure is the median of per-pair ratios over --pairs alternating pairs (tool, reference, tool,
@@ -77,8 +78,18 @@ def command_line(name: str, src: Path, dst: Path, ckpt: str) -> list[str]:
 
 
 def as_python(argv: list[str], ckpt: str) -> list[str]:
-    """The same command run as ``python -m ckpt_migrate`` (to ask which modules it imports)."""
-    return [sys.executable, "-m", "ckpt_migrate", *argv[1:]] if argv[0] == ckpt else argv
+    """The same command run as ``python -m ckpt_migrate`` (to ask which modules it imports), with the interpreter of
+    the ``ckpt`` script (its ``#!`` line): ``--ckpt-migrate`` of another install measures that install's code."""
+    return [tool_python(ckpt), "-m", "ckpt_migrate", *argv[1:]] if argv[0] == ckpt else argv
+
+
+def tool_python(ckpt: str) -> str:
+    try:
+        with open(ckpt, "rb") as script:
+            first = script.readline().decode(errors="replace").strip()
+    except OSError:
+        return sys.executable
+    return first[2:].strip() if first.startswith("#!") and Path(first[2:].strip()).is_file() else sys.executable
 
 
 def validate(name: str, code: int, dst: Path, stdout: Path, stderr: Path) -> None:
@@ -153,7 +164,7 @@ def imports_torch(name: str, src: Path, work: Path, ckpt: str) -> bool:
     """One extra (untimed) run of the command under ``-X importtime``: did it import torch?"""
     dst = work / "runs" / "imports"
     remove(dst)
-    modules = runner.imported_modules(as_python(command_line(name, src, dst, ckpt), ckpt))
+    modules = runner.imported_modules(as_python(command_line(name, src, dst, ckpt), ckpt), cwd=work)
     remove(dst)
     return any(m == "torch" or m.startswith("torch.") for m in modules)  # the CLI may exit before "torch" completes
 

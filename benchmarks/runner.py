@@ -118,8 +118,25 @@ def settle(cold: bool, warm_paths: list[Path]) -> None:
     for root in warm_paths:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             with open(path, "rb", buffering=0) as handle:
-                while handle.readinto(buffer):
-                    pass
+                for start, end in _data_extents(handle.fileno()):
+                    handle.seek(start)
+                    while start < end and (n := handle.readinto(memoryview(buffer)[: min(len(buffer), end - start)])):
+                        start += n
+
+
+def _data_extents(fd: int) -> list[tuple[int, int]]:
+    """The byte ranges of a file that hold data: all of it, but for the holes of a sparse file (the synthetic
+    base's body, tens of GB of zeros no command reads)."""
+    size, extents, offset = os.fstat(fd).st_size, [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        extents.append((start, end))
+        offset = end
+    return extents
 
 
 # --------------------------------------------------------------------------- machine
@@ -228,9 +245,10 @@ def spawn_measured(argv: list[str], stdout: Path, stderr: Path) -> Run:
     return Run(round(wall, 4), round(int(maxrss_kb) / 1024, 1), int(code), float(user), float(system), load)
 
 
-def imported_modules(argv: list[str]) -> set[str]:
-    """The modules a Python command imports: ``argv`` is ``[python, ...]``, run once with ``-X importtime``."""
-    run = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True)
+def imported_modules(argv: list[str], cwd: Path | None = None) -> set[str]:
+    """The modules a Python command imports: ``argv`` is ``[python, ...]``, run once with ``-X importtime`` in
+    ``cwd`` (``python -m`` puts it first on ``sys.path``: not a checkout whose code would shadow the installed)."""
+    run = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, cwd=cwd)
     lines = [line for line in run.stderr.splitlines() if line.startswith("import time:")]
     return {line.rsplit("|", 1)[-1].strip() for line in lines}
 

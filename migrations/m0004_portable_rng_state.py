@@ -9,15 +9,21 @@ name under numpy 1): transformers 4.x allows no numpy global at all, 5.x only it
 
 The file is rewritten with the key as a list of ints (``np.random.set_state`` accepts any sequence,
 under both numpy majors); every state is kept exactly. Planning only scans the pickle's opcodes
-(no torch, nothing executed) and refuses any global outside :data:`ALLOWED_GLOBALS`. Writing loads it
-with ``torch.load(weights_only=True)``, admitting numpy's ``_reconstruct`` under both of its names,
-saves the portable state with ``torch.save``, and proves the bytes with a plain weights-only reload.
+(no torch, nothing executed) and refuses any global outside :data:`ALLOWED_GLOBALS`. Writing does not
+import torch (its import costs more than the rest of a ``fix``): the pickle is decoded by a restricted
+unpickler admitting only those globals, numpy's ``_reconstruct`` under both of its names (tensors stay
+references to their storage records), pickled again exactly as ``torch.save`` pickles the state
+``torch.load(weights_only=True)`` reads (:mod:`ckpt_migrate.formats.torch_pickle`; the tests compare the
+bytes with torch's on every fixture), the storage records are copied, and the written file, decoded again
+with no numpy global allowed, must give the planned state. :func:`portable_rng_state_bytes` is the same
+rewrite with torch (``torch.load``, ``torch.save``, a plain weights-only reload), which the tests compare with.
 """
 
 from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +88,46 @@ def plan(state: CheckpointState, context: Context) -> None:
         state.rewrite_file(name, FileRewrite(ID, REASON, listed=(("numpy_globals", numpy_globals),)))
 
 
-def write(rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None) -> None:
-    from ckpt_migrate.formats.files import write_new
+def write(rewrite: FileRewrite, source: Path, target: Path, on_bytes: OnBytes | None = None) -> Callable[[], str]:
+    """The portable file, without importing torch (see :func:`portable_rng_state_pickle`); its storage records
+    copied from the source. Before it is published, decoding the written file with no numpy global allowed must
+    give exactly the planned state. Returns what gives its sha256."""
+    from ckpt_migrate.formats.pickles import data_pkl
+    from ckpt_migrate.formats.torch_archive import write_pickled
+    from ckpt_migrate.formats.torch_pickle import CODECS_ENCODE, RefusedPickle, loads
 
-    write_new(target, portable_rng_state_bytes(source))
+    pickled = portable_rng_state_pickle(source)
+    expected = loads(pickled[0], CODECS_ENCODE)
+
+    def check() -> None:
+        try:
+            reloaded = loads(data_pkl(target), CODECS_ENCODE)
+        except RefusedPickle as exc:
+            raise OutputError(f"rewritten RNG state is not portable: {exc}", source) from None
+        if not _same(reloaded, expected):
+            raise OutputError("rewritten RNG state does not decode to the original values", source)
+
+    return write_pickled(target, pickled, source, on_bytes, check)
+
+
+def portable_rng_state_pickle(path: Path) -> tuple[bytes, list[str]]:
+    """``data.pkl`` of the rewritten ``path`` (and its storages' source keys), made without torch: the same bytes
+    ``torch.save`` pickles for :func:`read_rng_state`'s state (:mod:`ckpt_migrate.formats.torch_pickle`). Torch
+    is not imported for a 14 KB file: its import costs about 3 CPU-seconds and 190 MB, more than the rest of a
+    ``fix``; the tests compare these bytes with torch's on every fixture."""
+    from ckpt_migrate.formats.pickles import data_pkl
+    from ckpt_migrate.formats.torch_pickle import CODECS_ENCODE, RefusedPickle, TensorRef, dumps, loads
+
+    path = Path(path)
+    _allowed_globals_of(path)
+    allowed = {**CODECS_ENCODE, **_numpy_globals()}
+    try:
+        state = loads(data_pkl(path), allowed)
+    except RefusedPickle as exc:
+        raise _refuse(str(exc), path) from None
+    cpu = state.get("cpu") if isinstance(state, dict) else None
+    uint8 = isinstance(cpu, TensorRef) and repr(cpu.storage.kind) == "torch.ByteStorage"
+    return dumps(_portable(state, path, uint8))
 
 
 def _allowed_globals_of(path: Path) -> list[str]:
@@ -136,20 +178,19 @@ def _portable_numpy_state(value: Any, path: Path) -> tuple:
     return ("MT19937", key, pos, int(has_gauss), gauss)
 
 
-def read_rng_state(path: Path) -> dict[str, Any]:
-    """The RNG state of ``path`` as plain data and CPU tensors, the numpy key as a list of ints.
+def _numpy_globals() -> dict[str, Any]:
+    """Every numpy global :data:`NUMPY_GLOBALS` admits, by its pickled ``module.name``."""
+    found: dict[str, Any] = {}
+    for entry in _numpy_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
+        found[name] = obj
+    return {name: obj for name, obj in found.items() if name in NUMPY_GLOBALS}
 
-    Loaded with ``torch.load(weights_only=True)`` after the opcode scan; raises
-    :class:`UnreadableInputError` when the file is not a plain Trainer RNG state.
-    """
+
+def _portable(state: Any, path: Path, cpu_is_uint8: bool) -> dict[str, Any]:
+    """``state`` with the numpy key as a list of ints, after checking it is a Trainer RNG state."""
     import numpy as np
-    import torch
 
-    from ckpt_migrate.formats.pickles import load_weights_only
-
-    path = Path(path)
-    _allowed_globals_of(path)
-    state = load_weights_only(path, allowed=_numpy_safe_globals())
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise _refuse("not a Trainer RNG state (expected a dict with string keys)", path)
     missing = [k for k in ("python", "numpy", "cpu") if k not in state]
@@ -158,12 +199,29 @@ def read_rng_state(path: Path) -> dict[str, Any]:
     python = state["python"]
     if not isinstance(python, tuple) or len(python) != 3 or not isinstance(python[1], tuple):
         raise _refuse("'python' is not a random.getstate() tuple", path)
-    if not isinstance(state["cpu"], torch.Tensor) or state["cpu"].dtype != torch.uint8:
+    if not cpu_is_uint8:
         raise _refuse("'cpu' is not a uint8 tensor", path)
     portable = {**state, "numpy": _portable_numpy_state(state["numpy"], path)}
     if any(isinstance(v, np.ndarray | np.generic) for v in _leaves(portable)):
         raise _refuse("numpy value outside the numpy RNG state", path)
     return portable
+
+
+def read_rng_state(path: Path) -> dict[str, Any]:
+    """The RNG state of ``path`` as plain data and CPU tensors, the numpy key as a list of ints.
+
+    Loaded with ``torch.load(weights_only=True)`` after the opcode scan; raises
+    :class:`UnreadableInputError` when the file is not a plain Trainer RNG state.
+    """
+    import torch
+
+    from ckpt_migrate.formats.pickles import load_weights_only
+
+    path = Path(path)
+    _allowed_globals_of(path)
+    state = load_weights_only(path, allowed=_numpy_safe_globals())
+    cpu = state.get("cpu") if isinstance(state, dict) else None
+    return _portable(state, path, isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8)
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -180,9 +238,11 @@ def check_rng_state(path: Path) -> dict[str, list[str]]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    import torch
+    """Equal values of equal types (tensors: equal dtype and elements, or equal :class:`TensorRef`)."""
+    import sys
 
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+    torch = sys.modules.get("torch")  # a TensorRef compares as a dataclass; a torch.Tensor needs torch, loaded
+    if torch is not None and (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, list | tuple):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))

@@ -13,6 +13,7 @@ import os
 import random
 import shlex
 import subprocess
+import sys
 import types
 import warnings
 import zipfile
@@ -124,7 +125,7 @@ def _trainer_state_with_cached_gaussian(extra: dict | None = None) -> dict:
 def _rewrite(source: Path, checkpoint: Path, name: str = "rng_state.pth") -> Path:
     checkpoint.mkdir(parents=True, exist_ok=True)
     target = checkpoint / name
-    target.write_bytes(portable_rng_state_bytes(source))
+    m0004.write(FileRewrite(m0004.ID, m0004.REASON), source, target)()  # what fix writes (without torch)
     return target
 
 
@@ -344,7 +345,10 @@ def test_write_portable_rng_state_writes_verified_bytes(tmp_path):
     target = tmp_path / "rng_state.pth"
     rewrite = FileRewrite(m0004.ID, m0004.REASON)
     m0004.write(rewrite, FIXTURE_RNG_FILES[0], target)
-    assert target.read_bytes() == portable_rng_state_bytes(FIXTURE_RNG_FILES[0])
+    torch_saved = tmp_path / "torch" / "rng_state.pth"
+    torch_saved.parent.mkdir()
+    torch_saved.write_bytes(portable_rng_state_bytes(FIXTURE_RNG_FILES[0]))
+    assert _records(target) == _records(torch_saved)  # (the archive's folder and serialization_id aside)
     with pytest.raises(FileExistsError):
         m0004.write(rewrite, FIXTURE_RNG_FILES[0], target)
 
@@ -413,3 +417,52 @@ def test_detection_refuses_nothing_and_runs_nothing(tmp_path, monkeypatch):
     path = _raw_torch_archive(tmp_path / "rng_state.pth", b"cnumpy.core.multiarray\n_reconstruct\ncos\nsystem\n.")
     assert references_numpy_core(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def _records(path: Path) -> dict[str, bytes]:
+    """Every record of a torch archive by its name under the prefix, but the random ``serialization_id``."""
+    with zipfile.ZipFile(path) as archive:
+        return {
+            name.split("/", 1)[1]: archive.read(name)
+            for name in archive.namelist()
+            if not name.endswith("serialization_id")
+        }
+
+
+def _torch_free_cases(tmp_path: Path, numpy2_file: Path | None) -> list[Path]:
+    generator = torch.Generator().manual_seed(0)
+    storage = torch.randint(0, 256, (48,), dtype=torch.uint8, generator=generator)
+    shared = tmp_path / "shared" / "rng_state.pth"  # cuda states viewing one storage, as torch saves them
+    shared.parent.mkdir()
+    views = {"cuda": [storage[:16], storage[16:]], "npu": storage[8:24]}
+    torch.save(_trainer_state_with_cached_gaussian(views), shared)
+    return [*FIXTURE_RNG_FILES, shared] + ([numpy2_file] if numpy2_file else [])
+
+
+def test_the_rewrite_without_torch_pickles_torch_saves_bytes(tmp_path, request):
+    """fix rewrites an RNG state without importing torch: its data.pkl is byte for byte what torch.save pickles for
+    the state torch.load reads (every fixture, a numpy 2 file, shared cuda storages), every other record (storages
+    copied, not decoded) equals torch.save's, and torch reloads it, with no global allowed, to exactly that state."""
+    numpy2 = request.getfixturevalue("numpy2_file") if NUMPY2 else None
+    for index, source in enumerate(_torch_free_cases(tmp_path, numpy2)):
+        ours = tmp_path / f"ours{index}" / "rng_state.pth"
+        ours.parent.mkdir()
+        m0004.write(FileRewrite(m0004.ID, m0004.REASON), source, ours)()
+        theirs = tmp_path / f"theirs{index}" / "rng_state.pth"
+        theirs.parent.mkdir()
+        torch.save(read_rng_state(source), theirs)
+        assert _records(ours) == _records(theirs), source
+        assert m0004._same(torch.load(ours, weights_only=True), read_rng_state(source)), source
+
+
+def test_fix_of_a_checkpoint_whose_only_pickle_to_rewrite_is_its_rng_state_does_not_import_torch(tmp_path):
+    checkpoint = TESTS / "fixtures" / "llama_score" / "run" / "checkpoint-2"  # a fold numpy computes
+    script = (
+        "import sys; from ckpt_migrate import fix; "
+        f"report = fix({str(checkpoint)!r}, {str(tmp_path / 'out')!r}, progress=False); "
+        "print(report.exit_code, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr[-2000:]
+    assert (tmp_path / "out" / "rng_state.pth").read_bytes() != (checkpoint / "rng_state.pth").read_bytes()
+    assert not references_numpy_core(tmp_path / "out" / "rng_state.pth")

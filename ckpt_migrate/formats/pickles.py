@@ -62,6 +62,11 @@ def _data_pkl(path: Path) -> bytes:
         raise UnreadableInputError(f"cannot read: {exc.strerror or exc}", path) from exc
 
 
+def data_pkl(path: Path) -> bytes:
+    """The ``data.pkl`` record of a torch archive (at most :data:`MAX_PICKLE_BYTES`), not decoded."""
+    return _data_pkl(Path(path))
+
+
 def pickle_globals(path: Path) -> list[str]:
     """The ``module.name`` globals a torch archive's pickle references, in order; nothing is executed.
 

@@ -147,8 +147,20 @@ def write_archive(
 
     ``check`` (which may read ``target``) runs once every byte is written, while the file is fsynced on
     another thread: a check that raises leaves the file unpublished as any failed write does."""
+    return write_pickled(target, pickle_like_torch(obj, storage_key), source, on_bytes, check)
+
+
+def write_pickled(
+    target: Path,
+    pickled: tuple[bytes, list[str]],
+    source: Path,
+    on_bytes: OnBytes | None = None,
+    check: Callable[[], None] | None = None,
+) -> Callable[[], str]:
+    """:func:`write_archive` of a ``data.pkl`` already pickled: ``(data.pkl, the source key of each new storage
+    key)``, as :func:`pickle_like_torch` returns them."""
     prefix, records = read_records(source)
-    data_pkl, sources = pickle_like_torch(obj, storage_key)
+    data_pkl, sources = pickled
     missing = [key for key in sources if f"data/{key}" not in records]
     if missing:
         raise UnreadableInputError(f"the archive has no record for storage {missing[0]!r}", source)
