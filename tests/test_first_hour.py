@@ -166,6 +166,40 @@ def test_bars_end_at_100_percent_of_the_right_total(tmp_path: Path):
     assert bars[-1][1:3] == (100, bars[-1][3]) and all(percent <= 100 for _, percent, _, _ in bars)
 
 
+def test_verify_names_each_probe_as_a_phase_of_its_own(tmp_path: Path, monkeypatch):
+    """`verify` and `fix --verify` sat silent for 23-36 s: each probe (the static proof, each of the two loads, the
+    source's own logits) is a phase, named when it passes a second, and none with --quiet (progress=False)."""
+    from ckpt_migrate import progress
+    from ckpt_migrate.api import fix, verify
+
+    seen: list[tuple[str, bool | None]] = []
+    real_phase = progress.phase
+
+    def recording_phase(text: str, wanted: bool | None):
+        seen.append((text, wanted))
+        return real_phase(text, wanted)
+
+    monkeypatch.setattr(progress, "phase", recording_phase)
+    probes = [
+        "static proof: building the model on the meta device",
+        "importing torch, transformers and peft",
+        "loading it on the base model, seed 1 of 2",
+        "loading it on the base model, seed 2 of 2",
+        "computing the source's own logits, its head unmerged",
+    ]
+    report = fix(SRC, tmp_path / "fixed", base_model=BASE, verify=True, progress=True)
+    assert report.exit_code == EXIT_OK and report.checkpoints[0].verification["ok"]
+    assert [text for text, wanted in seen if text.startswith("verify ") and wanted] == [
+        f"verify checkpoint-2: {probe}" for probe in probes
+    ], seen
+
+    seen.clear()
+    assert verify(tmp_path / "fixed", BASE, source=SRC, progress=True).ok
+    assert seen == [(f"verify fixed: {probe}", True) for probe in probes], seen
+    seen.clear()
+    assert verify(tmp_path / "fixed", BASE, source=SRC, progress=False).ok
+    assert seen and all(wanted is False for _, wanted in seen), seen  # --quiet: every phase silent
+
 # ---------------------------------------------------------------- Ctrl-C
 
 
