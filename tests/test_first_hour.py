@@ -200,6 +200,7 @@ def test_verify_names_each_probe_as_a_phase_of_its_own(tmp_path: Path, monkeypat
     assert verify(tmp_path / "fixed", BASE, source=SRC, progress=False).ok
     assert seen and all(wanted is False for _, wanted in seen), seen  # --quiet: every phase silent
 
+
 # ---------------------------------------------------------------- Ctrl-C
 
 
