@@ -36,8 +36,9 @@ INTERRUPTED = "ckpt-migrate: interrupted; nothing was published"
 #: The CLI, with a hook: ``FIRST_HOUR_READY`` names a file created, and the process paused, when the moment named by
 #: ``FIRST_HOUR_AT`` comes: ``import`` (transformers' lazy import of the Llama config; the interrupt is then
 #: re-raised as the ``ModuleNotFoundError: Could not import module 'LlamaConfig'`` users saw, with no exception
-#: chain left to tell), or ``staged`` (the output fully staged, not yet renamed into place). Nothing in the package
-#: is changed.
+#: chain left to tell), ``parsing`` (click parsing ``fix``'s options: click turns an interrupt there into "Aborted!"
+#: and exit 1 unless told not to), or ``staged`` (the output fully staged, not yet renamed into place). Nothing in
+#: the package is changed.
 HOOKED_CLI = """
 import os, signal, sys, time
 from pathlib import Path
@@ -61,6 +62,14 @@ class Trip:
         return None
 
 sys.meta_path.insert(0, Trip())
+if at == "parsing":
+    import click
+    _parse_args = click.Command.parse_args
+    def parse_args(self, ctx, args):
+        if self.name == "fix":
+            arrived()
+        return _parse_args(self, ctx, args)
+    click.Command.parse_args = parse_args
 if at == "staged":
     import ckpt_migrate.execute.publish as publish
     _fsync_tree = publish.fsync_tree
@@ -214,10 +223,11 @@ def _assert_interrupted(code: int, screen: str, tmp_path: Path, digest: dict[str
     assert tree_digest(SRC) == digest
 
 
-@pytest.mark.parametrize(("command", "moment"), [("export", "import"), ("fix", "staged")])
+@pytest.mark.parametrize(("command", "moment"), [("export", "import"), ("fix", "parsing"), ("fix", "staged")])
 def test_ctrl_c_at_a_chosen_moment(tmp_path: Path, command: str, moment: str):
     """Mid-import of transformers on the main thread (export's static proof: the interrupt surfaces wrapped in a
-    ModuleNotFoundError), and with fix's output fully staged but not yet published."""
+    ModuleNotFoundError), while click parses the command line, and with fix's output fully staged but not yet
+    published."""
     digest, ready = tree_digest(SRC), tmp_path / "ready"
     args = [command, SRC, "--out", tmp_path / "out", "--base-model", BASE] + ["--no-verify"] * (command == "fix")
     terminal = Terminal(args, hook=moment, ready=ready)
@@ -230,13 +240,15 @@ def test_ctrl_c_at_a_chosen_moment(tmp_path: Path, command: str, moment: str):
 
 
 def _wait_for_sigint_handler(pid: int, timeout: float = 30.0) -> None:
-    """Until the process catches SIGINT (its SigCgt mask in /proc): the first thing our entry point does. A signal
-    before that meets the interpreter's start-up, which no code of ours runs in (on a loaded machine, 100+ ms)."""
+    """Until our entry point's handler is in place: the first thing it does. A signal before that meets the
+    interpreter's start-up, which no code of ours runs in (on a loaded machine, 100+ ms). SigCgt (in /proc) shows
+    SIGINT caught from Python's own start-up on, so SIGTERM, which Python leaves alone and our handler takes (right
+    after SIGINT), tells ours."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = Path(f"/proc/{pid}/status").read_text()
         caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-        if caught & (1 << (signal.SIGINT - 1)):
+        if caught & (1 << (signal.SIGTERM - 1)):
             return
         time.sleep(0.005)
     raise AssertionError("the SIGINT handler was never installed")
