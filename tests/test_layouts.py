@@ -28,7 +28,7 @@ from conftest import (
     run_cli,
     tree_digest,
 )
-from logits_check import adapter_errors
+from logits_check import adapter_errors, stack_versions
 from resume_check import resume
 
 from ckpt_migrate import fix, inspect
@@ -79,12 +79,9 @@ def test_every_adapter_reproduces_its_trained_logits_with_the_newest_peft(repair
 
 
 @pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
-def test_every_adapter_reproduces_its_trained_logits_with_peft_0_12(repaired_layouts):
-    args = [a for c in REPAIRABLE for a in (str(c), str(repaired_layouts[c.name]), "checkpoint-2")]
-    command = [old_python(), str(TESTS / "logits_check.py"), "--adapters", *args]
-    errors = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+def test_every_adapter_reproduces_its_trained_logits_with_peft_0_12(peft_0_12_adapter_errors, repaired_layouts):
     for case_dir in REPAIRABLE:
-        _assert_reproduced(errors[str(repaired_layouts[case_dir.name])], case_dir)
+        _assert_reproduced(peft_0_12_adapter_errors[str(repaired_layouts[case_dir.name])], case_dir)
 
 
 @pytest.mark.parametrize("case_dir", SEVERAL, ids=lambda p: p.name)
@@ -253,6 +250,18 @@ def _every_checkpoint() -> list[tuple[Path, str, Path]]:
     ]
 
 
+@pytest.fixture(scope="module")
+def peft_0_12_adapter_errors(repaired_layouts) -> dict[str, dict]:
+    """logits_check's ``adapter_errors`` under peft 0.12 for every checkpoint of every fixture and every repaired
+    layout, in one start of that interpreter: directory -> {adapter: {"alone": error, "together": error}}."""
+    checked = _every_checkpoint() + [(LAYOUTS / n, "checkpoint-2", out) for n, out in repaired_layouts.items()]
+    args = [str(a) for triple in checked for a in (triple[0], triple[2], triple[1])]
+    command = [old_python(), str(TESTS / "logits_check.py"), "--adapters", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1200)
+    assert stack_versions(result.stderr)[0] == "0.12.0"
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def _adapter_is_clean(plan: CheckpointPlan) -> bool:
     """The tool leaves the adapter as it is: nothing refused, nothing lost, no tensor or config change."""
     after = plan.after
@@ -274,16 +283,11 @@ def _reproduced(errors: dict, tolerance: float) -> dict[str, bool]:
     return {a: all(e is not None and e <= tolerance for e in modes.values()) for a, modes in errors.items()}
 
 
-def test_no_adapter_of_any_fixture_is_called_clean_unless_real_peft_reproduces_it(repaired_layouts):
+def test_no_adapter_of_any_fixture_is_called_clean_unless_real_peft_reproduces_it(repaired_layouts, request):
     """Every adapter of every fixture (and of the repaired layouts) through ``inspect``, against what the newest
     peft and peft 0.12 do with it: "clean" exactly when both load it and reproduce its trained logits."""
     checked = _every_checkpoint() + [(LAYOUTS / n, "checkpoint-2", out) for n, out in repaired_layouts.items()]
-    old = {}
-    if old_python() is not None:
-        args = [str(a) for triple in checked for a in (triple[0], triple[2], triple[1])]
-        command = [old_python(), str(TESTS / "logits_check.py"), "--adapters", *args]
-        result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1200)
-        old = json.loads(result.stdout.splitlines()[-1])
+    old = request.getfixturevalue("peft_0_12_adapter_errors") if old_python() is not None else {}
     seen = {"clean": 0, "broken": 0}
     for case_dir, checkpoint, directory in checked:
         tolerance = load_case(case_dir)["tolerance"]
