@@ -18,18 +18,6 @@ ensure_venv() {  # ensure_venv DIR: a venv with the CPU torch wheel installed fi
     installed "$1" torch 2.13.0 || "$1/bin/pip" install -q torch==2.13.0
 }
 
-peft012() {
-    ensure_venv .venv-peft012
-    installed .venv-peft012 peft 0.12.0 && installed .venv-peft012 transformers 4.44.2 \
-        || .venv-peft012/bin/pip install -q "peft==0.12.0" "transformers==4.44.2" "numpy<2" accelerate safetensors
-}
-
-# The two venvs are independent: the old one is built meanwhile (two CPUs; mostly unpacking wheels).
-old=
-if [ "${1:-}" = "--with-peft012" ]; then
-    peft012 &
-    old=$!
-fi
 ensure_venv .venv
 # The editable install rebuilds an editable wheel every time (13 s of CPU): only when the checkout, or what it
 # declares (pyproject.toml, setup.py), changed since the last one.
@@ -39,4 +27,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip install -q -e ".[test]"
     echo "$want" >"$stamp"
 fi
-[ -z "$old" ] || wait "$old"
+if [ "${1:-}" = "--with-peft012" ]; then
+    ensure_venv .venv-peft012
+    installed .venv-peft012 peft 0.12.0 && installed .venv-peft012 transformers 4.44.2 \
+        || .venv-peft012/bin/pip install -q "peft==0.12.0" "transformers==4.44.2" "numpy<2" accelerate safetensors
+fi
