@@ -206,8 +206,8 @@ def test_verify_names_each_probe_as_a_phase_of_its_own(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(progress, "phase", recording_phase)
     probes = [
-        "static proof: building the model on the meta device",
         "importing torch, transformers and peft",
+        "static proof: building the model on the meta device",
         "loading it on the base model, seed 1 of 2",
         "loading it on the base model, seed 2 of 2",
         "computing the source's own logits, its head unmerged",
