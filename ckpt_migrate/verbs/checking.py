@@ -13,6 +13,7 @@ from ckpt_migrate.progress import step
 if TYPE_CHECKING:
     from ckpt_migrate.verification import VerifyResult
 
+
 def verify_after_proof(
     checkpoint: str | Path, base_model: str | Path | None, *, source: str | Path | None
 ) -> VerifyResult:
