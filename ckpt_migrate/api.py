@@ -19,8 +19,8 @@ from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.checkpoint import find_checkpoints
 from ckpt_migrate.formats.hub import resolve, resolve_model
 from ckpt_migrate.planner import plan_checkpoint
-from ckpt_migrate.progress import phase
-from ckpt_migrate.verbs.checking import VERIFY_PHASE, verify_after_proof
+from ckpt_migrate.progress import phase, steps
+from ckpt_migrate.verbs.checking import verify_after_proof
 from ckpt_migrate.verbs.planning import plan_all, refuse_misfitting_base
 
 if TYPE_CHECKING:
@@ -220,5 +220,5 @@ def verify(
     >>> verify("fixed/checkpoint-500", "bart-base", source="run/checkpoint-500").ok  # doctest: +SKIP
     True
     """
-    with phase(f"verify {Path(checkpoint).name}: {VERIFY_PHASE}", progress):
+    with steps(f"verify {Path(checkpoint).name}", progress):
         return verify_after_proof(checkpoint, base_model, source=source)

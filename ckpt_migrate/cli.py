@@ -195,9 +195,13 @@ def entry_point() -> None:
     graph) and does nothing for the user: every output is fsynced and published, and every staging
     directory removed, before a command returns. Only stdout and stderr are left to flush.
     """
-    try:
-        main()
-        code: object = 0
+    try:  # not click's standalone mode: it makes a Ctrl-C while parsing the command line "Aborted!", exit 1
+        code: object = main(standalone_mode=False)  # --help, --version: 0
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.Abort as exc:
+        code = interrupts.finish_interrupted() if interrupts.is_interrupt(exc) else 1
     except SystemExit as exc:
         code = exc.code
     if code is not None and not isinstance(code, int):

@@ -5,7 +5,8 @@ Everything goes to stderr, only when it is a terminal (or ``progress=True``), ne
 it ends at 100%. A phase that lasts over :data:`PHASE_AFTER_SECONDS` (importing torch, building a model on the meta
 device, loading a base model, a verify probe) is named on its own line when that second has passed, so the
 screen never sits silent for long and a fast phase prints nothing. A phase is also where an interrupt a library
-swallowed is raised again.
+swallowed is raised again. A command made of several slow steps (``verify``: the static proof, two loads, the
+source's logits) opens :func:`steps`, and the code of each step, however deep, names it with :func:`step`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,31 @@ def phase(text: str, progress: bool | None) -> Iterator[None]:
     _stop_if_interrupted()
     if said.is_set():  # not after an error or an interrupt: its one line is the last word
         _say(f"ckpt-migrate: {text}: done in {time.monotonic() - started:.1f} s")
+
+
+#: The :func:`steps` open in this thread of control: its heading and ``progress`` (None: no command asked for steps).
+_steps: ContextVar[tuple[str, bool | None] | None] = ContextVar("ckpt_migrate_steps", default=None)
+
+
+@contextlib.contextmanager
+def steps(heading: str, progress: bool | None) -> Iterator[None]:
+    """A command of several slow steps: each :func:`step` run inside is a :func:`phase` headed ``heading``."""
+    token = _steps.set((heading, progress))
+    try:
+        yield
+    finally:
+        _steps.reset(token)
+    _stop_if_interrupted()
+
+
+@contextlib.contextmanager
+def step(text: str) -> Iterator[None]:
+    """One step of the :func:`steps` open here, named ``heading: text`` if it lasts over a second; outside any
+    (a library caller of the verification code): nothing shown."""
+    opened = _steps.get()
+    if opened is None:
+        yield
+        return
+    heading, progress = opened
+    with phase(f"{heading}: {text}", progress):
+        yield

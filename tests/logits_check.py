@@ -6,6 +6,9 @@ Runs in-process in the test venv, or as a script in another venv (peft 0.12)::
     python tests/logits_check.py CASE_DIR ADAPTER_DIR CHECKPOINT_NAME [...]  # prints {adapter: error}
     python tests/logits_check.py --adapters CASE_DIR CHECKPOINT_DIR CHECKPOINT_NAME [...]  # see adapter_errors
     python tests/logits_check.py --merged CASE_DIR MODEL_DIR CHECKPOINT_NAME [...]  # see merged_error
+    python tests/logits_check.py A B C --merged D E F  # a flag switches the check for the triples after it
+
+As a script it also names the peft and transformers releases that answered, on stderr (``stack_versions``).
 """
 
 from __future__ import annotations
@@ -112,6 +115,13 @@ def adapter_errors(
     return errors
 
 
+def stack_versions(stderr: str) -> tuple[str, str]:
+    """(peft, transformers) releases a run of this script as a program reported on its stderr."""
+    line = next(line for line in stderr.splitlines() if line.startswith("logits_check: peft "))
+    _, _, peft, _, transformers = line.split()
+    return peft, transformers
+
+
 def errors_in(python: str, triples: list[tuple[str | Path, str | Path, str]]) -> dict[str, float]:
     """:func:`max_logit_error` of each (case dir, adapter dir, checkpoint) run by another interpreter (peft 0.12):
     adapter dir -> error. Fails when that interpreter does (peft refusing an adapter included)."""
@@ -136,10 +146,21 @@ def assert_reproduced(cases: list[Path], outputs: dict[str, Path], checkpoint: s
         assert error <= tolerance, (case.name, error)
 
 
+CHECKS = {"--adapter": max_logit_error, "--adapters": adapter_errors, "--merged": merged_error}
+
 if __name__ == "__main__":
-    # Arguments come in triples, so one interpreter start checks many checkpoints.
-    args = sys.argv[1:]
-    check = {"--adapters": adapter_errors, "--merged": merged_error}.get(args[0] if args else "", max_logit_error)
-    args = args[1:] if check is not max_logit_error else args
-    triples = [args[i : i + 3] for i in range(0, len(args), 3)]
-    print(json.dumps({adapter: check(case, adapter, name) for case, adapter, name in triples}))
+    # Arguments come in triples, so one interpreter start checks many checkpoints; a flag switches the check for
+    # the triples after it (the first ones: --adapter's unless a flag comes first).
+    check, errors, args = max_logit_error, {}, sys.argv[1:]
+    while args:
+        if args[0] in CHECKS:
+            check, args = CHECKS[args[0]], args[1:]
+            continue
+        (case, adapter, name), args = args[:3], args[3:]
+        errors[adapter] = check(case, adapter, name)
+    import peft
+    import transformers
+
+    # which stack answered, on stderr (stdout's last line stays the errors): no second interpreter start to ask
+    print(f"logits_check: peft {peft.__version__} transformers {transformers.__version__}", file=sys.stderr)
+    print(json.dumps(errors))

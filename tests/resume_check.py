@@ -2,7 +2,8 @@
 
 Runs in the test venv or, as a script, in another one (peft 0.12 / transformers 4.44 / numpy 1)::
 
-    python tests/resume_check.py CASE_DIR CHECKPOINT_DIR   # prints JSON
+    python tests/resume_check.py CASE_DIR CHECKPOINT_DIR [EXTRA_STEPS]  # prints JSON
+    python tests/resume_check.py --each CASE_DIR CHECKPOINT_DIR EXTRA_STEPS [...]  # a JSON list, one start
 """
 
 from __future__ import annotations
@@ -107,9 +108,16 @@ def resume(case_dir: str | Path, checkpoint_dir: str | Path, extra_steps: int | 
     return seen
 
 
-if __name__ == "__main__":
-    extra = int(sys.argv[3]) if len(sys.argv) > 3 else None
+def _resumed(case_dir: str, checkpoint_dir: str, extra_steps: int | None) -> dict:
     try:
-        print(json.dumps(resume(sys.argv[1], sys.argv[2], extra)))
+        return resume(case_dir, checkpoint_dir, extra_steps)
     except Exception as exc:  # the error is the result a test asserts on
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--each":  # one interpreter start for several: a list of the results, in order
+        args = sys.argv[2:]
+        print(json.dumps([_resumed(args[i], args[i + 1], int(args[i + 2])) for i in range(0, len(args), 3)]))
+    else:
+        print(json.dumps(_resumed(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)))

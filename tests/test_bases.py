@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_case, old_python, run_cli
-from logits_check import max_logit_error, merged_error
+from logits_check import max_logit_error, merged_error, stack_versions
 from safetensors.torch import load_file, save_file
 
 from ckpt_migrate import export, fix, load, verify
@@ -84,12 +84,18 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     return outputs
 
 
-def old_stack(mode: list[str], jobs: list[tuple[Path, Path, str]]) -> dict[str, float]:
-    args = [str(a) for job in jobs for a in job]
+@pytest.fixture(scope="module")
+def peft_0_12_errors(repaired_for_4, exported) -> dict[str, float]:
+    """One start of the peft 0.12 / transformers 4.44.2 interpreter for every logits check there: the adapters
+    repaired for 4.44.2, the broken originals, and (plain transformers) the exports. Output dir -> error."""
+    args = [str(a) for c in CASES for a in (c, repaired_for_4[c.name], checkpoint(c))]
+    args += [str(a) for c in CASES for a in (c, c / "run" / checkpoint(c), checkpoint(c))]
+    args += ["--merged", *[str(a) for c in CASES for a in (c, exported[c.name], checkpoint(c))]]
     result = subprocess.run(
-        [old_python(), str(TESTS / "logits_check.py"), *mode, *args], capture_output=True, text=True, timeout=900
+        [old_python(), str(TESTS / "logits_check.py"), *args], capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert stack_versions(result.stderr) == ("0.12.0", "4.44.2")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -100,13 +106,12 @@ def test_repaired_adapter_gives_the_trained_logits_with_the_newest_peft(repaired
 
 
 @pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
-def test_repaired_adapters_give_the_trained_logits_with_peft_0_12(repaired_for_4):
-    jobs = [(c, repaired_for_4[c.name], checkpoint(c)) for c in CASES]
-    errors = old_stack([], jobs)
-    for case_dir, out, _ in jobs:
-        assert errors[str(out)] <= load_case(case_dir)["tolerance"], (case_dir.name, errors[str(out)])
+def test_repaired_adapters_give_the_trained_logits_with_peft_0_12(repaired_for_4, peft_0_12_errors):
+    for case_dir in CASES:
+        error = peft_0_12_errors[str(repaired_for_4[case_dir.name])]
+        assert error <= load_case(case_dir)["tolerance"], (case_dir.name, error)
     # and the originals do not: their heads are lost (random here) or fail to load
-    originals = old_stack([], [(c, c / "run" / checkpoint(c), checkpoint(c)) for c in CASES])
+    originals = {c.name: peft_0_12_errors[str(c / "run" / checkpoint(c))] for c in CASES}
     assert all(error > 1e-2 for error in originals.values()), originals
 
 
@@ -119,11 +124,10 @@ def test_export_gives_the_trained_logits_with_the_newest_transformers(exported):
 
 
 @pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
-def test_export_gives_the_trained_logits_with_transformers_4_44(exported):
-    jobs = [(c, exported[c.name], checkpoint(c)) for c in CASES]
-    errors = old_stack(["--merged"], jobs)
-    for case_dir, out, _ in jobs:
-        assert errors[str(out)] <= load_case(case_dir)["tolerance"], (case_dir.name, errors[str(out)])
+def test_export_gives_the_trained_logits_with_transformers_4_44(exported, peft_0_12_errors):
+    for case_dir in CASES:
+        error = peft_0_12_errors[str(exported[case_dir.name])]
+        assert error <= load_case(case_dir)["tolerance"], (case_dir.name, error)
 
 
 @pytest.mark.parametrize("case_dir", CASES, ids=ids)

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +37,9 @@ INTERRUPTED = "ckpt-migrate: interrupted; nothing was published"
 #: The CLI, with a hook: ``FIRST_HOUR_READY`` names a file created, and the process paused, when the moment named by
 #: ``FIRST_HOUR_AT`` comes: ``import`` (transformers' lazy import of the Llama config; the interrupt is then
 #: re-raised as the ``ModuleNotFoundError: Could not import module 'LlamaConfig'`` users saw, with no exception
-#: chain left to tell), or ``staged`` (the output fully staged, not yet renamed into place). Nothing in the package
-#: is changed.
+#: chain left to tell), ``parsing`` (click parsing ``fix``'s options: click turns an interrupt there into "Aborted!"
+#: and exit 1 unless told not to), or ``staged`` (the output fully staged, not yet renamed into place). Nothing in
+#: the package is changed.
 HOOKED_CLI = """
 import os, signal, sys, time
 from pathlib import Path
@@ -61,6 +63,14 @@ class Trip:
         return None
 
 sys.meta_path.insert(0, Trip())
+if at == "parsing":
+    import click
+    _parse_args = click.Command.parse_args
+    def parse_args(self, ctx, args):
+        if self.name == "fix":
+            arrived()
+        return _parse_args(self, ctx, args)
+    click.Command.parse_args = parse_args
 if at == "staged":
     import ckpt_migrate.execute.publish as publish
     _fsync_tree = publish.fsync_tree
@@ -75,7 +85,10 @@ entry_point()
 
 
 class Terminal:
-    """A CLI process whose stderr (and stdin) is a 120x40 pseudo-terminal; stdout is a pipe."""
+    """A CLI process whose stderr (and stdin) is a 120x40 pseudo-terminal; stdout is a pipe.
+
+    Both are drained from the start on threads, so several terminals run side by side (two CPUs: the runs that
+    import torch overlap) without a full terminal buffer ever pausing one."""
 
     def __init__(self, args: list[str], *, hook: str | None = None, ready: Path | None = None):
         master, slave = pty.openpty()
@@ -91,27 +104,36 @@ class Terminal:
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         os.close(slave)
-        self.master, self.started = master, time.monotonic()
+        self.master, self.started, self.ready = master, time.monotonic(), ready
+        self._screen: list[bytes] = []
+        self._readers = [
+            threading.Thread(target=self._read_terminal, daemon=True),
+            threading.Thread(target=self.proc.stdout.read, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
-    def finish(self, timeout: float = 120) -> tuple[int, str]:
-        """Wait for the exit; (exit code, everything written to the terminal)."""
-        chunks = []
+    def _read_terminal(self) -> None:
         while True:
             try:
                 data = os.read(self.master, 65536)
             except OSError:  # EIO: every writer of the terminal has exited
-                break
+                return
             if not data:
-                break
-            chunks.append(data)
-        self.proc.stdout.read()
+                return
+            self._screen.append(data)
+
+    def finish(self, timeout: float = 180) -> tuple[int, str]:
+        """Wait for the exit; (exit code, everything written to the terminal)."""
         code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
         os.close(self.master)
-        return code, b"".join(chunks).decode(errors="replace")
+        return code, b"".join(self._screen).decode(errors="replace")
 
 
 def _wait_for(ready: Path, terminal: Terminal) -> None:
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
     while not ready.exists():
         assert terminal.proc.poll() is None, "the CLI exited before the moment to interrupt it"
         assert time.monotonic() < deadline, "the CLI never reached the moment to interrupt it"
@@ -148,8 +170,11 @@ def test_bars_end_at_100_percent_of_the_right_total(tmp_path: Path):
     from ckpt_migrate.execute.export import output_bytes
     from ckpt_migrate.execute.write import bytes_to_process
 
+    fixing = Terminal(["fix", SRC, "--out", tmp_path / "fixed", "--no-verify"])
+    exporting = Terminal(["export", SRC, "--out", tmp_path / "merged", "--base-model", BASE])
+
     (planned,) = fix(SRC, tmp_path / "dry", base_model=BASE, dry_run=True).checkpoints
-    code, screen = Terminal(["fix", SRC, "--out", tmp_path / "fixed", "--no-verify"]).finish()
+    code, screen = fixing.finish()
     assert code == EXIT_OK, screen
     bars = _bars(screen)
     assert bars and {label for label, *_ in bars} == {"checkpoint-2"}, bars  # named after the checkpoint, not "."
@@ -159,11 +184,46 @@ def test_bars_end_at_100_percent_of_the_right_total(tmp_path: Path):
 
     merged = export(SRC, tmp_path / "dry-export", base_model=BASE, dry_run=True).export
     expected = 2 * sum(output_bytes(t, merged.cast_to) for t in merged.tensors)  # written, then read back to hash
-    code, screen = Terminal(["export", SRC, "--out", tmp_path / "merged", "--base-model", BASE]).finish()
+    code, screen = exporting.finish()
     assert code == EXIT_OK, screen
     bars = _bars(screen)
     assert bars and {total for *_, total in bars} == {_size(expected)}, bars
     assert bars[-1][1:3] == (100, bars[-1][3]) and all(percent <= 100 for _, percent, _, _ in bars)
+
+
+def test_verify_names_each_probe_as_a_phase_of_its_own(tmp_path: Path, monkeypatch):
+    """`verify` and `fix --verify` sat silent for 23-36 s: each probe (the static proof, each of the two loads, the
+    source's own logits) is a phase, named when it passes a second, and none with --quiet (progress=False)."""
+    from ckpt_migrate import progress
+    from ckpt_migrate.api import fix, verify
+
+    seen: list[tuple[str, bool | None]] = []
+    real_phase = progress.phase
+
+    def recording_phase(text: str, wanted: bool | None):
+        seen.append((text, wanted))
+        return real_phase(text, wanted)
+
+    monkeypatch.setattr(progress, "phase", recording_phase)
+    probes = [
+        "importing torch, transformers and peft",
+        "static proof: building the model on the meta device",
+        "loading it on the base model, seed 1 of 2",
+        "loading it on the base model, seed 2 of 2",
+        "computing the source's own logits, its head unmerged",
+    ]
+    report = fix(SRC, tmp_path / "fixed", base_model=BASE, verify=True, progress=True)
+    assert report.exit_code == EXIT_OK and report.checkpoints[0].verification["ok"]
+    assert [text for text, wanted in seen if text.startswith("verify ") and wanted] == [
+        f"verify checkpoint-2: {probe}" for probe in probes
+    ], seen
+
+    seen.clear()
+    assert verify(tmp_path / "fixed", BASE, source=SRC, progress=True).ok
+    assert seen == [(f"verify fixed: {probe}", True) for probe in probes], seen
+    seen.clear()
+    assert verify(tmp_path / "fixed", BASE, source=SRC, progress=False).ok
+    assert seen and all(wanted is False for _, wanted in seen), seen  # --quiet: every phase silent
 
 
 # ---------------------------------------------------------------- Ctrl-C
@@ -179,29 +239,37 @@ def _assert_interrupted(code: int, screen: str, tmp_path: Path, digest: dict[str
     assert tree_digest(SRC) == digest
 
 
-@pytest.mark.parametrize(("command", "moment"), [("export", "import"), ("fix", "staged")])
-def test_ctrl_c_at_a_chosen_moment(tmp_path: Path, command: str, moment: str):
+def test_ctrl_c_at_chosen_moments(tmp_path: Path):
     """Mid-import of transformers on the main thread (export's static proof: the interrupt surfaces wrapped in a
-    ModuleNotFoundError), and with fix's output fully staged but not yet published."""
-    digest, ready = tree_digest(SRC), tmp_path / "ready"
-    args = [command, SRC, "--out", tmp_path / "out", "--base-model", BASE] + ["--no-verify"] * (command == "fix")
-    terminal = Terminal(args, hook=moment, ready=ready)
-    _wait_for(ready, terminal)
-    if moment == "staged":
-        assert _staging(tmp_path), "the hook fires with the output staged"
-    terminal.proc.send_signal(signal.SIGINT)
-    code, screen = terminal.finish()
-    _assert_interrupted(code, screen, tmp_path, digest)
+    ModuleNotFoundError), while click parses the command line, and with fix's output fully staged but not yet
+    published. The three runs go side by side, each in a directory of its own."""
+    digest = tree_digest(SRC)
+    runs = {}
+    for command, moment in [("export", "import"), ("fix", "parsing"), ("fix", "staged")]:
+        where = tmp_path / f"{command}-{moment}"
+        where.mkdir()
+        args = [command, SRC, "--out", where / "out", "--base-model", BASE] + ["--no-verify"] * (command == "fix")
+        runs[where] = Terminal(args, hook=moment, ready=where / "ready")
+    for where, terminal in runs.items():
+        _wait_for(terminal.ready, terminal)
+        if where.name.endswith("staged"):
+            assert _staging(where), "the hook fires with the output staged"
+        terminal.proc.send_signal(signal.SIGINT)
+    for where, terminal in runs.items():
+        code, screen = terminal.finish()
+        _assert_interrupted(code, screen, where, digest)
 
 
 def _wait_for_sigint_handler(pid: int, timeout: float = 30.0) -> None:
-    """Until the process catches SIGINT (its SigCgt mask in /proc): the first thing our entry point does. A signal
-    before that meets the interpreter's start-up, which no code of ours runs in (on a loaded machine, 100+ ms)."""
+    """Until our entry point's handler is in place: the first thing it does. A signal before that meets the
+    interpreter's start-up, which no code of ours runs in (on a loaded machine, 100+ ms). SigCgt (in /proc) shows
+    SIGINT caught from Python's own start-up on, so SIGTERM, which Python leaves alone and our handler takes (right
+    after SIGINT), tells ours."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = Path(f"/proc/{pid}/status").read_text()
         caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-        if caught & (1 << (signal.SIGINT - 1)):
+        if caught & (1 << (signal.SIGTERM - 1)):
             return
         time.sleep(0.005)
     raise AssertionError("the SIGINT handler was never installed")
@@ -224,28 +292,30 @@ def test_ctrl_c_while_starting_up(tmp_path: Path, after: float):
 
 
 def test_killed_fix_and_export_are_cleaned_up_by_the_next_run_beside_them(tmp_path: Path):
-    killed = []
-    for command, name in [("fix", "fixed"), ("export", "merged")]:
-        ready = tmp_path / f"ready-{name}"
-        args = [command, SRC, "--out", tmp_path / name, "--base-model", BASE, "--quiet"]
-        terminal = Terminal(args + (["--no-verify"] if command == "fix" else []), hook="staged", ready=ready)
-        _wait_for(ready, terminal)
-        terminal.proc.kill()
-        assert terminal.finish()[0] == -signal.SIGKILL
-        assert not (tmp_path / name).exists()
-        killed += [p for p in _staging(tmp_path) if p not in killed]
-    assert len(killed) == 2, "each killed run left its staging directory"
-
-    # a live run's staging directory, beside them, must survive the clean-up
-    ready = tmp_path / "ready-live"
-    live = Terminal(["fix", SRC, "--out", tmp_path / "live", "--quiet", "--no-verify"], hook="staged", ready=ready)
-    _wait_for(ready, live)
-    (live_staging,) = [p for p in _staging(tmp_path) if p not in killed]
+    runs = {}  # side by side: a fix and an export to kill, and a live run whose staging directory must survive
+    for command, name in [("fix", "fixed"), ("export", "merged"), ("fix", "live")]:
+        # fix without a base model: no static proof, so no transformers and peft to import (6 s of CPU) before
+        # the output is staged; what is killed is the same staging directory
+        args = [command, SRC, "--out", tmp_path / name, "--quiet"] + ["--base-model", BASE] * (command == "export")
+        args += ["--no-verify"] if command == "fix" else []
+        runs[name] = Terminal(args, hook="staged", ready=tmp_path / f"ready-{name}")
+    for terminal in runs.values():
+        _wait_for(terminal.ready, terminal)
+    staged = {name: [p for p in _staging(tmp_path) if p.name.startswith(f".{name}.")] for name in runs}
+    assert all(len(found) == 1 for found in staged.values()), staged
+    live = runs.pop("live")
     try:
+        for name, terminal in runs.items():
+            terminal.proc.kill()
+            assert terminal.finish()[0] == -signal.SIGKILL
+            assert not (tmp_path / name).exists()
+        left = sorted(p for found in staged.values() for p in found)
+        assert _staging(tmp_path) == left, "each killed run left its staging directory (and the live run has its own)"
+
         code, screen = Terminal(["fix", SRC, "--out", tmp_path / "next", "--quiet", "--no-verify"]).finish()
         assert code == EXIT_OK, screen
         assert (tmp_path / "next" / "adapter_model.safetensors").is_file()
-        assert _staging(tmp_path) == [live_staging], "dead runs' staging removed, the live run's kept"
+        assert _staging(tmp_path) == staged["live"], "dead runs' staging removed, the live run's kept"
     finally:
         live.proc.kill()
         live.finish()

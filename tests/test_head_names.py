@@ -22,7 +22,6 @@ def _build(model_class_name: str, model_type: str):
     if cls is None:
         return None
     try:
-        config = transformers.AutoConfig.for_model(model_type)
         small = transformers.AutoConfig.for_model(model_type)
         for key in LAYER_COUNTS:
             if isinstance(getattr(small, key, None), int):
@@ -30,7 +29,7 @@ def _build(model_class_name: str, model_type: str):
         try:
             return meta_instance(cls, small)
         except Exception:  # noqa: BLE001 - some configs refuse a layer count (Funnel): the full default
-            return meta_instance(cls, config)
+            return meta_instance(cls, transformers.AutoConfig.for_model(model_type))
     except Exception:  # noqa: BLE001 - optional dependencies (detectron2, natten), configs without defaults
         return None
 
@@ -50,6 +49,7 @@ def task_heads() -> tuple[dict[str, set[str]], dict[str, set[str]], int, int]:
     backbone_names: dict[str, set[str]] = {}
     built = tried = 0
     bare = class_names("AutoModel")
+    in_backbones: dict[str, set[str]] = {}  # model type -> its bare model's top level: built once, not per task
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for auto in CLASSIFICATION:
@@ -59,8 +59,10 @@ def task_heads() -> tuple[dict[str, set[str]], dict[str, set[str]], int, int]:
                 if model is None:
                     continue
                 built += 1
-                backbone = _build(bare[model_type], model_type) if model_type in bare else None
-                in_backbone = _top_level_with_parameters(backbone) if backbone is not None else set()
+                if model_type not in in_backbones:
+                    backbone = _build(bare[model_type], model_type) if model_type in bare else None
+                    in_backbones[model_type] = _top_level_with_parameters(backbone) if backbone is not None else set()
+                in_backbone = in_backbones[model_type]
                 for name in in_backbone:
                     backbone_names.setdefault(name, set()).add(bare[model_type])
                 for name, child in model.named_children():

@@ -28,7 +28,7 @@ from conftest import (
     run_cli,
     tree_digest,
 )
-from logits_check import adapter_errors
+from logits_check import adapter_errors, stack_versions
 from resume_check import resume
 
 from ckpt_migrate import fix, inspect
@@ -79,12 +79,9 @@ def test_every_adapter_reproduces_its_trained_logits_with_the_newest_peft(repair
 
 
 @pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
-def test_every_adapter_reproduces_its_trained_logits_with_peft_0_12(repaired_layouts):
-    args = [a for c in REPAIRABLE for a in (str(c), str(repaired_layouts[c.name]), "checkpoint-2")]
-    command = [old_python(), str(TESTS / "logits_check.py"), "--adapters", *args]
-    errors = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+def test_every_adapter_reproduces_its_trained_logits_with_peft_0_12(peft_0_12_adapter_errors, repaired_layouts):
     for case_dir in REPAIRABLE:
-        _assert_reproduced(errors[str(repaired_layouts[case_dir.name])], case_dir)
+        _assert_reproduced(peft_0_12_adapter_errors[str(repaired_layouts[case_dir.name])], case_dir)
 
 
 @pytest.mark.parametrize("case_dir", SEVERAL, ids=lambda p: p.name)
@@ -206,9 +203,12 @@ def test_fix_verify_checks_every_adapter(tmp_path):
 # ------------------------------------------------------------------------------------ resume
 
 
-def _resume_old(case_dir: Path, checkpoint: Path) -> dict:
-    command = [old_python(), str(TESTS / "resume_check.py"), str(case_dir), str(checkpoint), "2"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+def _resume_old(case_dir: Path, *checkpoints: Path) -> list[dict]:
+    """Each checkpoint resumed for 2 steps under peft 0.12 / transformers 4.44, in one start of that interpreter."""
+    args = [str(a) for checkpoint in checkpoints for a in (case_dir, checkpoint, 2)]
+    proc = subprocess.run(
+        [old_python(), str(TESTS / "resume_check.py"), "--each", *args], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -216,12 +216,14 @@ def _resume_old(case_dir: Path, checkpoint: Path) -> dict:
 @pytest.mark.parametrize("name", ["llama_named_adapter", "llama_two_adapters"])
 def test_repaired_checkpoints_resume_on_both_stacks_and_the_broken_ones_do_not(repaired_layouts, name):
     case_dir = LAYOUTS / name
-    for seen in [resume(case_dir, repaired_layouts[name], 2)] + (
-        [_resume_old(case_dir, repaired_layouts[name])] if old_python() else []
-    ):
+    repaired, broken = (
+        _resume_old(case_dir, repaired_layouts[name], case_dir / "run" / "checkpoint-2")
+        if old_python()
+        else (None,) * 2
+    )
+    for seen in [resume(case_dir, repaired_layouts[name], 2)] + ([repaired] if old_python() else []):
         assert "error" not in seen and seen["global_step_at_start"] == 2 and seen["saved_global_step"] == 4, seen
     if old_python():
-        broken = _resume_old(case_dir, case_dir / "run" / "checkpoint-2")
         assert "parameter group that doesn't match" in broken["error"], broken
 
 
@@ -235,7 +237,8 @@ def test_fixing_only_the_adapter_subfolder_leaves_the_checkpoint_unresumable(tmp
     assert run_cli("fix", checkpoint / "task_a", "--out", tmp_path / "task_a", "--quiet")[0] == 0
     shutil.rmtree(checkpoint / "task_a")
     shutil.move(tmp_path / "task_a", checkpoint / "task_a")
-    assert "parameter group that doesn't match" in _resume_old(case_dir, checkpoint)["error"]
+    (seen,) = _resume_old(case_dir, checkpoint)
+    assert "parameter group that doesn't match" in seen["error"], seen
 
 
 # ------------------------------------------------------------------------------------ no false "clean"
@@ -251,6 +254,18 @@ def _every_checkpoint() -> list[tuple[Path, str, Path]]:
         if load_case(case_dir)["shape"] != "full"
         for checkpoint in load_case(case_dir)["checkpoints"]
     ]
+
+
+@pytest.fixture(scope="module")
+def peft_0_12_adapter_errors(repaired_layouts) -> dict[str, dict]:
+    """logits_check's ``adapter_errors`` under peft 0.12 for every checkpoint of every fixture and every repaired
+    layout, in one start of that interpreter: directory -> {adapter: {"alone": error, "together": error}}."""
+    checked = _every_checkpoint() + [(LAYOUTS / n, "checkpoint-2", out) for n, out in repaired_layouts.items()]
+    args = [str(a) for triple in checked for a in (triple[0], triple[2], triple[1])]
+    command = [old_python(), str(TESTS / "logits_check.py"), "--adapters", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1200)
+    assert stack_versions(result.stderr)[0] == "0.12.0"
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def _adapter_is_clean(plan: CheckpointPlan) -> bool:
@@ -274,16 +289,11 @@ def _reproduced(errors: dict, tolerance: float) -> dict[str, bool]:
     return {a: all(e is not None and e <= tolerance for e in modes.values()) for a, modes in errors.items()}
 
 
-def test_no_adapter_of_any_fixture_is_called_clean_unless_real_peft_reproduces_it(repaired_layouts):
+def test_no_adapter_of_any_fixture_is_called_clean_unless_real_peft_reproduces_it(repaired_layouts, request):
     """Every adapter of every fixture (and of the repaired layouts) through ``inspect``, against what the newest
     peft and peft 0.12 do with it: "clean" exactly when both load it and reproduce its trained logits."""
     checked = _every_checkpoint() + [(LAYOUTS / n, "checkpoint-2", out) for n, out in repaired_layouts.items()]
-    old = {}
-    if old_python() is not None:
-        args = [str(a) for triple in checked for a in (triple[0], triple[2], triple[1])]
-        command = [old_python(), str(TESTS / "logits_check.py"), "--adapters", *args]
-        result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1200)
-        old = json.loads(result.stdout.splitlines()[-1])
+    old = request.getfixturevalue("peft_0_12_adapter_errors") if old_python() is not None else {}
     seen = {"clean": 0, "broken": 0}
     for case_dir, checkpoint, directory in checked:
         tolerance = load_case(case_dir)["tolerance"]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from conftest import FIXTURES, HELDOUT, OLD_STACK, adapter_cases, case_dirs, load_case, needs_base, old_python
-from logits_check import max_logit_error
+from logits_check import max_logit_error, stack_versions
 from packaging.version import Version
 
 REPAIRABLE = [
@@ -37,35 +37,33 @@ def test_broken_original_fails_with_installed_peft(tmp_path):
         max_logit_error(case_dir, case_dir / "run" / "checkpoint-2", "checkpoint-2")
 
 
-@pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
-def test_repaired_adapters_reproduce_trained_logits_with_peft_0_12(repaired):
-    """Without a target, adapters written by peft <= 0.12 stay loadable there (today's need --target-peft)."""
+@pytest.fixture(scope="module")
+def peft_0_12_errors(repaired) -> dict[str, float]:
+    """One start of the peft 0.12 interpreter for every check of this module: the repaired adapters written by peft
+    <= 0.12, and llama_score's broken original. Adapter dir -> max |logit error|."""
     args = []
     for case_dir, checkpoint in WRITTEN_BY_OLD_PEFT:
         args += [str(case_dir), str(repaired[case_dir.name] / checkpoint), checkpoint]
+    original = FIXTURES / "llama_score"
+    args += [str(original), str(original / "run" / "checkpoint-2"), "checkpoint-2"]
     script = str(FIXTURES.parent / "logits_check.py")
     result = subprocess.run([old_python(), script, *args], capture_output=True, text=True, check=True)
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
-    version = subprocess.run(
-        [old_python(), "-c", "import peft; print(peft.__version__)"], capture_output=True, text=True, check=True
-    )
-    assert version.stdout.strip() == "0.12.0"
+    assert stack_versions(result.stderr)[0] == "0.12.0"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
+def test_repaired_adapters_reproduce_trained_logits_with_peft_0_12(repaired, peft_0_12_errors):
+    """Without a target, adapters written by peft <= 0.12 stay loadable there (today's need --target-peft)."""
     for case_dir, checkpoint in WRITTEN_BY_OLD_PEFT:
-        error = errors[str(repaired[case_dir.name] / checkpoint)]
+        error = peft_0_12_errors[str(repaired[case_dir.name] / checkpoint)]
         assert error <= load_case(case_dir)["tolerance"], (case_dir.name, checkpoint, error)
 
 
 @pytest.mark.skipif(old_python() is None, reason="no peft 0.12 interpreter (set CKPT_MIGRATE_OLD_PYTHON)")
-def test_peft_0_12_silently_loses_the_head_of_the_broken_original():
+def test_peft_0_12_silently_loses_the_head_of_the_broken_original(peft_0_12_errors):
     case_dir = FIXTURES / "llama_score"
-    script = str(FIXTURES.parent / "logits_check.py")
-    result = subprocess.run(
-        [old_python(), script, str(case_dir), str(case_dir / "run" / "checkpoint-2"), "checkpoint-2"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    (error,) = json.loads(result.stdout.strip().splitlines()[-1]).values()
+    error = peft_0_12_errors[str(case_dir / "run" / "checkpoint-2")]
     assert error > 1e-2
 
 

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 from ckpt_migrate.formats.adapter import ADAPTER_CONFIG
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.hub import resolve_model
+from ckpt_migrate.progress import step
 
 if TYPE_CHECKING:
     from ckpt_migrate.verification import VerifyResult
-
-VERIFY_PHASE = "loading it on the base model twice (two seeds), and the source unmerged"
 
 
 def verify_after_proof(
@@ -27,8 +26,11 @@ def verify_after_proof(
     proof = None
     directory = Path(checkpoint)
     base = BaseModel(resolve_model(base_model)) if base_model is not None else None
+    with step("importing torch, transformers and peft"):  # the first time: seconds, before anything is built
+        import peft  # noqa: F401
     if base is not None and base.has_safetensors() and (directory / ADAPTER_CONFIG).is_file():
-        proof = prove_adapter(load_state(directory), base)
+        with step("static proof: building the model on the meta device"):
+            proof = prove_adapter(load_state(directory), base)
         if proof.state == "failed" and proof.cause == CAUSE_BASE:
             raise proof.error(directory, "the static proof failed")
     verdict = verify_checkpoint(checkpoint, base_model, source_dir=source)

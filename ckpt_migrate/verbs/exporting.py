@@ -14,8 +14,8 @@ from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.formats.checkpoint import find_checkpoints
 from ckpt_migrate.formats.hub import resolve
 from ckpt_migrate.planner import plan_checkpoint
-from ckpt_migrate.progress import label, phase
-from ckpt_migrate.verbs.checking import VERIFY_PHASE, verify_after_proof
+from ckpt_migrate.progress import label, phase, steps
+from ckpt_migrate.verbs.checking import verify_after_proof
 from ckpt_migrate.verbs.planning import base_model_of, refuse_misfitting_base, verify_wanted
 
 
@@ -104,7 +104,7 @@ def export_model(
             write_export(report.export, staging, budget)
             budget.finish()
         if check:  # plain transformers on the staged model against the source computed unmerged; publish a pass only
-            with phase(f"verify {name}: {VERIFY_PHASE}", progress):
+            with steps(f"verify {name}", progress):
                 source = result.source if merged is repair else result.source / merged.relative  # its subfolder
                 verdict = verify_after_proof(staging, base.directory, source=source)
             verdict.checkpoint = str(out_path)  # the report names the output, not the staging directory

@@ -12,8 +12,8 @@ from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.digests import Hashes
 from ckpt_migrate.formats.hub import resolve
-from ckpt_migrate.progress import label, phase
-from ckpt_migrate.verbs.checking import VERIFY_PHASE, verify_after_proof
+from ckpt_migrate.progress import label, phase, steps
+from ckpt_migrate.verbs.checking import verify_after_proof
 from ckpt_migrate.verbs.planning import plan_all, published_earlier, verify_wanted
 
 
@@ -103,7 +103,7 @@ def _write_all(
         verdicts = {}
         for place in places:
             what = label(result.relative, result.source) + ("" if place == "." else f"/{place}")
-            with phase(f"verify {what}: {VERIFY_PHASE}", progress):
+            with steps(f"verify {what}", progress):
                 verdicts[place] = verify_after_proof(staged / place, base.directory, source=result.source / place)
         for place, verdict in verdicts.items():  # the report names the output, not the staging directory
             verdict.checkpoint = str(out_path / result.relative / place if place != "." else out_path / result.relative)

@@ -9,6 +9,7 @@ from ckpt_migrate.core.peft_layout import LORA_KINDS, PREFIX, parse_lora_key, wr
 from ckpt_migrate.core.plan import CheckpointState
 from ckpt_migrate.core.text import describe_exception, listed
 from ckpt_migrate.formats.base_model import BaseModel
+from ckpt_migrate.progress import step
 from ckpt_migrate.verification.probes import Probe, probe, probe_inputs
 from ckpt_migrate.verification.result import REPRODUCIBLE_FRACTION, SEEDS, TOLERANCES, VerifyResult
 from ckpt_migrate.verification.source import source_logits
@@ -104,29 +105,30 @@ def run_checks(
     probes: list[Probe] = []
     inputs = None
     for index, seed in enumerate(SEEDS):
-        model_base, _ = base.load(auto_name, seed)
-        if inputs is None:
-            inputs = probe_inputs(model_base)
-            dtype = str(model_base.dtype).replace("torch.", "")
-            result.dtype = dtype
-            result.tolerance = TOLERANCES.get(dtype, 1e-4)
-        try:
-            model = PeftModel.from_pretrained(model_base, str(checkpoint)).eval()
-        except Exception as exc:  # noqa: BLE001 - a load failure is the verdict, not a crash
-            result.reasons.append(_explain_load_failure(exc, state, result))
-            if source is not None:
-                result.notes.append("not compared with the source: the checkpoint does not load")
-            return
-        if index == 0:
-            _key_check(model, checkpoint, result)
+        with step(f"loading it on the base model, seed {index + 1} of {len(SEEDS)}"):
+            model_base, _ = base.load(auto_name, seed)
+            if inputs is None:
+                inputs = probe_inputs(model_base)
+                dtype = str(model_base.dtype).replace("torch.", "")
+                result.dtype = dtype
+                result.tolerance = TOLERANCES.get(dtype, 1e-4)
             try:
-                for problem in find_head_problems(model, base_model_dir=base.directory):
-                    # A LoRA-carrying head is the broken shape itself (reproducible only with this exact base).
-                    (result.reasons if problem.kind == "lora" else result.notes).append(_head_note(problem))
-            except Exception as exc:  # noqa: BLE001 - the guard is advisory here
-                result.notes.append(f"head check skipped: {describe_exception(exc)}")
-        probes.append(probe(model, inputs))
-        del model, model_base
+                model = PeftModel.from_pretrained(model_base, str(checkpoint)).eval()
+            except Exception as exc:  # noqa: BLE001 - a load failure is the verdict, not a crash
+                result.reasons.append(_explain_load_failure(exc, state, result))
+                if source is not None:
+                    result.notes.append("not compared with the source: the checkpoint does not load")
+                return
+            if index == 0:
+                _key_check(model, checkpoint, result)
+                try:
+                    for problem in find_head_problems(model, base_model_dir=base.directory):
+                        # A LoRA-carrying head is the broken shape itself (reproducible only with this exact base).
+                        (result.reasons if problem.kind == "lora" else result.notes).append(_head_note(problem))
+                except Exception as exc:  # noqa: BLE001 - the guard is advisory here
+                    result.notes.append(f"head check skipped: {describe_exception(exc)}")
+            probes.append(probe(model, inputs))
+            del model, model_base
 
     _judge(result, probes)
     if result.unused_tensors:
@@ -148,14 +150,15 @@ def run_merged_checks(
     """A model written by ``export``: loads with plain transformers, nothing random, the source's logits."""
     probes: list[Probe] = []
     inputs = None
-    for seed in SEEDS:
-        model, _ = merged.load(auto_name, seed)
-        if inputs is None:
-            inputs = probe_inputs(model)
-            result.dtype = str(model.dtype).replace("torch.", "")
-            result.tolerance = TOLERANCES.get(result.dtype, 1e-4)
-        probes.append(probe(model, inputs))
-        del model
+    for index, seed in enumerate(SEEDS):
+        with step(f"loading the merged model, seed {index + 1} of {len(SEEDS)}"):
+            model, _ = merged.load(auto_name, seed)
+            if inputs is None:
+                inputs = probe_inputs(model)
+                result.dtype = str(model.dtype).replace("torch.", "")
+                result.tolerance = TOLERANCES.get(result.dtype, 1e-4)
+            probes.append(probe(model, inputs))
+            del model
     _judge(result, probes)
     if source is not None and source_state is not None:
         _compare_with_source(result, probes[0], source, source_state, base, auto_name, inputs, merged=True)
@@ -190,7 +193,8 @@ def _compare_with_source(
     inputs: Any,
     merged: bool,
 ) -> None:
-    expected, why = source_logits(source, source_state, base, auto_name, inputs, merged=merged)
+    with step("computing the source's own logits, its head unmerged"):
+        expected, why = source_logits(source, source_state, base, auto_name, inputs, merged=merged)
     if expected is None:
         result.notes.append(f"not independently checked against the source: {why}")
         return
