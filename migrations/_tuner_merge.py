@@ -24,6 +24,7 @@ from ckpt_migrate.core.errors import UnrecoverableError
 from ckpt_migrate.core.migration import TensorSource
 from ckpt_migrate.core.plan import PlannedTensor
 from ckpt_migrate.core.tuners import TUNERS
+from ckpt_migrate.execute.derived_buffers import derived_buffer
 from ckpt_migrate.migrations._tuner_fold import TunerFold
 
 ADAPTER = "default"
@@ -63,26 +64,6 @@ def _config(peft_type: str, values: dict[str, Any]) -> Any:
             f"the installed peft's {cls.__name__} does not know {', '.join(sorted(meaningful))}, which the adapter sets"
         )
     return cls(**{k: v for k, v in values.items() if k in fields})
-
-
-def derived_buffer(model: Any, name: str, saved: Any) -> bool:
-    """Whether ``name`` is a buffer the installed peft derives and does not save (BOFT's boft_P since peft 0.13),
-    holding exactly the ``saved`` value."""
-    import torch
-
-    module_name, _, buffer = name.rpartition(".")
-    try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
-        return False
-    own = module._buffers.get(buffer)
-    return (
-        buffer in getattr(module, "_non_persistent_buffers_set", ())
-        and isinstance(own, torch.Tensor)
-        and isinstance(saved, torch.Tensor)
-        and own.shape == saved.shape
-        and torch.equal(own.to(saved.dtype), saved.to(own.device))
-    )
 
 
 def _load(layer: Any, fold: TunerFold, read: TensorSource) -> None:

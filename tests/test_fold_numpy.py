@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, LAYOUTS, case_dirs, load_case
+from conftest import FIXTURES, LAYOUTS, TUNER_FIXTURES, case_dirs, load_case
 
 from ckpt_migrate import export, inspect
 from ckpt_migrate.core.errors import CkptMigrateError
@@ -180,12 +180,15 @@ def _torch(modules: set[str]) -> list[str]:
 
 
 def test_a_repair_that_only_folds_never_imports_torch(tmp_path):
-    """Without rng_state.pth (whose rewrite needs torch), the head fold alone must not import torch (about 3 CPU-s);
-    with it, torch is imported (which shows the check sees an import)."""
+    """The LoRA head fold (numpy) and the rng_state.pth rewrite (migration 0004, a restricted unpickler) must not
+    import torch (about 3 CPU-s); a LoHa head, which peft's own layer merges, does (which shows the check sees an
+    import)."""
+    loha = tmp_path / "loha"
+    shutil.copytree(TUNER_FIXTURES / "loha_llama_score" / "run" / "checkpoint-2", loha)
+    assert _torch(_modules_imported_by_fix(loha, tmp_path / "loha-fixed"))
     source = tmp_path / "checkpoint-2"
     shutil.copytree(FIXTURES / "mistral_bf16" / "run" / "checkpoint-2", source)
-    assert _torch(_modules_imported_by_fix(source, tmp_path / "with_rng"))
-    (source / "rng_state.pth").unlink()
+    assert (source / "rng_state.pth").is_file()
     imported = _modules_imported_by_fix(source, tmp_path / "out")
     assert "numpy" in imported and "ckpt_migrate.execute.fold_numpy" in imported
     assert not _torch(imported)

@@ -43,10 +43,11 @@ print(json.dumps({"version": transformers.__version__, "errors": out}))
 """
 
 
-def _export(case: Path, out: Path, src: Path | None = None) -> tuple[int, str]:
+def _export(case: Path, out: Path, src: Path | None = None, verify: bool = True) -> tuple[int, str]:
     code, stdout, stderr = run_cli(
-        "export", src or case / "run" / CHECKPOINT, "--out", out, "--base-model", case / "base", "--quiet"
-    )
+        "export", src or case / "run" / CHECKPOINT, "--out", out, "--base-model", case / "base", "--quiet",
+        "--verify" if verify else "--no-verify",
+    )  # fmt: skip
     return code, stdout + stderr
 
 
@@ -157,7 +158,10 @@ def test_merging_into_the_original_base_weights_would_be_wrong(tmp_path, monkeyp
     monkeypatch.setattr(export, "replay_refusal", lambda config: None)
     models = {}
     for case in REPLAYED:
-        code, output = _export(case, tmp_path / case.name)
+        code, output = _export(case, tmp_path / "refused")  # export's own verify catches the wrong merge
+        assert code == 8 and "verification failed, not published: logits differ" in output, output
+        assert not (tmp_path / "refused").exists()
+        code, output = _export(case, tmp_path / case.name, verify=False)
         assert code == 0, output
         models[case.name] = tmp_path / case.name
     # in this process: a fresh interpreter (9 s of imports) could only make a wrong model look less wrong

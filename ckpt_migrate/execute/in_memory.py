@@ -18,8 +18,8 @@ def load_repaired(plan: CheckpointPlan, base: BaseModel, auto_class_name: str, i
     import peft
     from peft.utils import set_peft_model_state_dict
 
+    from ckpt_migrate.execute.derived_buffers import derived_buffer
     from ckpt_migrate.execute.tensors import TensorReader, value
-    from ckpt_migrate.migrations._tuner_merge import derived_buffer
 
     if plan.status is Status.UNRECOVERABLE:
         raise UnrecoverableError("; ".join(plan.unrecoverable), plan.source)

@@ -16,10 +16,10 @@ it computes storage offsets itself (``map_location="meta"``, ``calculate_storage
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
-import secrets
 import struct
 import threading
 import zipfile
@@ -181,7 +181,7 @@ def write_pickled(
                 writer.add_copy(f"data/{new_key}", records[f"data/{old_key}"])
             for name in tail:
                 writer.add_copy(name, records[name])
-            writer.add_bytes(".data/serialization_id", writer.serialization_id())
+            writer.add_bytes(".data/serialization_id", writer.serialization_id(data_pkl))
             writer.finish()
             if check is not None:
                 _check_while_syncing(handle.fileno(), check)
@@ -314,12 +314,15 @@ class _ZipWriter:
         self._out.copy(record.offset, record.size)
         self._end(record.size, record.crc)
 
-    def serialization_id(self) -> bytes:
-        """Like PyTorch's: 20 random digits, then 20 digits derived from the CRC-32 of every record."""
+    def serialization_id(self, data_pkl: bytes) -> bytes:
+        """Like PyTorch's: 20 digits, then 20 digits derived from the CRC-32 of every record. PyTorch draws the first
+        20 at random; here they come from the sha256 of ``data.pkl``, so the same input always gives the same bytes
+        (a rerun, a batch, a bucket and a disk write identical files), and different objects still differ."""
         combined = 0
         for entry in self._entries:
             combined = zlib.crc32(struct.pack("<I", entry.crc), combined)
-        return f"{secrets.randbits(64):020d}{combined:020d}".encode()
+        nonce = int.from_bytes(hashlib.sha256(data_pkl).digest()[:8], "little")
+        return f"{nonce:020d}{combined:020d}".encode()
 
     def finish(self) -> None:
         out = self._out

@@ -52,7 +52,7 @@ def _key_check(model: Any, checkpoint: Path, result: VerifyResult) -> None:
     """Unused and missing adapter tensors, as peft's own loading sees them."""
     from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
-    from ckpt_migrate.migrations._tuner_merge import derived_buffer
+    from ckpt_migrate.execute.derived_buffers import derived_buffer
 
     adapter = "default"
     weights = load_peft_weights(str(checkpoint), device="cpu")
