@@ -16,11 +16,7 @@ hyperparameters (and so ``scheduler.pt``) stay valid.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from concurrent import futures
-from concurrent.futures import Future
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,95 +50,16 @@ def detect(state: CheckpointState, context: Context) -> bool:
     return state.trainable_parameters_changed and OPTIMIZER_FILE in state.files
 
 
-#: Set (by ``fix`` writing, never a dry run) while planning: the remap's parameter-order proof then runs on a
-#: thread and the plan holds a :class:`DeferredRemap` until the writer settles it (see :func:`settle`).
-DEFER_PROOF: ContextVar[bool] = ContextVar("defer_remap_proof", default=False)
-
-
 def plan(state: CheckpointState, context: Context) -> None:
-    if context.options.optimizer is OptimizerPolicy.REMAP and DEFER_PROOF.get():
-        state.rewrite_file(OPTIMIZER_FILE, DeferredRemap.start(state, context))
-        return
-    _decide(state, context, lambda: _plan_remap(context.source, state, context))
-
-
-def _decide(state: CheckpointState, context: Context, remap: Callable[[], FileRewrite], at: int | None = None) -> None:
-    """Rewrite (remap) or drop optimizer.pt, with the warning that says which; ``at``: where the warning goes
-    (a deferred remap settles after later migrations warned: it keeps the place it would have had)."""
-    warning = DROP_WARNING
     if context.options.optimizer is OptimizerPolicy.REMAP:
         try:
-            state.rewrite_file(OPTIMIZER_FILE, remap())
-            warning = REMAP_WARNING
+            state.rewrite_file(OPTIMIZER_FILE, _plan_remap(context.source, state, context))
+            state.warn(REMAP_WARNING)
+            return
         except RemapProofFailed as exc:
-            state.rewritten_files.pop(OPTIMIZER_FILE, None)
-            _warn_at(state, f"--optimizer remap fell back to drop: {exc}", at)
-            at = None if at is None else at + 1
-    if warning is DROP_WARNING:
-        state.drop_file(OPTIMIZER_FILE, "parameter groups do not match the repaired trainable parameters")
-    _warn_at(state, warning, at)
-
-
-def _warn_at(state: CheckpointState, message: str, at: int | None) -> None:
-    if at is None:
-        state.warn(message)
-    elif message not in state.warnings:
-        state.warnings.insert(at, message)
-
-
-#: The checkpoints of a batch are planned one after the other, each starting its proof: they run one at a time, so
-#: that two threads never import torch and transformers at once (nor build two models on 2 CPUs).
-_ONE_PROOF_AT_A_TIME = threading.Lock()
-
-
-class DeferredRemap(FileRewrite):
-    """The plan of ``optimizer.pt`` while its remap is being proven on a thread (importing torch and transformers
-    and building the model on the meta device take seconds): the writer copies every other file meanwhile, and
-    :func:`settle` turns this into what :func:`plan` would have planned (a remap, a fallback to drop, or the
-    input's error) before optimizer.pt is written, the manifest made or anything published. The proof sees the
-    state as planned when 0003 ran (a snapshot), so later migrations cannot change what it proves."""
-
-    def __init__(self, future: Future, context: Context, warning_at: int):
-        super().__init__(ID, "remap being proven")
-        object.__setattr__(self, "future", future)
-        object.__setattr__(self, "context", context)
-        object.__setattr__(self, "warning_at", warning_at)
-
-    @classmethod
-    def start(cls, state: CheckpointState, context: Context) -> DeferredRemap:
-        snapshot = state.clone()
-        future: Future = Future()
-
-        def prove() -> None:
-            try:
-                with _ONE_PROOF_AT_A_TIME:
-                    future.set_result(_plan_remap(context.source, snapshot, context))
-            except BaseException as exc:  # noqa: BLE001 - re-raised by settle(), on the writer's thread
-                future.set_exception(exc)
-
-        threading.Thread(target=prove, name="remap proof", daemon=True).start()
-        return cls(future, context, len(state.warnings))
-
-    def __deepcopy__(self, memo: dict) -> DeferredRemap:
-        return self  # a running proof is not copied (a clone of the state shares it)
-
-    def wait(self) -> None:
-        """Until the proof is done (whatever its outcome)."""
-        futures.wait([self.future])
-
-
-def deferred(state: CheckpointState) -> DeferredRemap | None:
-    pending = state.rewritten_files.get(OPTIMIZER_FILE)
-    return pending if isinstance(pending, DeferredRemap) else None
-
-
-def settle(state: CheckpointState) -> None:
-    """Replace a :class:`DeferredRemap` in ``state`` by the plan the proof gave: the remap, or the fallback to
-    drop; an input's error (a hostile optimizer.pt, a base that does not fit) is raised, as planning raises it.
-    Call it on the thread that reads the plan (it edits ``state``)."""
-    pending = deferred(state)
-    if pending is not None:
-        _decide(state, pending.context, pending.future.result, pending.warning_at)
+            state.warn(f"--optimizer remap fell back to drop: {exc}")
+    state.drop_file(OPTIMIZER_FILE, "parameter groups do not match the repaired trainable parameters")
+    state.warn(DROP_WARNING)
 
 
 class RemapProofFailed(Exception):

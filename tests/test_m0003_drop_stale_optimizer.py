@@ -12,7 +12,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import threading
 import zipfile
 from pathlib import Path
 
@@ -255,46 +254,3 @@ def test_a_failed_check_of_the_written_archive_raises(tmp_path, resumable):
 
     with pytest.raises(m0003.UnreadableInputError, match="reload as planned"):
         write_archive(tmp_path / "out.pt", skeleton.obj, skeleton.storage_key, source, check=check)
-
-
-def _planned_files(plan) -> tuple:
-    """What a plan says of the checkpoint's files and warnings (the part a deferred remap settles)."""
-    rewritten = {name: (r.reason, r.listed) for name, r in plan.files_rewritten}
-    return rewritten, dict(plan.after.dropped_files), sorted(plan.after.files), plan.warnings
-
-
-@pytest.mark.parametrize("base", [True, False], ids=["remapped", "fell-back-to-drop"])
-def test_a_remap_proven_while_writing_settles_to_the_dry_runs_plan(tmp_path, monkeypatch, base):
-    """A real run proves the remap on a thread while it writes the other files; what it then writes and reports
-    is what the dry run (proving before anything) plans, a fallback to drop included (no base model)."""
-    threads = []
-    proven = m0003._plan_remap
-
-    def spy(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return proven(*args, **kwargs)
-
-    monkeypatch.setattr(m0003, "_plan_remap", spy)
-    given = {"base_model": CASE / "base"} if base else {}
-    source = CASE / "run" / CHECKPOINT
-    planned = fix(source, dry_run=True, optimizer="remap", **given).checkpoints[0].plan
-    real = fix(source, tmp_path / "out", optimizer="remap", progress=False, **given)
-    assert real.exit_code == 0
-    assert threads == ["MainThread", "remap proof"]
-    assert _planned_files(real.checkpoints[0].plan) == _planned_files(planned)
-    manifest = json.loads((tmp_path / "out" / "ckpt_migrate_manifest.json").read_text())
-    assert manifest["warnings"] == planned.warnings
-    assert ("optimizer.pt" in manifest["outputs_sha256"]) is base
-    assert ("optimizer.pt" in manifest["inputs_not_read_bytes"]) is not base
-    assert (tmp_path / "out" / "optimizer.pt").is_file() is base
-
-
-def test_a_batch_proves_each_remap_on_a_thread_and_reports_what_the_dry_run_plans(tmp_path):
-    run = CASE / "run"
-    planned = fix(run, dry_run=True, base_model=CASE / "base", optimizer="remap")
-    real = fix(run, tmp_path / "out", base_model=CASE / "base", optimizer="remap", progress=False)
-    assert real.exit_code == 0 and len(real.checkpoints) == len(planned.checkpoints) == 2
-    for done, dry in zip(real.checkpoints, planned.checkpoints, strict=True):
-        assert _planned_files(done.plan) == _planned_files(dry.plan)
-        manifest = json.loads((tmp_path / "out" / done.relative / "ckpt_migrate_manifest.json").read_text())
-        assert "optimizer.pt" in manifest["outputs_sha256"] and manifest["warnings"] == dry.plan.warnings

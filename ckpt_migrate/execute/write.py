@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +98,8 @@ def needs_torch(plan: CheckpointPlan) -> bool:
 def _import_torch_meanwhile(plan: CheckpointPlan) -> threading.Thread | None:
     """When the plan needs torch (:func:`needs_torch`), start importing it (seconds) while the kernel copies and
     the hashes run; whoever imports it next waits for this import instead of starting anew."""
-    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import deferred
-
-    if "torch" in sys.modules or not needs_torch(plan) or deferred(plan.after) is not None:
-        return None  # (a remap being proven imports torch on its own thread)
+    if "torch" in sys.modules or not needs_torch(plan):
+        return None
     thread = threading.Thread(target=importlib.import_module, args=("torch",), name="import torch")
     thread.start()
     return thread
@@ -147,11 +144,6 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
     # what a rewrite writes and hashes differs from the estimate bytes_to_process counts: held to it exactly
     budgets: dict[str, Budget] = {}
     for size, kind, name in _largest_first(plan, copied):
-        if kind == "deferred":  # last: its proof ran while everything else was written; settled, it is a rewrite
-            _settle_deferred(plan, hashes)
-            if name not in after.rewritten_files:
-                continue  # fell back to drop: never read
-            kind = "rewrite"
         if kind == "copy":
             outputs[name] = files.copy_file(source / name, target / name, progress)
         elif kind == "rewrite":
@@ -166,8 +158,6 @@ def _write_checkpoint(plan: CheckpointPlan, target: Path, progress: OnBytes | No
             budgets[name] = Budget(progress, 2 * size if adapter.weights_changed else 0)
             (target / name).mkdir(exist_ok=True)
             outputs.update({name + n: d for n, d in _write_adapter(adapter, target / name, budgets[name]).items()})
-    _settle_deferred(plan, hashes)  # (a no-op once settled above)
-    copied, rewritten, dropped = _inputs_by_handling(plan)
     inputs = {name: hashes.result(source / name, progress) for name in copied + rewritten}
     outputs.update({name: digest() for name, digest in hashed_while_written.items()})
     outputs.update(
@@ -208,61 +198,11 @@ def _largest_first(plan: CheckpointPlan, copied: list[str]) -> list[tuple[int, s
     still being imported (the fold, at the adapter's end, waits for it), and the hash of a big rewritten
     file (computed after it is written) overlaps the writes that follow."""
     sizes = plan.before.files
-    pending = {name for name, rewrite in plan.after.rewritten_files.items() if _is_deferred(rewrite)}
-    jobs = [(-1, "deferred", name) for name in sorted(pending)]
-    jobs += [(sizes.get(name, 0), "rewrite", name) for name in sorted(set(plan.after.rewritten_files) - pending)]
+    jobs = [(sizes.get(name, 0), "rewrite", name) for name in sorted(plan.after.rewritten_files)]
     jobs += [(sizes[name], "copy", name) for name in copied]
     for prefix, adapter in plan.rewritten_adapters:
         jobs.append((sizes.get(prefix + (adapter.before.weights_file or ""), 0), "adapter", prefix))
     return sorted(jobs, key=lambda job: -job[0])
-
-
-def _is_deferred(rewrite: Any) -> bool:
-    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import DeferredRemap
-
-    return isinstance(rewrite, DeferredRemap)
-
-
-def _settle_deferred(plan: CheckpointPlan, hashes: Hashes) -> None:
-    """Complete the plan of a remap proven while the other files were written (migration 0003's
-    :class:`DeferredRemap`): a remap, or a drop whose input is then never read (its hash is abandoned)."""
-    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import OPTIMIZER_FILE, settle
-
-    settle(plan.after)
-    if OPTIMIZER_FILE in plan.after.dropped_files:
-        hashes.forget(plan.before.source_dir / OPTIMIZER_FILE)
-
-
-def settle_unwritten(plan: CheckpointPlan) -> None:
-    """Settle a deferred remap of a checkpoint that is not written (for the report); an input error stays unsaid
-    (nothing of that checkpoint is written)."""
-    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import settle
-
-    with contextlib.suppress(CkptMigrateError):
-        settle(plan.after)
-
-
-@contextlib.contextmanager
-def deferring_proofs(enabled: bool) -> Iterator[None]:
-    """While planning a checkpoint to write (never a dry run): migration 0003 proves a remap on a thread,
-    settled by the writer before optimizer.pt is written (see ``m0003.DeferredRemap``)."""
-    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import DEFER_PROOF
-
-    token = DEFER_PROOF.set(enabled)
-    try:
-        yield
-    finally:
-        DEFER_PROOF.reset(token)
-
-
-def proofs_done(plan: CheckpointPlan) -> None:
-    """Wait until any proof started while planning (a deferred remap) is done: the static proof thread calls it
-    first, so that it and the remap's thread never import torch, transformers and peft at the same time."""
-    from ckpt_migrate.migrations.m0003_drop_stale_optimizer import deferred
-
-    pending = deferred(plan.after)
-    if pending is not None:
-        pending.wait()
 
 
 def _write_adapter(plan: CheckpointPlan, target: Path, progress: OnBytes | None) -> dict[str, str]:

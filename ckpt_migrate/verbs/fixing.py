@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_migrate.core.errors import UnreadableInputError, UsageError, VerificationFailedError
-from ckpt_migrate.core.plan import CheckpointPlan, Options, Status
+from ckpt_migrate.core.plan import Options, Status
 from ckpt_migrate.core.report import CheckpointResult, Report
 from ckpt_migrate.formats.base_model import BaseModel
 from ckpt_migrate.formats.digests import Hashes
@@ -29,7 +29,7 @@ def fix_local(
 ) -> Report:
     """:func:`ckpt_migrate.api.fix` of local paths (``out`` checked to be given unless ``dry_run``)."""
     from ckpt_migrate.execute.publish import check_output_target
-    from ckpt_migrate.execute.write import deferring_proofs, hash_ahead
+    from ckpt_migrate.execute.write import hash_ahead
 
     src = resolve(src, what="SRC")
     out_path = Path(out) if out is not None else None
@@ -40,7 +40,7 @@ def fix_local(
         if hashes is not None:
             hash_ahead(src, options, hashes)
         report = Report("fix", src, dry_run, out_path)
-        with phase(f"planning {src.name or src} (headers only)", progress), deferring_proofs(not dry_run):
+        with phase(f"planning {src.name or src} (headers only)", progress):
             report.checkpoints, base = plan_all(src, base_model, options, report.notes)
         report.base_model = base.directory if base is not None else None
         if verify and base is None:  # asked for, and no base at hand: the command line is incomplete
@@ -66,7 +66,6 @@ def _write_all(
     target_transformers: str | None = None,
 ) -> None:
     from ckpt_migrate.execute.publish import earlier_batch_output, write_and_publish
-    from ckpt_migrate.execute.write import settle_unwritten
 
     src, dry_run = report.source, report.dry_run
     single = len(report.checkpoints) == 1
@@ -74,7 +73,6 @@ def _write_all(
     for result in report.checkpoints:
         if result.relative in done and result.status is Status.REPAIRABLE and result.plan is not None:
             published_earlier(result, out_path / result.relative, out_path / result.relative, base)
-            settle_unwritten(result.plan)
         if hashes is not None and result.status is not Status.REPAIRABLE:
             hashes.forget_under(result.source)
     if dry_run or out_path is None or not any(c.status is Status.REPAIRABLE for c in report.checkpoints):
@@ -152,13 +150,6 @@ def _start_proofs(
         import_before_writing([r.plan for r in to_write if r.plan is not None])
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="static proof")
     try:
-        return {r.relative: pool.submit(_after_remap_proof, prove_plan, r.plan, base) for r in to_write}
+        return {r.relative: pool.submit(prove_plan, r.plan, base) for r in to_write}
     finally:
         pool.shutdown(wait=False)
-
-
-def _after_remap_proof(prove: Any, plan: CheckpointPlan, base: BaseModel) -> Any:
-    from ckpt_migrate.execute.write import proofs_done
-
-    proofs_done(plan)  # a remap proven while writing imports what the static proof imports: not both at once
-    return prove(plan, base)
